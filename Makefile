@@ -1,0 +1,36 @@
+# beam-curator: `make demo` runs the whole pipeline on generated data; `make test` runs the tests.
+# Both create (or reuse) the virtualenv below and install everything they need themselves.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+DEMO_DATA ?= demo-data
+DEMO_MODELS ?= demo-models
+DEMO_OUTPUT ?= demo-output
+
+.PHONY: venv demo test test-fast bench clean flink-up flink-down flink-fetch
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(PY) -m beam_curator models init-random --dir $(DEMO_MODELS)
+	$(PY) -m beam_curator synthetic --dir $(DEMO_DATA) --shards 3 --per-shard 100
+	$(PY) -m beam_curator run --input '$(DEMO_DATA)/*.tar' --output $(DEMO_OUTPUT) \
+	    --model_dir $(DEMO_MODELS) --n_clusters 8 --overwrite true
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not flink and not browser"
+
+clean:
+	rm -rf $(DEMO_DATA) $(DEMO_MODELS) $(DEMO_OUTPUT) .pytest_cache

@@ -1,0 +1,145 @@
+"""Command line: argument parsing -> options -> pipeline builders. Nothing else lives here.
+
+    python -m beam_curator run|embed|dedup|remove [options, any Beam runner flag]
+    python -m beam_curator report --output DIR
+    python -m beam_curator models init-random|download --dir DIR
+    python -m beam_curator synthetic --dir DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+PIPELINE_COMMANDS = ("run", "embed", "dedup", "remove")
+USAGE = __doc__
+
+
+def run_pipeline(command: str, argv: List[str]) -> dict:
+    """Build and run one pipeline; returns summary.json's content (or {})."""
+    import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
+
+    from beam_curator import outputs
+    from beam_curator.options import CuratorOptions, curator_options, runner_name
+    from beam_curator.pipelines import BUILDERS
+
+    options = curator_options(argv)
+    opts = options.view_as(CuratorOptions)
+    logging.getLogger(__name__).info("%s on %s", command, runner_name(options))
+    pipeline = beam.Pipeline(options=options)
+    BUILDERS[command](pipeline, options)
+    result = pipeline.run()
+    result.wait_until_finish()
+    summary_path = outputs.summary_file(opts.output)
+    if command == "run" and opts.write_report:
+        from beam_curator.report import write_report
+
+        write_report(opts.output)
+    if FileSystems.exists(summary_path):
+        with FileSystems.open(summary_path) as handle:
+            return json.loads(handle.read().decode("utf-8"))
+    return {}
+
+
+def print_summary(command: str, output: str, summary: dict) -> None:
+    print(f"\n{command} finished: outputs in {output}")
+    if summary.get("random_weights"):
+        print("  NOTE: the model weights are RANDOM (models init-random): scores and "
+              "embeddings are meaningless except for testing the pipeline.")
+    if "counts" in summary:
+        print(f"  samples read: {summary['samples_read']}")
+        for status, count in summary["counts"].items():
+            print(f"  {status:<20} {count}")
+        acc = summary["accounting"]
+        print(f"  accounting: input {acc['input']} = sum of statuses {acc['sum_of_statuses']}"
+              f" -> {'OK' if acc['ok'] else 'FAILED'}")
+        if summary.get("shard_errors"):
+            print(f"  shard-level errors: {len(summary['shard_errors'])} (see errors/)")
+    for key in ("curated_samples_written", "n_embeddings", "n_duplicates", "n_clusters"):
+        if key in summary:
+            print(f"  {key.replace('_', ' ')}: {summary[key]}")
+
+
+def models_command(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="beam_curator models")
+    sub = parser.add_subparsers(dest="action", required=True)
+    rand = sub.add_parser("init-random", help="tiny random weights in the real layout")
+    rand.add_argument("--dir", required=True)
+    rand.add_argument("--arch", default="tiny",
+                      help="'tiny' (default) or any open_clip architecture, e.g. ViT-B-32")
+    rand.add_argument("--seed", type=int, default=0)
+    down = sub.add_parser("download", help="the real weights (needs network)")
+    down.add_argument("--dir", required=True)
+    args = parser.parse_args(argv)
+    if args.action == "init-random":
+        from beam_curator.models import init_random
+
+        init_random(args.dir, arch=args.arch, seed=args.seed)
+        print(f"wrote RANDOM {args.arch} weights to {args.dir} (for demos and tests only: "
+              "scores are meaningless)")
+    else:
+        from beam_curator.models import download
+
+        download(args.dir)
+        print(f"downloaded the real weights to {args.dir}")
+    return 0
+
+
+def report_command(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="beam_curator report")
+    parser.add_argument("--output", required=True, help="an output directory of `run`")
+    args = parser.parse_args(argv)
+    from beam_curator.report import write_report
+
+    print(f"wrote {write_report(args.output)}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from beam_curator.errors import USER_ERRORS
+
+    try:
+        if command in PIPELINE_COMMANDS:
+            if any(a in ("-h", "--help") for a in rest):
+                return _pipeline_help(command)
+            summary = run_pipeline(command, rest)
+            from beam_curator.options import CuratorOptions, curator_options
+
+            print_summary(command, curator_options(rest).view_as(CuratorOptions).output, summary)
+            return 0
+        if command == "models":
+            return models_command(rest)
+        if command == "report":
+            return report_command(rest)
+        if command == "synthetic":
+            from beam_curator.synthetic import main as synthetic_main
+
+            synthetic_main(rest)
+            return 0
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def _pipeline_help(command: str) -> int:
+    from beam_curator.options import CuratorOptions
+
+    parser = argparse.ArgumentParser(prog=f"beam_curator {command}",
+                                     description="Plus every Beam pipeline option (--runner, "
+                                                 "--temp_location, --project, ...).")
+    CuratorOptions._add_argparse_args(parser)
+    parser.print_help()
+    return 0

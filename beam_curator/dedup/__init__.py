@@ -1,0 +1,58 @@
+"""The pure algorithms of semantic dedup (SemDeDup), with no Beam in them.
+
+The Beam transforms in `beam_curator.transforms.semdedup` are plumbing around these functions:
+
+* `kmeans`   – train / save / load the centroid model, hash-based training sample;
+* `assign`   – nearest centroid of each embedding (blocked, chunking-independent);
+* `ranking`  – the order inside one cluster that decides which member is kept;
+* `pairwise` – max cosine similarity to any earlier-ranked member, unsplit or as
+               (block i, block j) partials that combine to the same bits.
+
+Every function is deterministic for its inputs; ties are broken by id or by lowest index.
+"""
+from beam_curator.dedup.assign import assign_to_centroids, assign_top2, border_assignments
+from beam_curator.dedup.kmeans import (
+    load_centroids,
+    sample_fraction,
+    sample_mask,
+    save_centroids,
+    train_kmeans,
+    validate_centroids,
+)
+from beam_curator.dedup.pairwise import (
+    DEFAULT_BLOCK_SIZE,
+    block_pairs,
+    block_range,
+    combine_partials,
+    duplicate_threshold,
+    is_duplicate,
+    local_to_global,
+    max_sim_to_earlier,
+    partial_max,
+    semdedup_cluster,
+)
+from beam_curator.dedup.ranking import WHICH_TO_KEEP, rank_cluster
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "WHICH_TO_KEEP",
+    "assign_to_centroids",
+    "assign_top2",
+    "block_pairs",
+    "block_range",
+    "border_assignments",
+    "combine_partials",
+    "duplicate_threshold",
+    "is_duplicate",
+    "load_centroids",
+    "local_to_global",
+    "max_sim_to_earlier",
+    "partial_max",
+    "rank_cluster",
+    "sample_fraction",
+    "sample_mask",
+    "save_centroids",
+    "semdedup_cluster",
+    "train_kmeans",
+    "validate_centroids",
+]

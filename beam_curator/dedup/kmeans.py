@@ -1,0 +1,171 @@
+"""The centroid model: k-means training, the hash-based training sample, .npy save / load.
+
+Spherical k-means (`spherical=True`, the default) re-normalises the centroids after every
+iteration and assigns by inner product. That is k-means for the cosine geometry that CLIP
+embeddings live in: the embeddings are L2-normalised, dedup assigns each one to the centroid of
+highest cosine (`assign.assign_to_centroids`) and ranks members by cosine distance to it, so
+training with the same similarity keeps training and assignment consistent. (NeMo Curator trains
+Euclidean k-means with cuML and assigns by L2; on unit-norm centroids both rules pick the same
+centroid.)
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from beam_curator.dedup._checks import as_float32_matrix, check_positive_int
+
+_LOG = logging.getLogger(__name__)
+
+# faiss warns below this many training points per centroid; we log it once, in our words.
+_FEW_POINTS_PER_CENTROID = 39
+
+
+def train_kmeans(vectors: np.ndarray, n_clusters: int, n_iter: int = 20, seed: int = 0,
+                 spherical: bool = True, use_gpu: bool = False) -> np.ndarray:
+    """Train k-means on `vectors` (n, d) and return the (n_clusters, d) float32 centroids.
+
+    Deterministic for a given input (row order included) and seed on a given machine: faiss
+    seeds its initial pick of centroids from `seed`, and sums each centroid in row order.
+    Callers sort the training sample by id first, so the result does not depend on how the
+    sample was read. Every row given is used: the sample size is the caller's choice
+    (`sample_mask`), so faiss is told not to subsample again.
+    """
+    import faiss  # imported here: the rest of the package (and Beam workers) may not need it
+
+    x = as_float32_matrix(vectors, "training embeddings")
+    k = check_positive_int(n_clusters, "n_clusters")
+    n_iter = check_positive_int(n_iter, "n_iter")
+    if isinstance(seed, bool) or int(seed) != seed or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
+    n, d = x.shape
+    if n < k:
+        raise ValueError(f"--n-clusters {k} needs at least {k} embeddings, got {n}: "
+                         f"lower --n-clusters")
+    if n < k * _FEW_POINTS_PER_CENTROID:
+        _LOG.warning("k-means: %d training embeddings for %d centroids (%.1f per centroid); "
+                     "centroids will be noisy below ~%d per centroid", n, k, n / k,
+                     _FEW_POINTS_PER_CENTROID)
+
+    gpu = False
+    if use_gpu:
+        n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        if n_gpus > 0:
+            gpu = True
+        else:
+            _LOG.warning("k-means: use_gpu requested but faiss sees no GPU "
+                         "(faiss-cpu installed?); training on CPU")
+
+    km = faiss.Kmeans(
+        d, k, niter=n_iter, seed=int(seed), spherical=bool(spherical), gpu=gpu,
+        verbose=False,
+        # Use all rows given (no second, hidden subsample) and don't let faiss print its own
+        # warning about few points per centroid (logged above instead).
+        max_points_per_centroid=max(1, math.ceil(n / k)),
+        min_points_per_centroid=1,
+    )
+    km.train(x)
+    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
+    if not np.isfinite(centroids).all():  # should not happen; never write a poisoned model
+        raise RuntimeError("k-means produced non-finite centroids")
+    return centroids.copy()
+
+
+# ---- the training sample -----------------------------------------------------------------
+
+def _unit_hash(text: str) -> float:
+    """A uniform number in [0, 1) from a string: the same everywhere (unlike Python's hash())."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def sample_mask(ids: Sequence[str], fraction: float, seed: int) -> np.ndarray:
+    """Which rows belong to the k-means training sample, decided per id.
+
+    A row is sampled iff blake2b("sample:{seed}:{id}") mapped to [0, 1) is below `fraction`. It
+    depends on nothing but the id, so the same ids are sampled whatever the chunking, bundle
+    order or runner.
+    """
+    fraction = float(fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"sample fraction must be in [0, 1], got {fraction}")
+    if fraction == 1.0:
+        return np.ones(len(ids), dtype=bool)
+    out = np.fromiter((_unit_hash(f"sample:{seed}:{i}") < fraction for i in ids),
+                      dtype=bool, count=len(ids))
+    return out
+
+
+def sample_fraction(n_total: int, sample_size: Optional[int]) -> float:
+    """The `sample_mask` fraction that draws about `sample_size` of `n_total` rows (all if None)."""
+    if sample_size is None or n_total <= 0:
+        return 1.0
+    if sample_size < 1:
+        raise ValueError(f"sample size must be a positive integer, got {sample_size!r}")
+    return min(1.0, sample_size / n_total)
+
+
+# ---- the centroid file -------------------------------------------------------------------
+
+def validate_centroids(centroids, dim: Optional[int] = None) -> np.ndarray:
+    """Check a centroid matrix and return it as C-contiguous float32 (k, d).
+
+    Float64/float16 centroids (e.g. from scikit-learn) are accepted and converted; anything
+    that is not a finite 2-d float matrix with non-zero rows is refused.
+    """
+    arr = np.asarray(centroids)
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"centroids must be a float32 (k, d) array, got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"centroids must be a (k, d) array with k, d >= 1, got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError("centroids contain NaN or infinite values")
+    if not (np.linalg.norm(arr, axis=1) > 0).all():
+        # cosine to a zero centroid is undefined
+        raise ValueError("centroids contain an all-zero row")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"centroids are {arr.shape[1]}-d but embeddings are {dim}-d")
+    return arr
+
+
+def save_centroids(path: str, centroids: np.ndarray) -> None:
+    """Write the (k, d) float32 centroids as .npy to a local path or any Beam FileSystems URL."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    arr = validate_centroids(centroids)
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    # Uncompressed whatever the extension: the file must stay loadable by a plain np.load.
+    with FileSystems.create(path, mime_type="application/octet-stream",
+                            compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(buf.getvalue())
+
+
+def load_centroids(path: str, dim: Optional[int] = None) -> np.ndarray:
+    """Read centroids written by `save_centroids` (or any (k, d) float .npy, e.g. NeMo's
+    kmeans_centroids.npy); with `dim`, also check they match the embeddings' dimension."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    if not FileSystems.exists(path):
+        raise FileNotFoundError(f"centroids file not found: {path}")
+    with FileSystems.open(path, mime_type="application/octet-stream",
+                          compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        data = f.read()  # small (k x d floats); a seekable buffer suits np.load everywhere
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:  # pickled objects, empty or not an .npy
+        raise ValueError(f"{path} is not a plain numeric .npy centroid file: {e}") from e
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise ValueError(f"{path} is not a single .npy array")
+    try:
+        return validate_centroids(arr, dim)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e

@@ -1,0 +1,224 @@
+"""Pairwise step of SemDeDup: each member's max cosine similarity to an earlier-ranked member.
+
+Within a cluster ranked by `ranking.rank_cluster`, member r is a semantic duplicate when
+`max_{q < r} cos(v_r, v_q) >= 1 - eps`; the earlier-ranked member is kept. As in SemDeDup and
+NeMo Curator, r is compared with *every* earlier member, including ones that are themselves
+duplicates (a chain a ~ b ~ c removes b and c).
+
+The work is cut into square blocks of `block_size` ranked rows. Block i against block j
+(i <= j) gives, for each row of j, its best earlier row in i (`partial_max`); combining the
+partials of all i <= j gives the answer for j (`combine_partials`). `max_sim_to_earlier` runs
+exactly those calls in one process; a runner can instead send each (i, j) to its own worker.
+Both paths compute every dot product with the same float32 matmul on the same block shapes,
+so they agree bit for bit (for the same `block_size`). Memory: O(block_size^2) per block pair
+plus O(n) for the results -- never n x n.
+
+Conventions (NeMo Curator's pairwise output is `id, max_id, cosine_sim_score`):
+* the first-ranked member has no earlier member: max_sim 0.0 and argmax -1 here;
+  `semdedup_cluster` writes max_id = its own id and score 0.0, as NeMo does (NeMo also
+  writes that for a single-member cluster);
+* ties in the max go to the earliest-ranked member (NeMo: torch.max's first index);
+* the max is the true maximum, negative when every earlier member has negative cosine. (NeMo
+  takes the max over a column whose later entries are zeroed, so it clamps such scores to
+  0.0; the difference never changes a decision, since eps < 1.)
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Sequence, Tuple
+
+import numpy as np
+
+from beam_curator.dedup._checks import as_float32_matrix, check_positive_int
+from beam_curator.dedup.ranking import rank_cluster
+
+DEFAULT_BLOCK_SIZE = 1024
+
+
+# ---- blocks ------------------------------------------------------------------------------
+
+def _n_blocks(n: int, block_size: int) -> int:
+    return -(-n // block_size)
+
+
+def block_range(n: int, block_size: int, b: int) -> Tuple[int, int]:
+    """Rows [start, stop) of block b when n ranked rows are cut into blocks of block_size."""
+    block_size = check_positive_int(block_size, "block_size")
+    if not 0 <= b < _n_blocks(n, block_size):
+        raise ValueError(f"block {b} out of range for {n} rows in blocks of {block_size}")
+    start = b * block_size
+    return start, min(n, start + block_size)
+
+
+def block_pairs(n: int, block_size: int) -> List[Tuple[int, int]]:
+    """All (i, j) with i <= j: block i of earlier-ranked rows against block j."""
+    block_size = check_positive_int(block_size, "block_size")
+    nb = _n_blocks(n, block_size)
+    return [(i, j) for j in range(nb) for i in range(j + 1)]
+
+
+def _block_similarities(block_i: np.ndarray, block_j: np.ndarray) -> np.ndarray:
+    """(len_i, len_j) float32 dot products: the only place similarities are computed.
+
+    Always a plain GEMM: given the same buffer on both sides numpy switches to SYRK, which
+    rounds differently, and a diagonal block must give the same bits whether the two sides
+    arrive as one array (unsplit) or as two copies (split across workers).
+    """
+    if np.may_share_memory(block_i, block_j):
+        block_j = block_j.copy()
+    return block_i @ block_j.T
+
+
+def partial_max(block_i_vectors: np.ndarray, block_j_vectors: np.ndarray, same_block: bool
+                ) -> Tuple[np.ndarray, np.ndarray]:
+    """For each row of block j, its max similarity to a row of block i ranked before it.
+
+    Every row of an earlier block i ranks before every row of j; when `same_block` (i == j)
+    only rows above it in the block count. Returns `(max_sim float32 (len_j,), argmax_local
+    int64 (len_j,))`, argmax indexing into block i (first = earliest on ties); a row with no
+    earlier row in block i (only possible when same_block) gets -inf and -1.
+    """
+    bi = as_float32_matrix(block_i_vectors, "block i vectors")
+    bj = as_float32_matrix(block_j_vectors, "block j vectors")
+    if bi.shape[1] != bj.shape[1]:
+        raise ValueError(f"blocks have different dimensions: {bi.shape[1]} and {bj.shape[1]}")
+    if same_block and bi.shape != bj.shape:
+        raise ValueError("same_block=True needs the same block on both sides")
+    lj = bj.shape[0]
+    if bi.shape[0] == 0 or lj == 0:
+        return np.full(lj, -np.inf, np.float32), np.full(lj, -1, np.int64)
+    sims = _block_similarities(bi, bj)                 # rows: candidates, columns: block j
+    if same_block:
+        sims[np.tril_indices(lj)] = -np.inf            # row a counts for column b iff a < b
+    arg = np.argmax(sims, axis=0)                      # first max = earliest-ranked
+    best = sims[arg, np.arange(lj)]
+    arg = np.where(best == -np.inf, -1, arg).astype(np.int64)
+    return best.astype(np.float32, copy=False), arg
+
+
+def local_to_global(argmax_local: np.ndarray, block_i_start: int) -> np.ndarray:
+    """Turn `partial_max`'s block-local argmax into ranked-row indices (-1 stays -1)."""
+    a = np.asarray(argmax_local, dtype=np.int64)
+    return np.where(a >= 0, a + int(block_i_start), -1)
+
+
+# ---- combining ---------------------------------------------------------------------------
+
+def _merge(acc_max: np.ndarray, acc_arg: np.ndarray, m: np.ndarray, a: np.ndarray) -> None:
+    """Fold one partial into the accumulator in place: higher similarity wins, then the
+    lower (earlier-ranked) index, so the fold does not depend on the partials' order."""
+    better = (m > acc_max) | ((m == acc_max) & (a >= 0) & ((acc_arg < 0) | (a < acc_arg)))
+    acc_max[better] = m[better]
+    acc_arg[better] = a[better]
+
+
+def _finish(acc_max: np.ndarray, acc_arg: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    none = acc_arg < 0
+    acc_max[none] = 0.0   # no earlier member: score 0, like NeMo's first member
+    return acc_max, acc_arg
+
+
+def combine_partials(partials: Iterable[Tuple[np.ndarray, np.ndarray]]
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """Combine `(max_sim, global_argmax)` partials of one block j, in any order.
+
+    Returns `(max_sim float32, argmax int64)`: the highest similarity, ties to the earliest-
+    ranked row; rows without any earlier row get 0.0 and -1. Combining the partials of all
+    (i, j) for j equals `max_sim_to_earlier` on j's rows exactly.
+    """
+    acc_max = acc_arg = None
+    for m, a in partials:
+        m = np.asarray(m, dtype=np.float32)
+        a = np.asarray(a, dtype=np.int64)
+        if m.ndim != 1 or m.shape != a.shape:
+            raise ValueError(f"a partial must be two 1-d arrays of one length, got "
+                             f"{m.shape} and {a.shape}")
+        if acc_max is None:
+            acc_max = np.full(m.shape, -np.inf, np.float32)
+            acc_arg = np.full(m.shape, -1, np.int64)
+        elif m.shape != acc_max.shape:
+            raise ValueError(f"partials of different lengths: {acc_max.shape[0]} and "
+                             f"{m.shape[0]}")
+        _merge(acc_max, acc_arg, m, a)
+    if acc_max is None:
+        raise ValueError("combine_partials needs at least one partial")
+    return _finish(acc_max, acc_arg)
+
+
+def max_sim_to_earlier(vectors_ranked: np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+    """For each ranked row r: max over q < r of cos(v_r, v_q), and that q.
+
+    Vectors are L2-normalised (cosine = dot product) and in ranked order. Returns
+    `(max_sim float32 (n,), argmax int64 (n,))`; row 0 gets 0.0 and -1. Same calls, same
+    bits as combining every `partial_max` of `block_pairs(n, block_size)`.
+    """
+    v = as_float32_matrix(vectors_ranked, "ranked vectors")
+    block_size = check_positive_int(block_size, "block_size")
+    n = v.shape[0]
+    max_sim = np.empty(n, dtype=np.float32)
+    argmax = np.empty(n, dtype=np.int64)
+    for j in range(_n_blocks(n, block_size)):
+        j0, j1 = block_range(n, block_size, j)
+        acc_max = np.full(j1 - j0, -np.inf, np.float32)
+        acc_arg = np.full(j1 - j0, -1, np.int64)
+        for i in range(j + 1):
+            i0, i1 = block_range(n, block_size, i)
+            m, a = partial_max(v[i0:i1], v[j0:j1], i == j)
+            _merge(acc_max, acc_arg, m, local_to_global(a, i0))
+        max_sim[j0:j1], argmax[j0:j1] = _finish(acc_max, acc_arg)
+    return max_sim, argmax
+
+
+# ---- the decision ------------------------------------------------------------------------
+
+def duplicate_threshold(eps: float) -> np.float32:
+    """The float32 score at and above which a member is a duplicate: float32(1 - eps)."""
+    eps = float(eps)
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"eps must be in [0, 1), got {eps}")
+    return np.float32(1.0 - eps)
+
+
+def is_duplicate(max_sim: np.ndarray, eps: float) -> np.ndarray:
+    """`max_sim >= 1 - eps`, inclusive, decided in float32.
+
+    Scores are float32 dot products and are stored as float32, so the threshold is the
+    float32 nearest to 1 - eps (computed in float64 first) and a score equal to it is a
+    duplicate. A filter on the written parquet with numpy (`scores >= 1 - eps`, float32
+    array vs Python float) decides the same. NeMo Curator's pyarrow filter compares in
+    float64 instead; the two differ only for a score within half a float32 ulp (~3e-8) of
+    1 - eps when float32(1 - eps) < 1 - eps (eps = 0.05, say).
+    """
+    thr = duplicate_threshold(eps)
+    return np.asarray(max_sim, dtype=np.float32) >= thr
+
+
+def semdedup_cluster(ids: Sequence[str], vectors: np.ndarray, cos_dist: np.ndarray,
+                     which_to_keep: str, eps: float, seed: int, cluster: int,
+                     block_size: int = DEFAULT_BLOCK_SIZE
+                     ) -> List[Tuple[str, str, float, bool]]:
+    """Dedup one cluster that fits in memory: rank, pairwise, decide.
+
+    `ids`, `vectors` (L2-normalised) and `cos_dist` (to the cluster's centroid) are aligned,
+    in any order. Returns `(id, max_id, cosine_sim_score, is_dup)` per member in ranked order;
+    the first-ranked member gets `(id, id, 0.0, False)`.
+    """
+    n = len(ids)
+    v = as_float32_matrix(vectors, "embeddings")
+    if v.shape[0] != n:
+        raise ValueError(f"{n} ids but {v.shape[0]} vectors")
+    duplicate_threshold(eps)  # validate before the expensive part
+    if n == 0:
+        return []
+    order = rank_cluster(ids, cos_dist, which_to_keep, seed, cluster)
+    ranked_ids = [ids[r] for r in order]
+    max_sim, argmax = max_sim_to_earlier(v[order], block_size)
+    dup = is_duplicate(max_sim, eps)
+    out = []
+    for r, (id_, s, a, d) in enumerate(zip(ranked_ids, max_sim.tolist(), argmax.tolist(),
+                                          dup.tolist())):
+        if a < 0:   # the first-ranked member: nothing earlier
+            out.append((id_, id_, 0.0, False))
+        else:
+            out.append((id_, ranked_ids[a], s, bool(d)))
+    return out

@@ -1,0 +1,171 @@
+"""Write a model dir with random weights, in exactly the layout real weights use.
+
+For demos, tests and CI without network: ``init_random(dir)`` gives a tiny open_clip ViT
+(a few MB, milliseconds per batch on CPU) plus aesthetic and NSFW heads of its embedding
+size, in the published key layouts. ``arch`` may also name a real open_clip architecture
+("ViT-B-32", "ViT-L-14", ...) for benchmarks that need real-sized compute.
+
+Everything is seeded and written with safetensors / sorted JSON, so the same
+``(arch, seed)`` gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from .heads import AestheticHead, NsfwHead
+from .layout import (
+    AESTHETIC_STEM,
+    AESTHETIC_SUBDIR,
+    ALL_LAYOUT_PATHS,
+    CLIP_CONFIG_PATH,
+    CLIP_WEIGHT_PATHS,
+    NSFW_STEM,
+    NSFW_SUBDIR,
+    Manifest,
+    atomic_write,
+    atomic_write_bytes,
+    config_image_size,
+    file_sha256,
+)
+
+TINY_ARCH = "tiny"
+TINY_ARCH_NAME = "beam-curator-tiny-vit"
+
+# A ViT small enough for unit tests (~1.7M params, most of them the text vocabulary):
+# 32x32 images in 8x8 patches (16 tokens), 2 blocks of width 64, 64-dim embeddings.
+# The text tower keeps the real tokenizer's vocabulary so open_clip's tokenizer works.
+# quick_gelu mirrors the OpenAI layout the real model uses.
+TINY_MODEL_CFG = {
+    "embed_dim": 64,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+# OpenAI CLIP's normalisation, as in the hub's open_clip_config.json for the .openai weights.
+PREPROCESS_CFG = {
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "std": [0.26862954, 0.26130258, 0.27577711],
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
+
+# Random aesthetic scores centre on the middle of LAION's 1-10 scale, with the same
+# spread-setting norm ‖w‖ as the real predictor, so demo thresholds behave plausibly.
+RANDOM_AESTHETIC_BIAS = 5.0
+RANDOM_AESTHETIC_W_NORM = 18.0
+
+
+def clip_model_cfg(arch: str = TINY_ARCH) -> dict:
+    """The open_clip ``model_cfg`` for ``arch`` ("tiny" or a built-in open_clip name)."""
+    if arch == TINY_ARCH:
+        return copy.deepcopy(TINY_MODEL_CFG)
+    import open_clip
+
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ValueError(f"unknown CLIP architecture {arch!r}: use 'tiny' or one of open_clip.list_models()")
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    if cfg.get("custom_text") or "multimodal_cfg" in cfg or "hf_model_name" in text \
+            or "timm_model_name" in vision:
+        # Those towers come from timm / transformers and would fetch weights or tokenizers.
+        raise ValueError(f"{arch!r} is not a plain open_clip CLIP architecture; pick e.g. ViT-B-32 or ViT-L-14")
+    cfg = copy.deepcopy(cfg)
+    cfg["quick_gelu"] = True  # mirror the OpenAI layout the real weights use
+    return cfg
+
+
+def arch_name(arch: str) -> str:
+    return TINY_ARCH_NAME if arch == TINY_ARCH else arch
+
+
+def build_random_clip(arch: str = TINY_ARCH, seed: int = 0) -> Tuple[nn.Module, dict]:
+    """The random-weight CLIP model (eval mode) and its ``open_clip_config.json`` content."""
+    from open_clip.model import CLIP
+
+    model_cfg = clip_model_cfg(arch)
+    # fork_rng: seed deterministically without disturbing the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIP(**model_cfg)
+    return model.eval(), {"model_cfg": model_cfg, "preprocess_cfg": dict(PREPROCESS_CFG)}
+
+
+def build_random_heads(embed_dim: int, seed: int = 0) -> Tuple[AestheticHead, NsfwHead]:
+    """Random heads in the published layouts, taking ``embed_dim``-dim embeddings."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        aesthetic = AestheticHead(embed_dim)
+        nsfw = NsfwHead(embed_dim)  # norm: mean 0, variance 1 (its defaults)
+    linears = [m for m in aesthetic.layers if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        # Zero inner biases and put the centre in the last one: composed bias is exactly 5.0.
+        for layer in linears:
+            layer.bias.zero_()
+        linears[-1].bias.fill_(RANDOM_AESTHETIC_BIAS)
+        w, _ = aesthetic.affine()
+        norm = float((w ** 2).sum() ** 0.5)
+        if norm > 0:  # scale the last layer so the composed ‖w‖ matches the real head's
+            linears[-1].weight.mul_(RANDOM_AESTHETIC_W_NORM / norm)
+    return aesthetic.eval(), nsfw.eval()
+
+
+def _write_safetensors(module: nn.Module, path: str) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    # Streams to disk: ViT-L/14 is 1.7 GB, no need to hold a second copy as bytes.
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
+
+def init_random(model_dir: str, arch: str = TINY_ARCH, seed: int = 0, overwrite: bool = False) -> Manifest:
+    """Write a complete random-weight model dir and return its manifest.
+
+    Refuses a dir that already holds model files unless ``overwrite`` (then every layout file
+    is replaced, including the other weight formats, so nothing stale is left to load).
+    """
+    model_dir = os.fspath(model_dir)
+    existing = [p for p in ALL_LAYOUT_PATHS if os.path.exists(os.path.join(model_dir, p))]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{model_dir} already holds model files ({', '.join(existing)}); pass overwrite=True "
+            "(CLI: --force) to replace them"
+        )
+    for rel in existing:
+        os.unlink(os.path.join(model_dir, rel))
+
+    model, open_clip_config = build_random_clip(arch, seed)
+    model_cfg = open_clip_config["model_cfg"]
+    embed_dim = int(model_cfg["embed_dim"])
+    # Distinct seeds per part so the heads do not depend on the CLIP's parameter count.
+    aesthetic, nsfw = build_random_heads(embed_dim, seed=seed + 1)
+
+    written = {
+        CLIP_CONFIG_PATH: lambda p: atomic_write_bytes(
+            p, (json.dumps(open_clip_config, indent=2, sort_keys=True) + "\n").encode()),
+        CLIP_WEIGHT_PATHS[0]: lambda p: _write_safetensors(model, p),
+        f"{AESTHETIC_SUBDIR}/{AESTHETIC_STEM}.safetensors": lambda p: _write_safetensors(aesthetic, p),
+        f"{NSFW_SUBDIR}/{NSFW_STEM}.safetensors": lambda p: _write_safetensors(nsfw, p),
+    }
+    for rel, write in written.items():
+        write(os.path.join(model_dir, rel))
+
+    manifest = Manifest(
+        clip_arch=arch_name(arch),
+        embed_dim=embed_dim,
+        image_size=config_image_size(model_cfg),
+        random_weights=True,
+        quick_gelu=True,
+        clip_pretrained=None,
+        clip_source=f"random (seed={seed})",
+        files={rel: file_sha256(os.path.join(model_dir, rel)) for rel in written},
+    )
+    manifest.save(model_dir)
+    return manifest

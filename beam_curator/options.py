@@ -1,0 +1,203 @@
+"""The ONE PipelineOptions subclass: the CLI, the Dataflow flex template and the tests share it.
+
+Every option is spelled Beam's way (`--model_dir`, like `--temp_location`) and is also accepted
+with hyphens (`--model-dir`). Values are checked in `validate_options`, which fails fast with a
+message that names the fix; the pipeline builders call it before building anything.
+"""
+from __future__ import annotations
+
+import math
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+# Runners that execute in this process: they never download anything (Beam 2.77's plain
+# DirectRunner first tries to fetch the Prism binary from the web).
+LOCAL_RUNNERS = ("fnapirunner", "directrunner", "bundlebaseddirectrunner", "switchingdirectrunner")
+DEFAULT_LOCAL_RUNNER = "FnApiRunner"
+
+WHICH_TO_KEEP = ("hard", "easy", "random")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+VECTOR_TRANSPORTS = ("auto", "staged", "shuffle")
+
+DEFAULT_AESTHETIC_THRESHOLD = 5.0   # LAION 1–10 scale; LAION-Aesthetics subsets used 4.5 … 6.5
+DEFAULT_NSFW_THRESHOLD = 0.5        # 0–1; a sample with nsfw_score >= this is filtered
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
+
+
+class OptionError(ValueError):
+    """A bad option: the message names the fix."""
+
+
+def _threshold(value: str):
+    """A float, or 'none' to switch the filter off."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if str(value).strip().lower() in ("none", "off", "disabled"):
+        return None
+    return float(value)
+
+
+def _flag(parser, name: str, **kwargs):
+    """Register `--name` and its hyphenated twin `--na-me` under one destination."""
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append("--" + name.replace("_", "-"))
+    parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def _bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+class CuratorOptions(PipelineOptions):
+    """Options of every beam-curator pipeline (run, embed, dedup, remove)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        # ---- where data is --------------------------------------------------------------
+        _flag(parser, "input", default=None,
+              help="Glob of webdataset tar shards: local, gs:// or s3:// (run, embed, remove).")
+        _flag(parser, "output", default=None, help="Output directory (local, gs://, s3://).")
+        _flag(parser, "model_dir", default=None,
+              help="Model directory: clip/, aesthetic/, nsfw/, manifest.json "
+                   "(see `models init-random` / `models download`).")
+        _flag(parser, "embeddings", default=None,
+              help="dedup: glob of embeddings parquet files (an id and an embedding column).")
+        _flag(parser, "id_column", default="id", help="dedup: the id column of --embeddings.")
+        _flag(parser, "embedding_column", default="embedding",
+              help="dedup: the embedding column (list<float32>) of --embeddings.")
+        _flag(parser, "removal_ids", default=None,
+              help="remove: directory of parquet files with an `id` column (NeMo Curator's "
+                   "removal-id format, e.g. OUTPUT/dedup/duplicates).")
+        _flag(parser, "overwrite", type=_bool, default=False,
+              help="Replace an output directory that holds a different run.")
+
+        # ---- reading and decoding -------------------------------------------------------
+        _flag(parser, "max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+              help="Images with more pixels are errors (decompression-bomb guard).")
+
+        # ---- inference ------------------------------------------------------------------
+        _flag(parser, "device", default="auto", choices=DEVICES,
+              help="auto: CUDA when available, else CPU (logged).")
+        _flag(parser, "precision", default="auto", choices=PRECISIONS,
+              help="Autocast dtype on GPU; auto = bf16 on GPU, fp32 on CPU.")
+        _flag(parser, "inference_batch_size", type=int, default=64,
+              help="Largest batch RunInference forms.")
+        _flag(parser, "min_inference_batch_size", type=int, default=1,
+              help="Smallest batch RunInference forms.")
+        _flag(parser, "large_model", type=_bool, default=False,
+              help="Share one model copy per machine across SDK processes (Beam's "
+                   "large_model); useful on Dataflow GPU workers.")
+        _flag(parser, "model_copies", type=int, default=None,
+              help="With --large_model: how many model copies per machine.")
+        _flag(parser, "inference_accelerator", default=None,
+              help="Resource hint on the inference step only, e.g. "
+                   "'type:nvidia-l4;count:1;install-nvidia-driver'.")
+
+        # ---- filters --------------------------------------------------------------------
+        _flag(parser, "aesthetic_threshold", type=_threshold, default=DEFAULT_AESTHETIC_THRESHOLD,
+              help="Keep samples whose LAION aesthetic score (1–10 scale) is >= this; "
+                   "'none' switches the filter off.")
+        _flag(parser, "nsfw_threshold", type=_threshold, default=DEFAULT_NSFW_THRESHOLD,
+              help="Filter samples whose NSFW score (0–1) is >= this; 'none' switches it off.")
+
+        # ---- dedup ----------------------------------------------------------------------
+        _flag(parser, "dedup", type=_bool, default=True,
+              help="run: exact + semantic dedup after the filters.")
+        _flag(parser, "n_clusters", type=int, default=100, help="k of the k-means.")
+        _flag(parser, "kmeans_iterations", type=int, default=20, help="k-means iterations.")
+        _flag(parser, "kmeans_seed", type=int, default=0, help="k-means and ranking seed.")
+        _flag(parser, "kmeans_sample_size", type=int, default=100_000,
+              help="About how many embeddings train the centroids (hash-sampled by id).")
+        _flag(parser, "centroids", default=None,
+              help="Use these centroids (.npy, k x d) instead of training them.")
+        _flag(parser, "eps", type=float, default=0.01,
+              help="Duplicate when max cosine similarity to an earlier-ranked member >= 1 - eps.")
+        _flag(parser, "which_to_keep", default="hard", choices=WHICH_TO_KEEP,
+              help="hard: keep farthest from centroid; easy: nearest; random: seeded.")
+        _flag(parser, "pairwise_block_size", type=int, default=4096,
+              help="Rows per block of the pairwise step; clusters larger than this are "
+                   "split into (block i, block j) keys.")
+        _flag(parser, "border_margin", type=float, default=None,
+              help="Also place a point in its second-nearest cluster when that centroid is "
+                   "within this cosine distance of the nearest (raises recall; default off = "
+                   "SemDeDup).")
+        _flag(parser, "dedup_vector_transport", default="auto", choices=VECTOR_TRANSPORTS,
+              help="How each cluster's vectors reach the pairwise step: staged (random-access "
+                   "files, best on one machine), shuffle (bytes through the GroupByKey, best "
+                   "distributed); auto picks staged on local runners.")
+
+        # ---- output ---------------------------------------------------------------------
+        _flag(parser, "write_report", type=_bool, default=True,
+              help="Write OUTPUT/report.html at the end of run.")
+        _flag(parser, "progress_interval", type=float, default=10.0,
+              help="Seconds between progress lines on local runs (0 = off).")
+
+
+def curator_options(argv=None, **overrides) -> PipelineOptions:
+    """PipelineOptions from argv, with a runner that works offline when none is named."""
+    options = PipelineOptions(argv or [], **overrides)
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = DEFAULT_LOCAL_RUNNER
+    return options
+
+
+def runner_name(options: PipelineOptions) -> str:
+    runner = options.view_as(StandardOptions).runner or DEFAULT_LOCAL_RUNNER
+    return runner if isinstance(runner, str) else type(runner).__name__
+
+
+def is_local_runner(options: PipelineOptions) -> bool:
+    return runner_name(options).lower().split(".")[-1] in LOCAL_RUNNERS
+
+
+def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
+    """Check values, fail fast with the fix. `needs` names the options the command requires."""
+    opts = options.view_as(CuratorOptions)
+    for name in needs:
+        if getattr(opts, name) in (None, ""):
+            raise OptionError(f"--{name} is required (also spelled --{name.replace('_', '-')}).")
+    if opts.aesthetic_threshold is not None and not (
+            math.isfinite(opts.aesthetic_threshold) and 0.0 <= opts.aesthetic_threshold <= 10.0):
+        raise OptionError(
+            f"--aesthetic_threshold {opts.aesthetic_threshold} is outside LAION's 1–10 scale: "
+            "use a value in [0, 10] (for example 5.0), or 'none' to switch the filter off.")
+    if opts.nsfw_threshold is not None and not (
+            math.isfinite(opts.nsfw_threshold) and 0.0 <= opts.nsfw_threshold <= 1.0):
+        raise OptionError(
+            f"--nsfw_threshold {opts.nsfw_threshold} is not a probability: use a value in "
+            "[0, 1] (for example 0.5), or 'none' to switch the filter off.")
+    if not (math.isfinite(opts.eps) and 0.0 <= opts.eps < 1.0):
+        raise OptionError(f"--eps {opts.eps} must be in [0, 1): duplicates are pairs with "
+                          "cosine similarity >= 1 - eps (SemDeDup uses 0.01 … 0.1).")
+    if opts.n_clusters < 1:
+        raise OptionError(f"--n_clusters {opts.n_clusters} must be >= 1.")
+    if opts.kmeans_iterations < 1:
+        raise OptionError(f"--kmeans_iterations {opts.kmeans_iterations} must be >= 1.")
+    if opts.kmeans_sample_size < 1:
+        raise OptionError(f"--kmeans_sample_size {opts.kmeans_sample_size} must be >= 1.")
+    if opts.pairwise_block_size < 1:
+        raise OptionError(f"--pairwise_block_size {opts.pairwise_block_size} must be >= 1.")
+    if opts.border_margin is not None and not (0.0 <= opts.border_margin <= 2.0):
+        raise OptionError(f"--border_margin {opts.border_margin} must be a cosine distance "
+                          "in [0, 2] (try 0.02), or left out.")
+    if opts.inference_batch_size < 1 or opts.min_inference_batch_size < 1:
+        raise OptionError("--inference_batch_size and --min_inference_batch_size must be >= 1.")
+    if opts.min_inference_batch_size > opts.inference_batch_size:
+        raise OptionError(
+            f"--min_inference_batch_size {opts.min_inference_batch_size} is larger than "
+            f"--inference_batch_size {opts.inference_batch_size}: lower it.")
+    if opts.max_image_pixels < 1:
+        raise OptionError(f"--max_image_pixels {opts.max_image_pixels} must be >= 1.")
+    if opts.model_copies is not None and opts.model_copies < 1:
+        raise OptionError(f"--model_copies {opts.model_copies} must be >= 1.")
+    return opts

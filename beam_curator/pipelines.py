@@ -1,0 +1,200 @@
+"""Pipeline builders: build_run, build_embed, build_dedup, build_remove.
+
+Each takes a Beam pipeline and the options, validates what it needs (failing fast with the
+fix), and adds its transforms; the CLI, the flex template and the tests all call these.
+`run` = the embed front half + dedup + rewrite, in one graph; the three steps reuse the very
+same transforms, so they give the same answer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from beam_curator import outputs
+from beam_curator.options import CuratorOptions, validate_options
+from beam_curator.schema import (ERROR, ERRORS_SCHEMA, KEPT, SAMPLES_SCHEMA, ErrorRecord,
+                                 SampleResult)
+from beam_curator.transforms.decode import DecodeImages
+from beam_curator.transforms.embed import EmbedImages, OpenClipModelHandler
+from beam_curator.transforms.filters import ApplyThresholds
+from beam_curator.transforms.read import ReadShardSamples, list_shards
+from beam_curator.transforms.remove import KEEP, REMOVE, RewriteShards, shard_of_id
+from beam_curator.transforms.scores import ScoreImages
+from beam_curator.transforms.summary import WriteSummary
+from beam_curator.transforms.write import WriteParquetByShard, WriteSingleParquet
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Front:
+    """What the embed half of the graph hands on."""
+
+    shards: beam.PCollection          # (shard name, url)
+    samples_read: beam.PCollection    # singleton count
+    shard_errors: beam.PCollection    # ErrorRecord (not tied to one sample)
+    rejected: beam.PCollection        # SampleResult: error / filtered_*
+    passed: beam.PCollection          # (SampleInfo, embedding) that passed the filters
+    embeddings_written: beam.PCollection
+
+
+def _check_model_dir(opts: CuratorOptions):
+    from beam_curator.models import check_model_dir
+
+    manifest = check_model_dir(opts.model_dir)
+    if getattr(manifest, "random_weights", False):
+        _LOG.warning("MODEL WEIGHTS ARE RANDOM (%s): embeddings and scores are meaningless "
+                     "except for testing the pipeline.", opts.model_dir)
+    return manifest
+
+
+def build_front(p: beam.Pipeline, opts: CuratorOptions) -> Front:
+    """read -> decode -> RunInference -> scores -> thresholds, and write embeddings/."""
+    shard_list = list_shards(opts.input)
+    handler = OpenClipModelHandler(
+        opts.model_dir, device=opts.device, precision=opts.precision,
+        min_batch_size=opts.min_inference_batch_size, max_batch_size=opts.inference_batch_size,
+        large_model=opts.large_model, model_copies=opts.model_copies)
+
+    shards = p | "ShardList" >> beam.Create(shard_list)
+    read = shards | "Read" >> ReadShardSamples()
+    samples_read = read.samples | "CountRead" >> beam.combiners.Count.Globally()
+    decoded = read.samples | "Decode" >> DecodeImages(opts.model_dir, opts.max_image_pixels)
+    embedded = decoded.decoded | "Embed" >> EmbedImages(handler, opts.inference_accelerator)
+    scored = embedded | "Score" >> ScoreImages(opts.model_dir)
+    split = scored | "Filter" >> ApplyThresholds(opts.aesthetic_threshold, opts.nsfw_threshold)
+
+    embedding_rows = (
+        (split.kept | "PassedRows" >> beam.MapTuple(
+            lambda info, emb: (info.shard, _embedding_row(info, emb, True))),
+         split.filtered | "FilteredRows" >> beam.MapTuple(
+             lambda result, emb: (result.info.shard, _embedding_row(result.info, emb, False))))
+        | "AllEmbeddings" >> beam.Flatten())
+    embeddings_written = embedding_rows | "WriteEmbeddings" >> WriteParquetByShard(
+        outputs.embeddings_dir(opts.output), outputs.EMBEDDINGS_SCHEMA, vector_column="embedding")
+
+    rejected = ((decoded.errors,
+                 split.filtered | "DropVectors" >> beam.MapTuple(lambda result, _: result))
+                | "Rejected" >> beam.Flatten())
+    return Front(shards=shards, samples_read=samples_read, shard_errors=read.errors,
+                 rejected=rejected, passed=split.kept, embeddings_written=embeddings_written)
+
+
+def _embedding_row(info, embedding, passed: bool) -> dict:
+    return {"id": info.id, "embedding": embedding, "content_hash": info.content_hash,
+            "passed_filters": passed}
+
+
+def _write_results(results, front: Front, opts: CuratorOptions, *, curated: bool, extra: dict,
+                   more_written=()):
+    """samples/, errors/, curated/ (optional) and finally summary.json."""
+    samples_written = (results
+                       | "SampleRows" >> beam.Map(lambda r: (r.info.shard, r.to_row()))
+                       | "WriteSamples" >> WriteParquetByShard(
+                           outputs.samples_dir(opts.output), SAMPLES_SCHEMA))
+    error_rows = ((results
+                   | "ErrorSamples" >> beam.Filter(lambda r: r.status == ERROR)
+                   | "ErrorSampleRows" >> beam.Map(lambda r: ErrorRecord(
+                       id=r.id, shard=r.info.shard, stage=r.stage or "", reason=r.reason or "",
+                       member=(f"{r.info.key}.{r.info.image_ext}" if r.info.image_ext else None)
+                   ).to_row()),
+                   front.shard_errors | "ShardErrorRows" >> beam.Map(lambda e: e.to_row()))
+                  | "AllErrors" >> beam.Flatten())
+    errors_written = error_rows | "WriteErrors" >> WriteSingleParquet(
+        outputs.errors_file(opts.output), ERRORS_SCHEMA, sort_key="shard,id,member,reason")
+
+    curated_counts = None
+    if curated:
+        kept_ids = (results
+                    | "Kept" >> beam.Filter(lambda r: r.status == KEPT)
+                    | "KeptByShard" >> beam.Map(lambda r: (r.info.shard, r.id)))
+        curated_counts = (front.shards, kept_ids) | "Curate" >> RewriteShards(
+            outputs.curated_dir(opts.output), KEEP)
+    written = [samples_written, errors_written, front.embeddings_written, *more_written]
+    return results | "Summary" >> WriteSummary(
+        outputs.summary_file(opts.output), extra, samples_read=front.samples_read,
+        shard_errors=front.shard_errors, curated_counts=curated_counts, written=written)
+
+
+def _run_extra(opts: CuratorOptions, manifest, command: str) -> dict:
+    return {"command": command,
+            "model_dir": opts.model_dir,
+            "random_weights": bool(getattr(manifest, "random_weights", False)),
+            "options": outputs.recorded_options(opts)}
+
+
+def build_embed(p: beam.Pipeline, options) -> None:
+    """Step 1: embeddings + scores + statuses; `rejected/` lists what step 3 must drop."""
+    opts = validate_options(options, needs=("input", "output", "model_dir"))
+    manifest = _check_model_dir(opts)
+    outputs.prepare_output(opts, "embed")
+    front = build_front(p, opts)
+    passed = front.passed | "Candidates" >> beam.MapTuple(
+        lambda info, _: SampleResult(info=info, status=KEPT))
+    results = (front.rejected, passed) | "AllResults" >> beam.Flatten()
+    rejected_written = (front.rejected
+                        | "RejectedRows" >> beam.Map(lambda r: {"id": r.id, "status": r.status})
+                        | "WriteRejected" >> WriteSingleParquet(
+                            outputs.rejected_file(opts.output), outputs.REJECTED_SCHEMA))
+    _write_results(results, front, opts, curated=False,
+                   extra=_run_extra(opts, manifest, "embed"), more_written=[rejected_written])
+
+
+def build_run(p: beam.Pipeline, options) -> None:
+    """The one-graph flow: embed -> filter -> dedup -> curated shards, samples, summary."""
+    opts = validate_options(options, needs=("input", "output", "model_dir"))
+    manifest = _check_model_dir(opts)
+    outputs.prepare_output(opts, "run")
+    front = build_front(p, opts)
+    more_written = []
+    if opts.dedup:
+        from beam_curator.transforms.semdedup import Deduplicate, DedupConfig
+
+        dedup = front.passed | "Dedup" >> Deduplicate(DedupConfig.from_options(options),
+                                                      manifest.embed_dim)
+        deduped, more_written = dedup.results, dedup.written
+    else:
+        deduped = front.passed | "NoDedup" >> beam.MapTuple(
+            lambda info, _: SampleResult(info=info, status=KEPT))
+    results = (front.rejected, deduped) | "AllResults" >> beam.Flatten()
+    _write_results(results, front, opts, curated=True, extra=_run_extra(opts, manifest, "run"),
+                   more_written=more_written)
+
+
+def build_dedup(p: beam.Pipeline, options) -> None:
+    """Step 2: semantic dedup of an embeddings parquet -> OUTPUT/dedup/."""
+    from beam_curator.transforms.semdedup import DedupConfig, DedupFromParquet
+
+    opts = validate_options(options, needs=("embeddings", "output"))
+    outputs.prepare_output(opts, "dedup")
+    p | "Dedup" >> DedupFromParquet(opts.embeddings, DedupConfig.from_options(options),
+                                    outputs.recorded_options(opts))
+
+
+def build_remove(p: beam.Pipeline, options) -> None:
+    """Step 3: rewrite the shards without the removal ids -> OUTPUT/curated/."""
+    opts = validate_options(options, needs=("input", "output", "removal_ids"))
+    outputs.prepare_output(opts, "remove")
+    shard_list = list_shards(opts.input)
+    removal_globs = [FileSystems.join(d.strip(), "*.parquet")
+                     for d in opts.removal_ids.split(",") if d.strip()]
+    outputs.check_removal_dirs(removal_globs)
+    shards = p | "ShardList" >> beam.Create(shard_list)
+    ids = ([p | f"ReadRemovalIds{i}" >> beam.io.ReadFromParquet(g, columns=["id"])
+            for i, g in enumerate(removal_globs)]
+           | "AllRemovalIds" >> beam.Flatten()
+           | "ByShard" >> beam.Map(lambda row: (shard_of_id(row["id"]), row["id"])))
+    counts = (shards, ids) | "Rewrite" >> RewriteShards(outputs.curated_dir(opts.output), REMOVE)
+    out, recorded = opts.output, outputs.recorded_options(opts)
+    (counts
+     | "Total" >> beam.combiners.ToList()
+     | "WriteRemoveSummary" >> beam.Map(
+         lambda rows: outputs.write_remove_summary(out, rows, recorded)))
+
+
+BUILDERS = {"run": build_run, "embed": build_embed, "dedup": build_dedup,
+            "remove": build_remove}

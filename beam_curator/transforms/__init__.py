@@ -1,0 +1,1 @@
+"""One module per stage, each a thin PTransform around models/ and dedup/."""

@@ -1,0 +1,145 @@
+"""Decode + preprocess: image bytes -> (SampleInfo, CLIP input tensor), or an error sample.
+
+One bad image never fails its shard: whatever Pillow or the preprocessing raises becomes a
+SampleResult with status `error`, stage `decode` and a reason that names the cause. The image
+bytes stop here; the curated shards are written later by re-reading the source tar.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import warnings
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from beam_curator.schema import ERROR, STAGE_DECODE, STAGE_READ, SampleResult, info_of
+
+ERRORS = "errors"
+
+
+def read_preprocess_cfg(model_dir: str) -> dict:
+    """open_clip's preprocessing settings from MODEL_DIR/clip/open_clip_config.json."""
+    path = FileSystems.join(model_dir, "clip", "open_clip_config.json")
+    with FileSystems.open(path) as handle:
+        config = json.loads(handle.read().decode("utf-8"))
+    model_cfg = config.get("model_cfg", config)
+    cfg = dict(config.get("preprocess_cfg") or {})
+    cfg.setdefault("size", model_cfg.get("vision_cfg", {}).get("image_size", 224))
+    return cfg
+
+
+def build_preprocess(preprocess_cfg: dict):
+    """The same eval transform open_clip builds for the model (resize, crop, normalise)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    known = {f.name for f in dataclasses.fields(PreprocessCfg)}
+    cfg = PreprocessCfg(**{k: v for k, v in preprocess_cfg.items() if k in known})
+    return image_transform_v2(cfg, is_train=False)
+
+
+class ImageError(ValueError):
+    """The image cannot be used; the message is the reason written to errors/."""
+
+
+def open_rgb(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes -> an RGB PIL image, upright, first frame; ImageError with the reason otherwise."""
+    if not data:
+        raise ImageError("image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (not raises) between its limit and twice it: make that an error too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"image is {width}x{height} = {width * height} pixels, above "
+                                 f"--max_image_pixels {max_pixels} (decompression-bomb guard)")
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)   # animated: CLIP sees the first frame
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"not a recognisable image ({len(data)} bytes): "
+                         f"{data[:16]!r}...") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"image is corrupt or truncated: {type(exc).__name__}: {exc}") from exc
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB without surprises (16-bit scaled, alpha on white, CMYK converted)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # A plain convert("RGB") clips 16-bit values at 255: scale to 8 bits instead.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class DecodeFn(beam.DoFn):
+    """ShardSample -> (SampleInfo, float32 CHW tensor); SampleResult(error) to `errors`."""
+
+    def __init__(self, model_dir: str, max_pixels: int):
+        self._model_dir = model_dir
+        self._max_pixels = max_pixels
+        self._preprocess = None
+        self.decoded = beam.metrics.Metrics.counter("curator", "decoded")
+        self.errors = beam.metrics.Metrics.counter("curator", "decode_errors")
+
+    def setup(self):
+        self._preprocess = build_preprocess(read_preprocess_cfg(self._model_dir))
+
+    def process(self, sample):
+        info = info_of(sample)
+        if sample.error:
+            self.errors.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, SampleResult(
+                info=info, status=ERROR, reason=sample.error, stage=STAGE_READ))
+            return
+        info = dataclasses.replace(info, content_hash=hashlib.sha256(sample.image_bytes).hexdigest())
+        try:
+            image = open_rgb(sample.image_bytes, self._max_pixels)
+            info = dataclasses.replace(info, width=image.width, height=image.height)
+            tensor = self._preprocess(image)
+        except ImageError as exc:
+            reason = str(exc)
+        except Exception as exc:   # noqa: BLE001 - one bad image never fails a shard
+            reason = f"preprocessing failed: {type(exc).__name__}: {exc}"
+        else:
+            self.decoded.inc()
+            yield info, tensor
+            return
+        self.errors.inc()
+        yield beam.pvalue.TaggedOutput(ERRORS, SampleResult(
+            info=info, status=ERROR, reason=reason, stage=STAGE_DECODE))
+
+
+class DecodeImages(beam.PTransform):
+    """Samples -> (SampleInfo, tensor) ready for RunInference, errors tagged `errors`."""
+
+    def __init__(self, model_dir: str, max_pixels: int):
+        super().__init__()
+        self._model_dir = model_dir
+        self._max_pixels = max_pixels
+
+    def expand(self, samples):
+        return samples | "DecodePreprocess" >> beam.ParDo(
+            DecodeFn(self._model_dir, self._max_pixels)).with_outputs(ERRORS, main="decoded")

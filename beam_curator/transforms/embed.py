@@ -1,0 +1,136 @@
+"""Embed: Beam RunInference with our open_clip ModelHandler, keyed by the sample info.
+
+RunInference does the batching (min/max batch size are options); the handler loads the model
+once per worker (or once per machine with --large_model), picks CUDA when asked and available
+and falls back to CPU with a log line, autocasts to bf16/fp16 on GPU, and returns L2-normalised
+float32 embeddings.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Iterable, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
+                                           RunInference)
+
+_LOG = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' | 'cpu' | 'cuda' -> the device to use; CUDA missing means CPU, said in the log."""
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        _LOG.warning("--device cuda was asked for but no CUDA device is visible: using the CPU.")
+    else:
+        _LOG.info("No CUDA device visible: embedding on the CPU.")
+    return "cpu"
+
+
+def resolve_precision(requested: str, device: str):
+    """The autocast dtype, or None for plain fp32 (always on CPU: this CPU lacks fast bf16)."""
+    import torch
+
+    if device != "cuda" or requested == "fp32":
+        return None
+    if requested == "fp16":
+        return torch.float16
+    return torch.bfloat16   # 'auto' and 'bf16'
+
+
+class LoadedClipModel:
+    """What the handler hands to run_inference: the model and where/how to run it."""
+
+    def __init__(self, model, device: str, autocast_dtype):
+        self.model = model
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+
+
+def embed_batch(loaded: LoadedClipModel, batch) -> np.ndarray:
+    """A stacked float32 CHW batch -> (n, d) float32 L2-normalised embeddings."""
+    import torch
+
+    with torch.inference_mode():
+        pixels = batch.to(loaded.device, non_blocking=True)
+        if loaded.autocast_dtype is not None:
+            with torch.autocast(device_type="cuda", dtype=loaded.autocast_dtype):
+                features = loaded.model.encode_image(pixels)
+        else:
+            features = loaded.model.encode_image(pixels)
+        features = features.float()
+        features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel]):
+    """open_clip image tower behind Beam's ModelHandler interface."""
+
+    def __init__(self, model_dir: str, *, device: str = "auto", precision: str = "auto",
+                 min_batch_size: int = 1, max_batch_size: int = 64,
+                 large_model: bool = False, model_copies: Optional[int] = None):
+        super().__init__()
+        self._model_dir = model_dir
+        self._device = device
+        self._precision = precision
+        self._min_batch_size = min_batch_size
+        self._max_batch_size = max_batch_size
+        self._large_model = large_model
+        self._model_copies = model_copies
+
+    def load_model(self) -> LoadedClipModel:
+        from beam_curator.models import load_clip, localize_model_dir
+
+        device = resolve_device(self._device)
+        local_dir = localize_model_dir(self._model_dir)
+        clip = load_clip(os.path.join(local_dir, "clip"), device=device)
+        dtype = resolve_precision(self._precision, device)
+        _LOG.info("CLIP %s loaded on %s (%s)", getattr(clip, "name", "?"), device,
+                  dtype or "fp32")
+        return LoadedClipModel(clip.model, device, dtype)
+
+    def run_inference(self, batch: Sequence[Any], model: LoadedClipModel,
+                      inference_args: Optional[Dict[str, Any]] = None
+                      ) -> Iterable[PredictionResult]:
+        import torch
+
+        embeddings = embed_batch(model, torch.stack(list(batch)))
+        # The example (a 600 kB tensor at 224 px) is not kept: nothing downstream needs it.
+        return [PredictionResult(None, row) for row in embeddings]
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": self._min_batch_size, "max_batch_size": self._max_batch_size}
+
+    def share_model_across_processes(self) -> bool:
+        return self._large_model
+
+    def model_copies(self) -> int:
+        return self._model_copies or 1
+
+    def get_metrics_namespace(self) -> str:
+        return "curator_clip"
+
+
+class EmbedImages(beam.PTransform):
+    """(SampleInfo, tensor) -> (SampleInfo, float32 embedding) through RunInference."""
+
+    def __init__(self, handler: OpenClipModelHandler, accelerator: Optional[str] = None):
+        super().__init__()
+        self._handler = handler
+        self._accelerator = accelerator
+
+    def expand(self, decoded):
+        inference = RunInference(KeyedModelHandler(self._handler))
+        if self._accelerator:
+            # GPU only where it pays: the rest of the graph stays on cheap CPU workers.
+            inference = inference.with_resource_hints(accelerator=self._accelerator)
+        return (decoded
+                | "RunInference" >> inference
+                | "Unwrap" >> beam.MapTuple(lambda info, result: (info, result.inference)))

@@ -1,0 +1,662 @@
+"""Semantic dedup in Beam: exact pre-pass, centroids as a side input, GroupByKey per cluster.
+
+    candidates ─► chunks (ids + a way to load their vectors, never float lists in elements)
+               ├─► ExactPrePass: GroupByKey(content hash) -> exact_duplicate, survivor = min id
+               ├─► centroids: LoadCentroids(path) | TrainCentroids(hash-sampled rows, faiss)
+               └─► Assign(AsSingleton(centroids), AsDict(exact dups)) -> (cluster, member)
+                   -> GroupByKey(cluster) -> rank (hard/easy/random, ties by id)
+                   -> pairwise: small cluster in one step; large cluster fanned out as
+                      (cluster, block j) keys that each receive blocks i <= j, combined exactly
+                   -> kmeans/, pairwise_results/, duplicates/, centroids.npy
+
+How a cluster's vectors reach its pairwise step (DESIGN: never ship float lists):
+* `staged`: each chunk's vectors are written once to a raw float32 file under the output's
+  `dedup/_staging/`; members carry (file, row) and the pairwise step reads just those rows.
+  Best on one machine (the local runners), where files are shared and random access is cheap.
+* `shuffle`: members carry their vector as compact float32 bytes through the GroupByKey. Best
+  on distributed runners, where a shuffle of bytes is cheap and shared random access is not.
+The pure algorithms live in `beam_curator.dedup`; this module is only plumbing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from beam_curator import outputs
+from beam_curator.dedup import kmeans as km
+from beam_curator.dedup.assign import assign_to_centroids, assign_top2, border_assignments
+from beam_curator.dedup.pairwise import (block_range, combine_partials, is_duplicate,
+                                         local_to_global, partial_max)
+from beam_curator.dedup.ranking import rank_cluster
+from beam_curator.schema import (DUPLICATES_SCHEMA, EXACT_DUPLICATE, KEPT, KMEANS_SCHEMA,
+                                 PAIRWISE_SCHEMA, SEMANTIC_DUPLICATE, SampleResult)
+from beam_curator.transforms.write import (WriteParquetByShard, _atomic_write, write_json)
+
+_LOG = logging.getLogger(__name__)
+STAGED, SHUFFLE = "staged", "shuffle"
+
+
+# ---- configuration ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DedupConfig:
+    output: str
+    n_clusters: int = 100
+    kmeans_iterations: int = 20
+    seed: int = 0
+    sample_size: int = 100_000
+    centroids_path: Optional[str] = None
+    eps: float = 0.01
+    which_to_keep: str = "hard"
+    block_size: int = 4096
+    border_margin: Optional[float] = None
+    transport: str = STAGED
+    chunk_rows: int = 8192
+    id_column: str = "id"
+    embedding_column: str = "embedding"
+
+    @property
+    def dedup_dir(self) -> str:
+        return outputs.dedup_dir(self.output)
+
+    @property
+    def staging_dir(self) -> str:
+        return FileSystems.join(self.dedup_dir, "_staging")
+
+    @classmethod
+    def from_options(cls, options) -> "DedupConfig":
+        from beam_curator.options import CuratorOptions, is_local_runner
+
+        opts = options.view_as(CuratorOptions)
+        transport = opts.dedup_vector_transport
+        if transport == "auto":
+            transport = STAGED if is_local_runner(options) else SHUFFLE
+        return cls(output=opts.output, n_clusters=opts.n_clusters,
+                   kmeans_iterations=opts.kmeans_iterations, seed=opts.kmeans_seed,
+                   sample_size=opts.kmeans_sample_size, centroids_path=opts.centroids,
+                   eps=opts.eps, which_to_keep=opts.which_to_keep,
+                   block_size=opts.pairwise_block_size, border_margin=opts.border_margin,
+                   transport=transport, id_column=opts.id_column,
+                   embedding_column=opts.embedding_column)
+
+
+# ---- chunks: a handful of rows and the way to their vectors --------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Rows of candidates. Vectors live in a parquet row group, a staged file, or inline."""
+
+    name: str
+    ids: Tuple[str, ...] = ()
+    payloads: Optional[Tuple[Any, ...]] = None      # SampleInfo in `run`; None in `dedup`
+    parquet: Optional[Tuple[str, int]] = None       # (path, row group)
+    staged_path: Optional[str] = None
+    inline: Optional[bytes] = None                  # float32 rows, shuffle transport
+    dim: int = 0
+
+    def load(self, config: DedupConfig) -> Tuple[List[str], Optional[list], np.ndarray]:
+        """(ids, payloads, vectors float32 (n, d)) of the candidate rows of this chunk."""
+        if self.parquet is not None:
+            return read_parquet_chunk(self.parquet, config)
+        if self.staged_path is not None:
+            vectors = read_staged_rows(self.staged_path, self.dim, None)
+        else:
+            vectors = np.frombuffer(self.inline, dtype=np.float32).reshape(-1, self.dim)
+        return list(self.ids), list(self.payloads) if self.payloads else None, vectors
+
+
+def read_parquet_chunk(ref: Tuple[str, int], config: DedupConfig):
+    path, row_group = ref
+    with FileSystems.open(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        names = parquet.schema_arrow.names
+        columns = [config.id_column, config.embedding_column]
+        if "passed_filters" in names:
+            columns.append("passed_filters")
+        table = parquet.read_row_group(row_group, columns=columns)
+    if "passed_filters" in table.column_names:
+        # `embed` writes every embedded sample; only those that passed the filters are
+        # dedup candidates (the same set `run` deduplicates).
+        table = table.filter(table.column("passed_filters"))
+    ids = table.column(config.id_column).to_pylist()
+    vectors = list_column_to_numpy(table.column(config.embedding_column))
+    return ids, None, vectors
+
+
+def list_column_to_numpy(column) -> np.ndarray:
+    """A list<float> column -> (n, d) float32, without a Python float per value."""
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if flat.size % n:
+        raise ValueError("embeddings have different lengths: every row needs the same dim")
+    return flat.reshape(n, flat.size // n)
+
+
+def write_staged(path: str, vectors: np.ndarray) -> str:
+    data = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
+    _atomic_write(path, lambda stream: stream.write(data))
+    return path
+
+
+def read_staged_rows(path: str, dim: int, rows: Optional[Sequence[int]]) -> np.ndarray:
+    """Rows of a staged float32 file; local files are memory-mapped so only those rows load."""
+    local = path[7:] if path.startswith("file://") else path
+    if "://" not in local:
+        mapped = np.memmap(local, dtype=np.float32, mode="r").reshape(-1, dim)
+        out = np.array(mapped if rows is None else mapped[np.asarray(rows, dtype=np.int64)])
+        del mapped   # unmap now: pages read stay in the page cache, not in this process
+        return out
+    with FileSystems.open(path) as handle:
+        array = np.frombuffer(handle.read(), dtype=np.float32).reshape(-1, dim)
+    return array if rows is None else array[np.asarray(rows, dtype=np.int64)]
+
+
+# ---- members: what the GroupByKey per cluster carries --------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    id: str
+    payload: Any
+    cos_dist: float
+    l2_dist: float
+    staged: Optional[Tuple[str, int]] = None   # (staged file, row)
+    vector: Optional[bytes] = None             # shuffle transport
+    border: bool = False                       # a second membership (--border_margin)
+
+
+def load_member_vectors(members: Sequence[Member], dim: int) -> np.ndarray:
+    if not members:
+        return np.zeros((0, dim), dtype=np.float32)
+    if members[0].vector is not None:
+        return np.frombuffer(b"".join(m.vector for m in members),
+                             dtype=np.float32).reshape(len(members), -1)
+    out = np.empty((len(members), dim), dtype=np.float32)
+    by_file: Dict[str, List[Tuple[int, int]]] = {}
+    for position, member in enumerate(members):
+        path, row = member.staged
+        by_file.setdefault(path, []).append((position, row))
+    for path, pairs in by_file.items():
+        positions, rows = zip(*pairs)
+        out[list(positions)] = read_staged_rows(path, dim, rows)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberResult:
+    member: Member
+    cluster: int
+    max_id: str
+    cosine_sim: float
+    is_duplicate: bool
+
+
+# ---- DoFns ------------------------------------------------------------------------------
+
+class SampleForTrainingFn(beam.DoFn):
+    """Chunk -> (id, float32 bytes) of the rows in the k-means training sample."""
+
+    def __init__(self, config: DedupConfig):
+        self._config = config
+
+    def process(self, chunk: Chunk, n_total: int, exact_dups: Dict[str, str]):
+        ids, _, vectors = chunk.load(self._config)
+        fraction = km.sample_fraction(n_total, self._config.sample_size)
+        for row in np.flatnonzero(km.sample_mask(ids, fraction, self._config.seed)):
+            if ids[row] not in exact_dups:
+                yield ids[row], vectors[row].tobytes()
+
+
+def train_centroids(sample: List[Tuple[str, bytes]], config: DedupConfig) -> np.ndarray:
+    """Sorted by id first, so every runner and chunking trains on the same matrix."""
+    if not sample:
+        return np.zeros((0, 0), dtype=np.float32)
+    sample = sorted(sample)
+    vectors = np.frombuffer(b"".join(v for _, v in sample),
+                            dtype=np.float32).reshape(len(sample), -1)
+    k = min(config.n_clusters, len(sample))
+    if k < config.n_clusters:
+        _LOG.warning("only %d embeddings to train on: using %d clusters instead of "
+                     "--n_clusters %d", len(sample), k, config.n_clusters)
+    return km.train_kmeans(vectors, k, n_iter=config.kmeans_iterations, seed=config.seed,
+                           spherical=True)
+
+
+class AssignFn(beam.DoFn):
+    """Chunk -> (cluster, Member) for every candidate row; stages vectors when asked."""
+
+    def __init__(self, config: DedupConfig):
+        self._config = config
+        self.assigned = beam.metrics.Metrics.counter("curator", "dedup_assigned")
+
+    def process(self, chunk: Chunk, centroids: np.ndarray, exact_dups: Dict[str, str]):
+        ids, payloads, vectors = chunk.load(self._config)
+        keep = [r for r, i in enumerate(ids) if i not in exact_dups]
+        if not keep or centroids.size == 0:
+            return
+        vectors = vectors[keep]
+        ids = [ids[r] for r in keep]
+        payloads = [payloads[r] for r in keep] if payloads else [None] * len(ids)
+        staged_path = None
+        if self._config.transport == STAGED:
+            staged_path = chunk.staged_path if chunk.staged_path and len(keep) == len(
+                chunk.ids) else None
+            if staged_path is None:
+                staged_path = write_staged(FileSystems.join(
+                    self._config.staging_dir, f"assign-{chunk.name}.f32"), vectors)
+        labels, cos_dist, l2_dist = assign_to_centroids(vectors, centroids)
+        extra = []
+        if self._config.border_margin is not None and centroids.shape[0] > 1:
+            labels2, dists2 = assign_top2(vectors, centroids)
+            extra = border_assignments(labels2, dists2, self._config.border_margin)
+        c_norm = centroids / np.linalg.norm(centroids, axis=1, keepdims=True).clip(1e-12)
+
+        def member(row: int, cos: float, l2: float, border: bool) -> Member:
+            return Member(id=ids[row], payload=payloads[row], cos_dist=float(cos),
+                          l2_dist=float(l2), border=border,
+                          staged=(staged_path, row) if staged_path else None,
+                          vector=None if staged_path else vectors[row].tobytes())
+
+        for row in range(len(ids)):
+            self.assigned.inc()
+            yield int(labels[row]), member(row, cos_dist[row], l2_dist[row], False)
+        for row, cluster in extra:
+            cos = 1.0 - float(vectors[row] @ c_norm[cluster])
+            l2 = float(np.linalg.norm(vectors[row] - centroids[cluster]))
+            yield int(cluster), member(row, cos, l2, True)
+
+
+def _ranked(cluster: int, members: Iterable[Member], config: DedupConfig) -> List[Member]:
+    members = list(members)
+    order = rank_cluster([m.id for m in members],
+                         np.array([m.cos_dist for m in members], dtype=np.float32),
+                         config.which_to_keep, config.seed, cluster)
+    return [members[r] for r in order]
+
+
+def _results(cluster: int, members: Sequence[Member], max_sim: np.ndarray, argmax: np.ndarray,
+             eps: float, id_of_rank=None):
+    """MemberResults for `members`; argmax is a rank in the cluster (-1: nothing earlier)."""
+    id_of_rank = id_of_rank or (lambda a: members[a].id)
+    dup = is_duplicate(max_sim, eps)
+    for r, member in enumerate(members):
+        a = int(argmax[r])
+        if a < 0:   # first-ranked: NeMo writes its own id and 0.0
+            yield MemberResult(member, cluster, member.id, 0.0, False)
+        else:
+            yield MemberResult(member, cluster, id_of_rank(a), float(max_sim[r]), bool(dup[r]))
+
+
+class PairwiseClusterFn(beam.DoFn):
+    """(cluster, members) -> MemberResults; large clusters go to `blocks` as (cluster, j) work."""
+
+    BLOCKS = "blocks"
+
+    def __init__(self, config: DedupConfig, dim: int):
+        self._config = config
+        self._dim = dim
+
+    def process(self, element):
+        cluster, members = element
+        ranked = _ranked(cluster, members, self._config)
+        n, size = len(ranked), self._config.block_size
+        if n <= size:
+            vectors = load_member_vectors(ranked, self._dim)
+            max_sim, argmax = partial_max(vectors, vectors, True)
+            yield from _results(cluster, ranked, max_sim, argmax, self._config.eps)
+            return
+        # Too large for one step: block j of ranked rows meets every block i <= j on its own key.
+        for j in range(-(-n // size)):
+            j0, j1 = block_range(n, size, j)
+            for i in range(j + 1):
+                i0, i1 = block_range(n, size, i)
+                yield beam.pvalue.TaggedOutput(self.BLOCKS, (
+                    (cluster, j), (i0, tuple(ranked[i0:i1]), j0, tuple(ranked[j0:j1]))))
+
+
+class BlockPartialFn(beam.DoFn):
+    """((cluster, j), (i, i0, block i, j0, block j)) -> ((cluster, j), partial for block j)."""
+
+    def __init__(self, dim: int):
+        self._dim = dim
+
+    def process(self, element):
+        key, (i0, block_i, j0, block_j) = element
+        vi = load_member_vectors(block_i, self._dim)
+        vj = vi if i0 == j0 else load_member_vectors(block_j, self._dim)
+        max_sim, argmax_local = partial_max(vi, vj, i0 == j0)
+        ids_i = [m.id for m in block_i]
+        yield key, (i0, max_sim, local_to_global(argmax_local, i0), block_j if i0 == j0 else None,
+                    ids_i)
+
+
+class CombineBlocksFn(beam.DoFn):
+    """All partials of (cluster, block j) -> MemberResults of block j's rows, exactly."""
+
+    def __init__(self, eps: float):
+        self._eps = eps
+
+    def process(self, element):
+        (cluster, _), partials = element
+        partials = sorted(partials, key=lambda p: p[0])   # by i: ties go to earlier rows
+        block_j = next(p[3] for p in partials if p[3] is not None)
+        id_of = {}
+        for i0, _, _, _, ids_i in partials:
+            for offset, id_ in enumerate(ids_i):
+                id_of[i0 + offset] = id_
+        max_sim, argmax = combine_partials([(p[1], p[2]) for p in partials])
+        yield from _results(cluster, block_j, max_sim, argmax, self._eps, id_of.__getitem__)
+
+
+def merge_memberships(results: Iterable[MemberResult]) -> MemberResult:
+    """A border point has two memberships: it is a duplicate if either says so."""
+    results = sorted(results, key=lambda r: (r.member.border, r.cluster))
+    home = results[0]
+    dup = [r for r in results if r.is_duplicate]
+    if not dup:
+        best = max(results, key=lambda r: r.cosine_sim)
+        return dataclasses.replace(home, max_id=best.max_id, cosine_sim=best.cosine_sim)
+    best = max(dup, key=lambda r: r.cosine_sim)
+    return dataclasses.replace(home, max_id=best.max_id, cosine_sim=best.cosine_sim,
+                               is_duplicate=True)
+
+
+# ---- the transforms ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DedupOutputs:
+    results: beam.PCollection    # MemberResult per candidate (exact dups included, see below)
+    exact: beam.PCollection      # (dup id, payload, survivor id)
+    written: list                # PCollections whose completion means dedup/ is written
+
+
+class SemanticDedupCore(beam.PTransform):
+    """(chunks, exact-hash pairs) -> DedupOutputs, writing OUTPUT/dedup/."""
+
+    def __init__(self, config: DedupConfig, dim: int):
+        super().__init__()
+        self._config = config
+        self._dim = dim
+
+    def expand(self, inputs):
+        chunks, hash_pairs = inputs
+        config, p = self._config, chunks.pipeline
+
+        # Exact pre-pass: identical bytes -> the smallest id survives.
+        exact = (hash_pairs
+                 | "GroupByHash" >> beam.GroupByKey()
+                 | "ExactDuplicates" >> beam.FlatMap(_exact_duplicates))
+        exact_map = beam.pvalue.AsDict(exact | "DupToSurvivor" >> beam.Map(lambda d: (d[0], d[2])))
+
+        if config.centroids_path:
+            path, dim = config.centroids_path, self._dim
+            centroids = (p | "CentroidsPath" >> beam.Create([path])
+                         | "LoadCentroids" >> beam.Map(lambda f: km.load_centroids(f, dim or None)))
+        else:
+            n_total = (chunks
+                       | "ChunkSizes" >> beam.Map(count_candidates, config)
+                       | "CountCandidates" >> beam.CombineGlobally(sum))
+            centroids = (chunks
+                         | "SampleForKMeans" >> beam.ParDo(SampleForTrainingFn(config),
+                                                           beam.pvalue.AsSingleton(n_total),
+                                                           exact_map)
+                         | "GatherSample" >> beam.combiners.ToList()
+                         | "TrainKMeans" >> beam.Map(train_centroids, config))
+        centroids_written = centroids | "WriteCentroids" >> beam.Map(
+            _write_centroids, FileSystems.join(config.dedup_dir, "centroids.npy"))
+
+        members = chunks | "Assign" >> beam.ParDo(
+            AssignFn(config), beam.pvalue.AsSingleton(centroids), exact_map)
+        pairwise = (members
+                    | "GroupByCluster" >> beam.GroupByKey()
+                    | "Pairwise" >> beam.ParDo(PairwiseClusterFn(config, self._dim)).with_outputs(
+                        PairwiseClusterFn.BLOCKS, main="results"))
+        block_results = (pairwise[PairwiseClusterFn.BLOCKS]
+                         | "BlockPartials" >> beam.ParDo(BlockPartialFn(self._dim))
+                         | "GroupByBlock" >> beam.GroupByKey()
+                         | "CombineBlocks" >> beam.ParDo(CombineBlocksFn(config.eps)))
+        memberships = (pairwise.results, block_results) | "AllMemberships" >> beam.Flatten()
+        if config.border_margin is not None:
+            results = (memberships
+                       | "ById" >> beam.Map(lambda r: (r.member.id, r))
+                       | "GroupMemberships" >> beam.GroupByKey()
+                       | "MergeMemberships" >> beam.MapTuple(lambda _, rs: merge_memberships(rs)))
+        else:
+            results = memberships
+
+        written = [centroids_written] + self._write(results, exact)
+        return DedupOutputs(results=results, exact=exact, written=written)
+
+    def _write(self, results, exact) -> list:
+        d = self._config.dedup_dir
+        kmeans_rows = results | "KMeansRows" >> beam.Map(lambda r: (_cluster_file(r.cluster), {
+            "id": r.member.id, "centroid": r.cluster, "cosine_dist_to_cent": r.member.cos_dist,
+            "l2_dist_to_cent": r.member.l2_dist}))
+        pair_rows = ((results | "PairRows" >> beam.Map(lambda r: (_cluster_file(r.cluster), {
+                        "id": r.member.id, "max_id": r.max_id, "cosine_sim_score": r.cosine_sim})),
+                      exact | "ExactPairRows" >> beam.Map(lambda e: ("exact", {
+                          "id": e[0], "max_id": e[2], "cosine_sim_score": 1.0})))
+                     | "AllPairRows" >> beam.Flatten())
+        dup_rows = ((results
+                     | "SemanticDups" >> beam.Filter(lambda r: r.is_duplicate)
+                     | "SemanticDupRows" >> beam.Map(lambda r: (_cluster_file(r.cluster),
+                                                                {"id": r.member.id})),
+                     exact | "ExactDupRows" >> beam.Map(lambda e: ("exact", {"id": e[0]})))
+                    | "AllDupRows" >> beam.Flatten())
+        return [
+            kmeans_rows | "WriteKMeans" >> WriteParquetByShard(
+                FileSystems.join(d, "kmeans"), KMEANS_SCHEMA),
+            pair_rows | "WritePairwise" >> WriteParquetByShard(
+                FileSystems.join(d, "pairwise_results"), PAIRWISE_SCHEMA),
+            dup_rows | "WriteDuplicates" >> WriteParquetByShard(
+                FileSystems.join(d, "duplicates"), DUPLICATES_SCHEMA),
+        ]
+
+
+def _cluster_file(cluster: int) -> str:
+    return f"cluster-{cluster:06d}"
+
+
+def count_candidates(chunk: Chunk, config: DedupConfig) -> int:
+    if chunk.parquet is None:
+        return len(chunk.ids)
+    return sum(1 for _ in read_candidate_ids(chunk.parquet, config, with_hash=False))
+
+
+def read_candidate_ids(ref: Tuple[str, int], config: DedupConfig, with_hash: bool):
+    """(id, content_hash or None) of the candidate rows of a row group, without the vectors."""
+    path, row_group = ref
+    with FileSystems.open(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        names = parquet.schema_arrow.names
+        columns = [config.id_column] + [c for c in ("content_hash", "passed_filters")
+                                        if c in names and (with_hash or c == "passed_filters")]
+        table = parquet.read_row_group(row_group, columns=columns)
+    if "passed_filters" in table.column_names:
+        table = table.filter(table.column("passed_filters"))
+    ids = table.column(config.id_column).to_pylist()
+    hashes = (table.column("content_hash").to_pylist() if "content_hash" in table.column_names
+              else [None] * len(ids))
+    return zip(ids, hashes)
+
+
+def _exact_duplicates(element):
+    """(hash, [(id, payload)]) -> (dup id, payload, survivor id) for all but the smallest id."""
+    _, members = element
+    members = sorted(members, key=lambda m: m[0])
+    survivor = members[0][0]
+    for dup_id, payload in members[1:]:
+        yield dup_id, payload, survivor
+
+
+def _write_centroids(centroids: np.ndarray, path: str) -> str:
+    if centroids.size:
+        km.save_centroids(path, centroids)
+    return path
+
+
+class StageCandidatesFn(beam.DoFn):
+    """A batch of (SampleInfo, embedding) -> a Chunk (vectors staged to a file or inline)."""
+
+    def __init__(self, config: DedupConfig):
+        self._config = config
+
+    def process(self, batch):
+        infos = tuple(info for info, _ in batch)
+        vectors = np.stack([np.asarray(e, dtype=np.float32) for _, e in batch])
+        name = uuid.uuid4().hex   # a file name only: results never depend on it
+        common = dict(name=name, ids=tuple(i.id for i in infos), payloads=infos,
+                      dim=vectors.shape[1])
+        if self._config.transport == STAGED:
+            path = write_staged(FileSystems.join(self._config.staging_dir, f"{name}.f32"),
+                                vectors)
+            yield Chunk(staged_path=path, **common)
+        else:
+            yield Chunk(inline=vectors.tobytes(), **common)
+
+
+class Deduplicate(beam.PTransform):
+    """`run`'s dedup: (SampleInfo, embedding) that passed the filters -> SampleResults.
+
+    Returns an object with `.results` (SampleResult per input: kept / exact_duplicate /
+    semantic_duplicate) and `.written` (completion of OUTPUT/dedup/ and staging cleanup).
+    """
+
+    def __init__(self, config: DedupConfig, dim: int):
+        super().__init__()
+        self._config = config
+        self._dim = dim
+
+    def expand(self, passed):
+        config = self._config
+        chunks = (passed
+                  | "Batch" >> beam.BatchElements(min_batch_size=1,
+                                                  max_batch_size=config.chunk_rows)
+                  | "Stage" >> beam.ParDo(StageCandidatesFn(config)))
+        hash_pairs = passed | "HashPairs" >> beam.MapTuple(
+            lambda info, _: (info.content_hash or info.id, (info.id, info)))
+        core = (chunks, hash_pairs) | "SemDeDup" >> SemanticDedupCore(config, self._dim)
+        semantic = core.results | "ToSampleResults" >> beam.Map(lambda r: SampleResult(
+            info=r.member.payload,
+            status=SEMANTIC_DUPLICATE if r.is_duplicate else KEPT,
+            cluster=r.cluster,
+            duplicate_of=r.max_id if r.is_duplicate else None,
+            cosine_sim=r.cosine_sim))
+        exact = core.exact | "ExactResults" >> beam.Map(lambda e: SampleResult(
+            info=e[1], status=EXACT_DUPLICATE, duplicate_of=e[2], cosine_sim=1.0))
+        results = (semantic, exact) | "DedupResults" >> beam.Flatten()
+        written = _cleanup_after(config, core.written)
+        return DedupOutputs(results=results, exact=core.exact, written=[written])
+
+
+def _cleanup_after(config: DedupConfig, written: list):
+    """Delete dedup/_staging once every dedup output is written (side inputs order it)."""
+    staging = config.staging_dir
+
+    def cleanup(_, *done):
+        if FileSystems.exists(staging):
+            FileSystems.delete([staging])
+        return staging
+
+    p = written[0].pipeline
+    return (p
+            | "CleanupOnce" >> beam.Create([None])
+            | "DeleteStaging" >> beam.Map(cleanup, *[beam.pvalue.AsList(w) for w in written]))
+
+
+# ---- the `dedup` command: from an embeddings parquet --------------------------------------
+
+def parquet_chunks(pattern: str, config: DedupConfig) -> Tuple[List[Chunk], int, bool]:
+    """Row-group chunks of every matching file (+ the dim, + whether content_hash exists)."""
+    from beam_curator.options import OptionError
+
+    paths = sorted(m.path for part in pattern.split(",") if part.strip()
+                   for m in FileSystems.match([part.strip()])[0].metadata_list)
+    if not paths:
+        raise OptionError(f"--embeddings {pattern!r} matches no file: point it at parquet "
+                          "files with an id and an embedding column (e.g. OUTPUT/embeddings/*.parquet).")
+    chunks, dim, has_hash = [], 0, True
+    for f, path in enumerate(paths):
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            names = parquet.schema_arrow.names
+            for column in (config.id_column, config.embedding_column):
+                if column not in names:
+                    raise OptionError(
+                        f"{path} has no column {column!r} (columns: {names}): set --id_column "
+                        "/ --embedding_column to the names your file uses.")
+            has_hash = has_hash and "content_hash" in names
+            if not dim and parquet.metadata.num_rows:
+                first = parquet.read_row_group(0, columns=[config.embedding_column])
+                dim = len(first.column(0)[0])
+            for rg in range(parquet.metadata.num_row_groups):
+                chunks.append(Chunk(name=f"{f:05d}-{rg:05d}", parquet=(path, rg)))
+    return chunks, dim, has_hash
+
+
+class HashPairsFn(beam.DoFn):
+    """Parquet chunk -> (content_hash, (id, None)) of its candidate rows."""
+
+    def __init__(self, config: DedupConfig):
+        self._config = config
+
+    def process(self, chunk: Chunk):
+        for id_, digest in read_candidate_ids(chunk.parquet, self._config, with_hash=True):
+            yield (digest or id_), (id_, None)
+
+
+class DedupFromParquet(beam.PTransform):
+    """Step 2 of the three-step flow: embeddings parquet -> OUTPUT/dedup/ + summary.json."""
+
+    def __init__(self, pattern: str, config: DedupConfig, recorded_options: Optional[dict] = None):
+        super().__init__()
+        self._pattern = pattern
+        self._config = config
+        self._recorded = recorded_options
+
+    def expand(self, pbegin):
+        config = self._config
+        chunk_list, dim, has_hash = parquet_chunks(self._pattern, config)
+        if config.transport == SHUFFLE:
+            _LOG.info("dedup: vectors travel through the shuffle as float32 bytes")
+        chunks = pbegin | "RowGroups" >> beam.Create(chunk_list)
+        if has_hash:
+            hash_pairs = chunks | "HashPairs" >> beam.ParDo(HashPairsFn(config))
+        else:
+            hash_pairs = pbegin | "NoHashes" >> beam.Create([])
+        core = (chunks, hash_pairs) | "SemDeDup" >> SemanticDedupCore(config, dim)
+        done = _cleanup_after(config, core.written)
+        n_dups = (
+            (core.results | "SemDup" >> beam.Map(lambda r: int(r.is_duplicate)),
+             core.exact | "ExactDup" >> beam.Map(lambda _: 1))
+            | "AllDupFlags" >> beam.Flatten() | "SumDups" >> beam.CombineGlobally(sum))
+        n_candidates = (
+            (core.results | "One" >> beam.Map(lambda _: 1),
+             core.exact | "OneExact" >> beam.Map(lambda _: 1))
+            | "AllCandidates" >> beam.Flatten() | "CountCandidates" >> beam.CombineGlobally(sum))
+        n_clusters = (core.results
+                      | "Clusters" >> beam.Map(lambda r: r.cluster) | beam.Distinct()
+                      | "CountClusters" >> beam.combiners.Count.Globally())
+        summary = {"command": "dedup", "options": self._recorded, "eps": config.eps,
+                   "which_to_keep": config.which_to_keep}
+        return (pbegin
+                | "SummaryOnce" >> beam.Create([None])
+                | "WriteDedupSummary" >> beam.Map(
+                    _write_dedup_summary, config, summary,
+                    beam.pvalue.AsSingleton(n_candidates), beam.pvalue.AsSingleton(n_dups),
+                    beam.pvalue.AsSingleton(n_clusters), beam.pvalue.AsList(done)))
+
+
+def _write_dedup_summary(_, config, summary, n_candidates, n_dups, n_clusters, done):
+    summary = dict(summary, n_embeddings=n_candidates, n_duplicates=n_dups,
+                   n_clusters=n_clusters)
+    return write_json(outputs.summary_file(config.output), summary)

@@ -1,0 +1,152 @@
+"""Writers: parquet files per shard, curated webdataset shards, summary.json.
+
+Every file is written under a temporary name and renamed into place, and every file's content
+is sorted, so a rerun of the same command writes byte-identical files and a failed run never
+leaves a file that looks complete. summary.json is written last: it marks a finished run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from typing import Callable, Iterable, List, Optional
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+TMP_PREFIX = ".tmp-"
+
+
+def _atomic_write(path: str, write: Callable[[object], None]) -> str:
+    """Write through `write(stream)` to a temp name beside `path`, then rename into place."""
+    directory, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    tmp = FileSystems.join(directory, TMP_PREFIX + name) if directory else TMP_PREFIX + name
+    FileSystems.mkdirs(directory) if directory and not FileSystems.exists(directory) else None
+    with FileSystems.create(tmp) as stream:
+        write(stream)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+    return path
+
+
+def embeddings_to_arrow(vectors: List[np.ndarray]) -> pa.Array:
+    """(n, d) float32 rows -> list<float32> without a Python float per value."""
+    if not vectors:
+        return pa.array([], type=pa.list_(pa.float32()))
+    lengths = np.fromiter((len(v) for v in vectors), dtype=np.int32, count=len(vectors))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate([np.asarray(v, dtype=np.float32) for v in vectors])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32()))
+
+
+def write_parquet(path: str, table: pa.Table) -> str:
+    def write(stream):
+        pq.write_table(table, stream, compression="zstd")
+    return _atomic_write(path, write)
+
+
+def rows_to_table(rows: List[dict], schema: pa.Schema, vector_column: Optional[str] = None
+                  ) -> pa.Table:
+    columns = {}
+    for field in schema:
+        values = [row.get(field.name) for row in rows]
+        if field.name == vector_column:
+            columns[field.name] = embeddings_to_arrow(values)
+        else:
+            columns[field.name] = pa.array(values, type=field.type)
+    return pa.table(columns, schema=schema)
+
+
+class WriteParquetByShardFn(beam.DoFn):
+    """(shard, rows) -> DIR/<shard>.parquet, rows sorted by id; emits the written path."""
+
+    def __init__(self, directory: str, schema: pa.Schema, vector_column: Optional[str] = None,
+                 sort_key: str = "id"):
+        self._directory = directory
+        self._schema = schema
+        self._vector_column = vector_column
+        self._sort_key = sort_key
+
+    def process(self, shard_rows):
+        shard, rows = shard_rows
+        rows = sorted(rows, key=lambda r: r[self._sort_key] or "")
+        table = rows_to_table(rows, self._schema, self._vector_column)
+        yield write_parquet(FileSystems.join(self._directory, f"{shard}.parquet"), table)
+
+
+class WriteParquetByShard(beam.PTransform):
+    """(shard, row dict) -> one parquet file per shard under `directory`."""
+
+    def __init__(self, directory: str, schema: pa.Schema, vector_column: Optional[str] = None):
+        super().__init__()
+        self._directory = directory
+        self._schema = schema
+        self._vector_column = vector_column
+
+    def expand(self, keyed_rows):
+        return (keyed_rows
+                | "GroupByShard" >> beam.GroupByKey()
+                | "WriteParquet" >> beam.ParDo(WriteParquetByShardFn(
+                    self._directory, self._schema, self._vector_column)))
+
+
+class WriteSingleParquet(beam.PTransform):
+    """All rows -> one parquet file (small outputs such as errors/ of a whole run)."""
+
+    def __init__(self, path: str, schema: pa.Schema, sort_key: str = "id"):
+        super().__init__()
+        self._path = path
+        self._schema = schema
+        self._sort_key = sort_key
+
+    def expand(self, rows):
+        path, schema, key = self._path, self._schema, self._sort_key
+
+        def write(all_rows):
+            ordered = sorted(all_rows, key=lambda r: tuple((r.get(k) or "") for k in key.split(",")))
+            return write_parquet(path, rows_to_table(ordered, schema))
+
+        return (rows
+                | "Gather" >> beam.combiners.ToList()
+                | "Write" >> beam.Map(write))
+
+
+# ---- curated webdataset shards --------------------------------------------------------------
+
+def write_tar_members(stream, samples: Iterable) -> int:
+    """Write samples' ORIGINAL image bytes and sidecars as a webdataset tar; returns the count.
+
+    Member metadata is fixed (mtime 0, root, 0644) so that reruns are byte-identical.
+    """
+    count = 0
+    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for sample in samples:
+            # Image first, then the sidecars in the order the source shard had them.
+            fields = [(sample.image_ext, sample.image_bytes)] + list(sample.sidecars.items())
+            for ext, data in fields:
+                info = tarfile.TarInfo(name=f"{sample.key}.{ext}")
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+    return count
+
+
+def write_curated_shard(path: str, samples: Iterable) -> int:
+    counter = {}
+
+    def write(stream):
+        counter["n"] = write_tar_members(stream, samples)
+
+    _atomic_write(path, write)
+    return counter["n"]
+
+
+def write_json(path: str, payload: dict) -> str:
+    data = (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    return _atomic_write(path, lambda stream: stream.write(data))
