@@ -24,6 +24,7 @@ Conventions (NeMo Curator's pairwise output is `id, max_id, cosine_sim_score`):
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Iterable, List, Sequence, Tuple
 
 import numpy as np
@@ -56,16 +57,39 @@ def block_pairs(n: int, block_size: int) -> List[Tuple[int, int]]:
     return [(i, j) for j in range(nb) for i in range(j + 1)]
 
 
-def _block_similarities(block_i: np.ndarray, block_j: np.ndarray) -> np.ndarray:
-    """(len_i, len_j) float32 dot products: the only place similarities are computed.
+def _block_similarities(block_j: np.ndarray, block_i: np.ndarray) -> np.ndarray:
+    """(len_j, len_i) float32 dot products: the only place similarities are computed.
 
+    Rows are block j's members, so the max over candidates runs along contiguous memory.
     Always a plain GEMM: given the same buffer on both sides numpy switches to SYRK, which
     rounds differently, and a diagonal block must give the same bits whether the two sides
     arrive as one array (unsplit) or as two copies (split across workers).
     """
     if np.may_share_memory(block_i, block_j):
-        block_j = block_j.copy()
-    return block_i @ block_j.T
+        block_i = block_i.copy()
+    return block_j @ block_i.T
+
+
+@lru_cache(maxsize=2)   # the full block size and the last, shorter one
+def _not_earlier_mask(size: int) -> np.ndarray:
+    """Within a diagonal block, candidate a is not earlier than member b iff a >= b."""
+    mask = np.triu(np.ones((size, size), dtype=bool))
+    mask.flags.writeable = False
+    return mask
+
+
+def _partial_max(bi: np.ndarray, bj: np.ndarray, same_block: bool
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    lj = bj.shape[0]
+    if bi.shape[0] == 0 or lj == 0:
+        return np.full(lj, -np.inf, np.float32), np.full(lj, -1, np.int64)
+    sims = _block_similarities(bj, bi)                 # rows: block j, columns: candidates
+    if same_block:
+        np.putmask(sims, _not_earlier_mask(lj), -np.inf)
+    arg = np.argmax(sims, axis=1)                      # first max = earliest-ranked
+    best = np.take_along_axis(sims, arg[:, None], axis=1)[:, 0]
+    arg = np.where(best == -np.inf, -1, arg).astype(np.int64)
+    return best, arg
 
 
 def partial_max(block_i_vectors: np.ndarray, block_j_vectors: np.ndarray, same_block: bool
@@ -83,16 +107,7 @@ def partial_max(block_i_vectors: np.ndarray, block_j_vectors: np.ndarray, same_b
         raise ValueError(f"blocks have different dimensions: {bi.shape[1]} and {bj.shape[1]}")
     if same_block and bi.shape != bj.shape:
         raise ValueError("same_block=True needs the same block on both sides")
-    lj = bj.shape[0]
-    if bi.shape[0] == 0 or lj == 0:
-        return np.full(lj, -np.inf, np.float32), np.full(lj, -1, np.int64)
-    sims = _block_similarities(bi, bj)                 # rows: candidates, columns: block j
-    if same_block:
-        sims[np.tril_indices(lj)] = -np.inf            # row a counts for column b iff a < b
-    arg = np.argmax(sims, axis=0)                      # first max = earliest-ranked
-    best = sims[arg, np.arange(lj)]
-    arg = np.where(best == -np.inf, -1, arg).astype(np.int64)
-    return best.astype(np.float32, copy=False), arg
+    return _partial_max(bi, bj, bool(same_block))
 
 
 def local_to_global(argmax_local: np.ndarray, block_i_start: int) -> np.ndarray:
@@ -163,7 +178,7 @@ def max_sim_to_earlier(vectors_ranked: np.ndarray, block_size: int = DEFAULT_BLO
         acc_arg = np.full(j1 - j0, -1, np.int64)
         for i in range(j + 1):
             i0, i1 = block_range(n, block_size, i)
-            m, a = partial_max(v[i0:i1], v[j0:j1], i == j)
+            m, a = _partial_max(v[i0:i1], v[j0:j1], i == j)   # v is already checked
             _merge(acc_max, acc_arg, m, local_to_global(a, i0))
         max_sim[j0:j1], argmax[j0:j1] = _finish(acc_max, acc_arg)
     return max_sim, argmax

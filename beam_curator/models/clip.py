@@ -31,6 +31,7 @@ from .layout import (
     derive_manifest,
     find_clip_weights,
     fix_hint,
+    is_remote,
     read_clip_config,
 )
 
@@ -65,6 +66,8 @@ def load_clip(clip_dir: str, device: Union[str, torch.device] = "cpu",
     """
     import open_clip
 
+    if is_remote(clip_dir):
+        raise ModelDirError(f"{clip_dir} is remote: call localize_model_dir() on the model dir first")
     clip_dir = os.path.abspath(clip_dir)
     if not os.path.isfile(os.path.join(clip_dir, CLIP_CONFIG_NAME)) and \
             os.path.isdir(os.path.join(clip_dir, CLIP_SUBDIR)):

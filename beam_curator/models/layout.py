@@ -251,10 +251,16 @@ def config_image_size(model_cfg: Mapping) -> int:
 def check_model_dir(model_dir: str, verify_sha256: bool = False) -> Manifest:
     """Fail fast unless ``model_dir`` is a complete, consistent local model directory.
 
-    Returns its manifest; for a hand-assembled directory without ``manifest.json`` one is
-    derived from the CLIP config (weights treated as real, not random). ``verify_sha256``
-    re-hashes every file the manifest lists (seconds for ViT-L/14).
+    Checks files, manifest vs config, the QuickGELU decision and the heads' input dim
+    against the CLIP embed dim, so a launcher can fail before any worker starts. Returns the
+    manifest; for a hand-assembled directory without ``manifest.json`` one is derived from
+    the CLIP config (weights treated as real, not random). ``verify_sha256`` re-hashes every
+    file the manifest lists (seconds for ViT-L/14). Does not build the CLIP model.
     """
+    # Local imports: clip.py and heads.py build on this module.
+    from .clip import resolve_quick_gelu
+    from .heads import check_head_dims, load_heads
+
     files = resolve_model_files(model_dir)
     model_cfg = read_clip_config(files.clip_config)["model_cfg"]
     config_dim = int(model_cfg["embed_dim"])
@@ -278,6 +284,9 @@ def check_model_dir(model_dir: str, verify_sha256: bool = False) -> Manifest:
                 f"{rel} does not match the sha256 in {MANIFEST_NAME} (corrupt or replaced). "
                 f"{fix_hint(model_dir)}"
             )
+    resolve_quick_gelu(model_cfg, manifest, where=str(model_dir))
+    aesthetic, nsfw = load_heads(files.root)  # a few MB: cheap enough to check up front
+    check_head_dims(config_dim, aesthetic, nsfw)
     return manifest
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -61,6 +61,8 @@ PREPROCESS_CFG = {
 # spread-setting norm ‖w‖ as the real predictor, so demo thresholds behave plausibly.
 RANDOM_AESTHETIC_BIAS = 5.0
 RANDOM_AESTHETIC_W_NORM = 18.0
+RANDOM_NSFW_LOGIT_MEAN = -2.0
+RANDOM_NSFW_LOGIT_STD = 1.6
 
 
 def clip_model_cfg(arch: str = TINY_ARCH) -> dict:
@@ -98,8 +100,13 @@ def build_random_clip(arch: str = TINY_ARCH, seed: int = 0) -> Tuple[nn.Module, 
     return model.eval(), {"model_cfg": model_cfg, "preprocess_cfg": dict(PREPROCESS_CFG)}
 
 
-def build_random_heads(embed_dim: int, seed: int = 0) -> Tuple[AestheticHead, NsfwHead]:
-    """Random heads in the published layouts, taking ``embed_dim``-dim embeddings."""
+def build_random_heads(embed_dim: int, seed: int = 0, probe: Optional[torch.Tensor] = None
+                       ) -> Tuple[AestheticHead, NsfwHead]:
+    """Random heads in the published layouts, taking ``embed_dim``-dim embeddings.
+
+    ``probe``: embeddings the random CLIP gives to a few drawn images; the NSFW head is
+    calibrated on them so that a demo flags some images (see calibrate_random_nsfw).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         aesthetic = AestheticHead(embed_dim)
@@ -114,7 +121,52 @@ def build_random_heads(embed_dim: int, seed: int = 0) -> Tuple[AestheticHead, Ns
         norm = float((w ** 2).sum() ** 0.5)
         if norm > 0:  # scale the last layer so the composed ‖w‖ matches the real head's
             linears[-1].weight.mul_(RANDOM_AESTHETIC_W_NORM / norm)
+        calibrate_random_nsfw(nsfw, embed_dim, seed, probe)
     return aesthetic.eval(), nsfw.eval()
+
+
+def _probe_embeddings(model: nn.Module, open_clip_config: dict, seed: int,
+                      n: int = 16) -> torch.Tensor:
+    """The random CLIP's embeddings of `n` drawn images (shapes on a background)."""
+    import random
+
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from beam_curator.synthetic import draw_image
+
+    cfg = dict(open_clip_config.get("preprocess_cfg") or {})
+    cfg.setdefault("size", open_clip_config["model_cfg"]["vision_cfg"].get("image_size", 224))
+    preprocess = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    rng = random.Random(seed)
+    batch = torch.stack([preprocess(draw_image(rng, 64)) for _ in range(n)])
+    with torch.no_grad():
+        features = model.encode_image(batch).float()
+    return torch.nn.functional.normalize(features, dim=1)
+
+
+def calibrate_random_nsfw(nsfw: NsfwHead, embed_dim: int, seed: int,
+                          probe: Optional[torch.Tensor] = None) -> None:
+    """Spread the random NSFW head's scores so a demo flags a few images, not none or all.
+
+    A random CLIP maps every image to nearly the same direction, so the head is calibrated on
+    the spread of `probe` (that CLIP's embeddings of drawn images; random unit vectors when
+    absent): after normalising by the probe's own mean and variance, the last layer is scaled
+    so the logit has std RANDOM_NSFW_LOGIT_STD around RANDOM_NSFW_LOGIT_MEAN (~10 % >= 0.5).
+    """
+    if probe is None:
+        generator = torch.Generator().manual_seed(seed + 1)
+        probe = torch.nn.functional.normalize(torch.randn(512, embed_dim, generator=generator),
+                                              dim=1)
+    probe = probe.float()
+    nsfw.norm.mean.copy_(probe.mean(dim=0))
+    nsfw.norm.variance.copy_(probe.var(dim=0).clamp_min(1e-12))
+    x = nsfw.norm(probe)
+    for layer in (nsfw.linear_1, nsfw.linear_2, nsfw.linear_3):
+        x = torch.relu(layer(x))
+    logits = nsfw.linear_4(x).squeeze(-1)
+    scale = RANDOM_NSFW_LOGIT_STD / float(logits.std().clamp_min(1e-12))
+    nsfw.linear_4.weight.mul_(scale)
+    nsfw.linear_4.bias.copy_((nsfw.linear_4.bias - logits.mean()) * scale + RANDOM_NSFW_LOGIT_MEAN)
 
 
 def _write_safetensors(module: nn.Module, path: str) -> None:
@@ -145,7 +197,8 @@ def init_random(model_dir: str, arch: str = TINY_ARCH, seed: int = 0, overwrite:
     model_cfg = open_clip_config["model_cfg"]
     embed_dim = int(model_cfg["embed_dim"])
     # Distinct seeds per part so the heads do not depend on the CLIP's parameter count.
-    aesthetic, nsfw = build_random_heads(embed_dim, seed=seed + 1)
+    aesthetic, nsfw = build_random_heads(embed_dim, seed=seed + 1,
+                                         probe=_probe_embeddings(model, open_clip_config, seed))
 
     written = {
         CLIP_CONFIG_PATH: lambda p: atomic_write_bytes(

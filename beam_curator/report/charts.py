@@ -1,0 +1,259 @@
+"""Inline SVG charts for the report: stacked histograms with threshold lines, bar charts.
+
+No JavaScript and no external resources: every chart is a plain <svg> element whose text
+(labels, tooltips) goes through `html.escape(..., quote=True)`. Histograms are accumulated on a
+fine fixed grid while the parquet files stream by (memory does not grow with the run), and are
+re-binned to a readable number of bars, cropped to where the data and the threshold are.
+"""
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+WIDTH = 720
+HEIGHT = 240
+_MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 56, 16, 28, 40
+
+
+def esc(value) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def fmt_num(value: float, digits: int = 3) -> str:
+    """Short, stable number text: 5, 5.25, 0.99, 1.2e-05."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    text = f"{value:.{digits}g}"
+    return text
+
+
+@dataclass
+class FineHistogram:
+    """Counts per series on a fixed fine grid over [lo, hi]; out-of-range values are clipped."""
+
+    lo: float
+    hi: float
+    n_bins: int
+    series: Tuple[str, ...]
+    counts: Dict[str, np.ndarray] = field(default_factory=dict)
+    clipped: int = 0
+    data_min: float = math.inf
+    data_max: float = -math.inf
+
+    def __post_init__(self):
+        for name in self.series:
+            self.counts.setdefault(name, np.zeros(self.n_bins, dtype=np.int64))
+
+    @property
+    def total(self) -> int:
+        return int(sum(int(c.sum()) for c in self.counts.values()))
+
+    def add(self, name: str, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if not len(values):
+            return
+        self.data_min = min(self.data_min, float(values.min()))
+        self.data_max = max(self.data_max, float(values.max()))
+        self.clipped += int(((values < self.lo) | (values > self.hi)).sum())
+        width = (self.hi - self.lo) / self.n_bins
+        idx = np.floor((np.clip(values, self.lo, self.hi) - self.lo) / width).astype(np.int64)
+        idx = np.clip(idx, 0, self.n_bins - 1)
+        self.counts[name] += np.bincount(idx, minlength=self.n_bins)
+
+    def view(self, step: float, include: Sequence[Optional[float]] = (),
+             max_bars: int = 60) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        """Re-bin to bars over the data's extent (and `include` values, e.g. a threshold).
+
+        The extent is rounded outwards to multiples of `step`; returns (edges, counts per series).
+        """
+        fine_w = (self.hi - self.lo) / self.n_bins
+        points = [v for v in include if v is not None and math.isfinite(v)]
+        if self.total:
+            points += [self.data_min, self.data_max]
+        if not points:
+            points = [self.lo, self.hi]
+        lo = max(self.lo, math.floor(min(points) / step - 1e-9) * step)
+        hi = min(self.hi, math.ceil(max(points) / step + 1e-9) * step)
+        if hi - lo < step:
+            hi = min(self.hi, lo + step)
+            lo = max(self.lo, hi - step)
+        first = int(round((lo - self.lo) / fine_w))
+        last = int(round((hi - self.lo) / fine_w))
+        n_fine = max(1, last - first)
+        group = max(1, math.ceil(n_fine / max_bars))
+        # Keep the groups aligned so that bar edges stay on round numbers.
+        n_bars = math.ceil(n_fine / group)
+        edges = self.lo + fine_w * (first + group * np.arange(n_bars + 1))
+        edges[-1] = min(edges[-1], self.hi)
+        out = {}
+        for name, counts in self.counts.items():
+            sel = counts[first:first + n_bars * group]
+            sel = np.pad(sel, (0, n_bars * group - len(sel)))
+            out[name] = sel.reshape(n_bars, group).sum(axis=1)
+        # Values clipped into the grid's end bins stay visible when the view reaches them.
+        return edges, out
+
+
+@dataclass
+class Threshold:
+    value: float
+    label: str
+    kind: str          # a CSS-safe word: aesthetic, nsfw, eps
+
+
+def _nice_ticks(vmax: float, n: int = 4) -> List[float]:
+    if vmax <= 0:
+        return [0.0]
+    raw = vmax / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    return [step * i for i in range(int(vmax // step) + 2) if step * i <= vmax * 1.0001 + step]
+
+
+def histogram_svg(edges: np.ndarray, counts: Dict[str, np.ndarray], colors: Dict[str, str],
+                  *, title: str, x_label: str, thresholds: Sequence[Threshold] = (),
+                  chart_id: str = "") -> str:
+    """A stacked histogram (series stacked in `colors` order) with dashed threshold lines."""
+    names = [n for n in colors if n in counts]
+    n_bars = len(edges) - 1
+    stacked = np.zeros(n_bars, dtype=np.int64)
+    for name in names:
+        stacked = stacked + counts[name]
+    ymax = max(1, int(stacked.max()) if n_bars else 1)
+    ticks = _nice_ticks(ymax)
+    ytop = max(ticks[-1], ymax)
+    x0, x1 = _MARGIN_LEFT, WIDTH - _MARGIN_RIGHT
+    y0, y1 = HEIGHT - _MARGIN_BOTTOM, _MARGIN_TOP
+    lo, hi = float(edges[0]), float(edges[-1])
+    span = (hi - lo) or 1.0
+
+    def sx(v: float) -> float:
+        return x0 + (v - lo) / span * (x1 - x0)
+
+    def sy(v: float) -> float:
+        return y0 - v / ytop * (y0 - y1)
+
+    parts = [f'<svg class="chart" id="{esc(chart_id)}" role="img" width="{WIDTH}" '
+             f'height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" aria-label="{esc(title)}">',
+             f'<title>{esc(title)}</title>']
+    # grid + y axis
+    for t in ticks:
+        y = sy(t)
+        parts.append(f'<line class="grid" x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}"/>')
+        parts.append(f'<text class="tick" x="{x0 - 6}" y="{y + 4:.1f}" '
+                     f'text-anchor="end">{esc(fmt_num(t))}</text>')
+    # bars
+    for i in range(n_bars):
+        bottom = 0
+        left, right = sx(edges[i]), sx(edges[i + 1])
+        w = max(0.5, right - left - 1)
+        tip = [f"{fmt_num(float(edges[i]))} – {fmt_num(float(edges[i + 1]))}"]
+        for name in names:
+            c = int(counts[name][i])
+            tip.append(f"{name}: {c}")
+        for name in names:
+            c = int(counts[name][i])
+            if not c:
+                continue
+            top = bottom + c
+            parts.append(f'<rect x="{left + 0.5:.1f}" y="{sy(top):.1f}" width="{w:.1f}" '
+                         f'height="{sy(bottom) - sy(top):.1f}" fill="{colors[name]}">'
+                         f'<title>{esc("; ".join(tip))}</title></rect>')
+            bottom = top
+    # x axis
+    parts.append(f'<line class="axis" x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}"/>')
+    for v in _x_ticks(lo, hi):
+        x = sx(v)
+        parts.append(f'<line class="axis" x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y0 + 4}"/>')
+        parts.append(f'<text class="tick" x="{x:.1f}" y="{y0 + 16}" '
+                     f'text-anchor="middle">{esc(fmt_num(v))}</text>')
+    parts.append(f'<text class="axis-label" x="{(x0 + x1) / 2:.1f}" y="{HEIGHT - 6}" '
+                 f'text-anchor="middle">{esc(x_label)}</text>')
+    # thresholds
+    for th in thresholds:
+        if th.value is None or not (lo - 1e-12 <= th.value <= hi + 1e-12):
+            continue
+        x = sx(th.value)
+        anchor = "end" if x > (x0 + x1) / 2 else "start"
+        dx = -4 if anchor == "end" else 4
+        parts.append(f'<line class="threshold threshold-{esc(th.kind)}" '
+                     f'data-threshold="{esc(fmt_num(th.value, 6))}" x1="{x:.1f}" y1="{y1 - 8}" '
+                     f'x2="{x:.1f}" y2="{y0}"/>')
+        parts.append(f'<text class="threshold-label" x="{x + dx:.1f}" y="{y1 - 12 + 8:.1f}" '
+                     f'text-anchor="{anchor}">{esc(th.label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _x_ticks(lo: float, hi: float, n: int = 6) -> List[float]:
+    span = hi - lo
+    if span <= 0:
+        return [lo]
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.ceil(lo / step - 1e-9) * step
+    ticks, v = [], start
+    while v <= hi + 1e-9:
+        ticks.append(round(v, 10))
+        v += step
+    return ticks
+
+
+def bars_svg(values: Sequence[Dict[str, int]], colors: Dict[str, str], *, title: str,
+             x_label: str, labels: Sequence[str] = (), chart_id: str = "") -> str:
+    """One stacked bar per item (e.g. per cluster, largest first)."""
+    n = len(values)
+    totals = [sum(v.get(name, 0) for name in colors) for v in values]
+    ymax = max([1] + totals)
+    ticks = _nice_ticks(ymax)
+    ytop = max(ticks[-1], ymax)
+    x0, x1 = _MARGIN_LEFT, WIDTH - _MARGIN_RIGHT
+    y0, y1 = HEIGHT - _MARGIN_BOTTOM, _MARGIN_TOP
+    slot = (x1 - x0) / max(1, n)
+
+    def sy(v: float) -> float:
+        return y0 - v / ytop * (y0 - y1)
+
+    parts = [f'<svg class="chart" id="{esc(chart_id)}" role="img" width="{WIDTH}" '
+             f'height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" aria-label="{esc(title)}">',
+             f'<title>{esc(title)}</title>']
+    for t in ticks:
+        y = sy(t)
+        parts.append(f'<line class="grid" x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}"/>')
+        parts.append(f'<text class="tick" x="{x0 - 6}" y="{y + 4:.1f}" '
+                     f'text-anchor="end">{esc(fmt_num(t))}</text>')
+    for i, item in enumerate(values):
+        left = x0 + i * slot
+        w = max(0.5, slot - (1 if slot > 3 else 0))
+        label = labels[i] if i < len(labels) else str(i)
+        tip = "; ".join([label] + [f"{name}: {item.get(name, 0)}" for name in colors])
+        bottom = 0
+        for name in colors:
+            c = int(item.get(name, 0))
+            if not c:
+                continue
+            top = bottom + c
+            parts.append(f'<rect x="{left:.1f}" y="{sy(top):.1f}" width="{w:.1f}" '
+                         f'height="{sy(bottom) - sy(top):.1f}" fill="{colors[name]}">'
+                         f'<title>{esc(tip)}</title></rect>')
+            bottom = top
+    parts.append(f'<line class="axis" x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}"/>')
+    parts.append(f'<text class="axis-label" x="{(x0 + x1) / 2:.1f}" y="{HEIGHT - 6}" '
+                 f'text-anchor="middle">{esc(x_label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def legend_html(colors: Dict[str, str], labels: Optional[Dict[str, str]] = None) -> str:
+    labels = labels or {}
+    items = "".join(f'<span class="key"><span class="swatch" style="background:{c}"></span>'
+                    f'{esc(labels.get(n, n))}</span>' for n, c in colors.items())
+    return f'<div class="legend">{items}</div>'

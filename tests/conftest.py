@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny random-weight model dir and a small synthetic webdataset, made once."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MODELS = REPO.parent / "shared" / "models"
+sys.path.insert(0, str(REPO))
+
+# Tests name their runner; nothing may try to download Prism.
+os.environ.setdefault("BEAM_CURATOR_TESTING", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from beam_curator.models import init_random
+
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    init_random(str(path), arch="tiny", seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    from beam_curator.synthetic import make_dataset
+
+    path = tmp_path_factory.mktemp("data")
+    return make_dataset(str(path), n_shards=2, per_shard=30, seed=1, n_exact=3, n_near=3,
+                        n_corrupt=1)
+
+
+def run_args(*, input_glob: str, output: str, model_dir: str, **options) -> list:
+    """CLI-style args for a tiny local run: FnApiRunner named explicitly."""
+    args = ["--input", input_glob, "--output", output, "--model_dir", model_dir,
+            "--runner", "FnApiRunner"]
+    for name, value in options.items():
+        args += [f"--{name}", str(value)]
+    return args

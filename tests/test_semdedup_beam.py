@@ -1,0 +1,138 @@
+"""The `dedup` pipeline on embeddings whose answer is known, against a brute-force reference."""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from beam_curator.cli import run_pipeline
+from tests.dedup_reference import planted_embeddings, reference_semdedup
+
+pytestmark = pytest.mark.slow
+EPS = 0.01
+
+
+def write_embeddings(directory, ids, vectors, hashes=None, files=3, row_group=20):
+    os.makedirs(directory, exist_ok=True)
+    order = np.random.default_rng(3).permutation(len(ids))   # rows in no useful order
+    for f, part in enumerate(np.array_split(order, files)):
+        columns = {"id": [ids[i] for i in part],
+                   "embedding": pa.array([vectors[i].tolist() for i in part],
+                                         type=pa.list_(pa.float32()))}
+        if hashes is not None:
+            columns["content_hash"] = [hashes[i] for i in part]
+        pq.write_table(pa.table(columns), os.path.join(directory, f"part-{f}.parquet"),
+                       row_group_size=row_group)
+    return os.path.join(directory, "*.parquet")
+
+
+def read_dir(path, sort="id"):
+    files = sorted(glob.glob(os.path.join(path, "*.parquet")))
+    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    return table.sort_by(sort).to_pylist() if table is not None else []
+
+
+def dedup(embeddings, out, *extra):
+    return run_pipeline("dedup", ["--embeddings", embeddings, "--output", str(out),
+                                  "--runner", "FnApiRunner", "--eps", str(EPS), *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    ids, vectors, planted = planted_embeddings(n_groups=4, per_group=25, dim=32, seed=0)
+    directory = tmp_path_factory.mktemp("emb")
+    return ids, vectors, planted, write_embeddings(str(directory), ids, vectors)
+
+
+@pytest.fixture(scope="module")
+def trained(planted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    summary = dedup(planted[3], out, "--n_clusters", 4, "--kmeans_seed", 1)
+    return out, summary
+
+
+def test_trained_run_matches_the_reference(planted, trained):
+    ids, vectors, plants, _ = planted
+    out, summary = trained
+    centroids = np.load(out / "dedup" / "centroids.npy")
+    assert centroids.shape == (4, 32)
+    ref = reference_semdedup(ids, vectors, centroids, EPS, "hard")
+    pairs = {r["id"]: r for r in read_dir(out / "dedup" / "pairwise_results")}
+    kmeans = {r["id"]: r for r in read_dir(out / "dedup" / "kmeans")}
+    dups = {r["id"] for r in read_dir(out / "dedup" / "duplicates")}
+    assert set(pairs) == set(ids) == set(kmeans)
+    for id_, (cluster, max_id, score, is_dup) in ref.items():
+        assert kmeans[id_]["centroid"] == cluster
+        assert pairs[id_]["max_id"] == max_id, id_
+        assert pairs[id_]["cosine_sim_score"] == pytest.approx(score, abs=1e-5)
+        assert (id_ in dups) == is_dup, id_
+    assert dups == {i for i, r in ref.items() if r[3]}
+    # Planted copies at cosine >= 1 - eps are found, the 0.98 and 0.9 ones are not.
+    for copy, (source, cos) in plants.items():
+        if cos >= 1 - EPS:
+            assert copy in dups or source in dups, copy
+    assert summary["n_duplicates"] == len(dups) and summary["n_embeddings"] == len(ids)
+
+
+def test_loaded_centroids_give_the_trained_assignment_and_easy_matches_reference(
+        planted, trained, tmp_path):
+    ids, vectors, _, embeddings = planted
+    out, _ = trained
+    centroids_path = out / "dedup" / "centroids.npy"
+    dedup(embeddings, tmp_path, "--centroids", centroids_path, "--which_to_keep", "easy")
+    assert read_dir(tmp_path / "dedup" / "kmeans") == read_dir(out / "dedup" / "kmeans")
+    ref = reference_semdedup(ids, vectors, np.load(centroids_path), EPS, "easy")
+    pairs = {r["id"]: r for r in read_dir(tmp_path / "dedup" / "pairwise_results")}
+    assert {i: pairs[i]["max_id"] for i in ids} == {i: r[1] for i, r in ref.items()}
+
+
+def test_block_split_shuffle_and_workers_give_the_unsplit_answer(planted, trained, tmp_path):
+    _, _, _, embeddings = planted
+    out, _ = trained
+    centroids = out / "dedup" / "centroids.npy"
+    baseline = read_dir(out / "dedup" / "pairwise_results")
+    variants = {
+        "split": ["--pairwise_block_size", 7],
+        "shuffle": ["--dedup_vector_transport", "shuffle"],
+        "two_workers": ["--direct_num_workers", 2, "--direct_running_mode", "multi_processing",
+                        "--pairwise_block_size", 5],
+    }
+    for name, args in variants.items():
+        dedup(embeddings, tmp_path / name, "--centroids", centroids, *args)
+        assert read_dir(tmp_path / name / "dedup" / "pairwise_results") == baseline, name
+        assert not (tmp_path / name / "dedup" / "_staging").exists()
+
+
+def test_random_keep_is_seeded_and_exact_copies_resolve_to_the_smallest_id(planted, tmp_path):
+    ids, vectors, _, _ = planted
+    # Three rows share bytes (same hash): the smallest id survives, the others are exact dups.
+    hashes = [f"h{i}" for i in range(len(ids))]
+    hashes[10] = hashes[40] = hashes[70] = "same"
+    embeddings = write_embeddings(str(tmp_path / "emb"), ids, vectors, hashes)
+    runs = []
+    for name in ("a", "b"):
+        dedup(embeddings, tmp_path / name, "--n_clusters", 4, "--which_to_keep", "random",
+              "--kmeans_seed", 5)
+        runs.append(read_dir(tmp_path / name / "dedup" / "pairwise_results"))
+    assert runs[0] == runs[1]
+    exact = read_dir(tmp_path / "a" / "dedup" / "duplicates")
+    survivor = min(ids[10], ids[40], ids[70])
+    copies = {ids[10], ids[40], ids[70]} - {survivor}
+    assert copies <= {r["id"] for r in exact}
+    pairs = {r["id"]: r for r in runs[0]}
+    assert all(pairs[c]["max_id"] == survivor and pairs[c]["cosine_sim_score"] == 1.0
+               for c in copies)
+
+
+def test_border_margin_only_adds_duplicates(planted, trained, tmp_path):
+    _, _, _, embeddings = planted
+    out, _ = trained
+    dedup(embeddings, tmp_path, "--centroids", out / "dedup" / "centroids.npy",
+          "--border_margin", 2.0)
+    default = {r["id"] for r in read_dir(out / "dedup" / "duplicates")}
+    border = {r["id"] for r in read_dir(tmp_path / "dedup" / "duplicates")}
+    assert default <= border
