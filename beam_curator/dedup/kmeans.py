@@ -81,24 +81,24 @@ def train_kmeans(vectors: np.ndarray, n_clusters: int, n_iter: int = 20, seed: i
 def _unit_hash(text: str) -> float:
     """A uniform number in [0, 1) from a string: the same everywhere (unlike Python's hash())."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64
+    return (int.from_bytes(digest, "big") >> 11) / 2.0**53   # 53 bits: exact, never 1.0
 
 
 def sample_mask(ids: Sequence[str], fraction: float, seed: int) -> np.ndarray:
     """Which rows belong to the k-means training sample, decided per id.
 
-    A row is sampled iff blake2b("sample:{seed}:{id}") mapped to [0, 1) is below `fraction`. It
-    depends on nothing but the id, so the same ids are sampled whatever the chunking, bundle
-    order or runner.
+    A row is sampled iff blake2b("sample:{seed}:{id}") (8 bytes, big-endian, top 53 bits
+    / 2**53) is below `fraction`. It depends on nothing but the id, so the same ids are
+    sampled whatever the chunking, bundle order or runner; a larger fraction samples a
+    superset.
     """
     fraction = float(fraction)
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"sample fraction must be in [0, 1], got {fraction}")
     if fraction == 1.0:
         return np.ones(len(ids), dtype=bool)
-    out = np.fromiter((_unit_hash(f"sample:{seed}:{i}") < fraction for i in ids),
-                      dtype=bool, count=len(ids))
-    return out
+    return np.fromiter((_unit_hash(f"sample:{seed}:{i}") < fraction for i in ids),
+                       dtype=bool, count=len(ids))
 
 
 def sample_fraction(n_total: int, sample_size: Optional[int]) -> float:

@@ -58,16 +58,16 @@ def block_pairs(n: int, block_size: int) -> List[Tuple[int, int]]:
 
 
 def _block_similarities(block_j: np.ndarray, block_i: np.ndarray) -> np.ndarray:
-    """(len_j, len_i) float32 dot products: the only place similarities are computed.
+    """(len_j, len_i) dot products, rounded to float32: the only place similarities are computed.
 
     Rows are block j's members, so the max over candidates runs along contiguous memory.
-    Always a plain GEMM: given the same buffer on both sides numpy switches to SYRK, which
-    rounds differently, and a diagonal block must give the same bits whether the two sides
-    arrive as one array (unsplit) or as two copies (split across workers).
+    Accumulated in float64 and rounded once: a float32 GEMM's bits depend on the matrix
+    shapes (BLAS picks kernels and summation orders by size), which would make a cluster cut
+    into blocks of 7 differ from the same cluster in one block in the last bit. In float64 the
+    order changes the sum by ~1e-16, far below float32's rounding, so every block size gives
+    the same float32 scores (and the same decisions).
     """
-    if np.may_share_memory(block_i, block_j):
-        block_i = block_i.copy()
-    return block_j @ block_i.T
+    return (block_j.astype(np.float64) @ block_i.astype(np.float64).T).astype(np.float32)
 
 
 @lru_cache(maxsize=2)   # the full block size and the last, shorter one

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-WIDTH = 720
+WIDTH = 580
 HEIGHT = 240
 _MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 56, 16, 28, 40
 
@@ -67,11 +67,13 @@ class FineHistogram:
         idx = np.clip(idx, 0, self.n_bins - 1)
         self.counts[name] += np.bincount(idx, minlength=self.n_bins)
 
-    def view(self, step: float, include: Sequence[Optional[float]] = (),
-             max_bars: int = 60) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
-        """Re-bin to bars over the data's extent (and `include` values, e.g. a threshold).
+    def view(self, min_span: float, include: Sequence[Optional[float]] = (),
+             max_bars: int = 50) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        """Re-bin to at most `max_bars` bars of a round width over the data's extent.
 
-        The extent is rounded outwards to multiples of `step`; returns (edges, counts per series).
+        The extent covers the data and the `include` values (e.g. a threshold) and is at least
+        `min_span` wide; bar edges fall on multiples of the bar width, so a threshold that is a
+        round number sits on an edge. Returns (edges, counts per series).
         """
         fine_w = (self.hi - self.lo) / self.n_bins
         points = [v for v in include if v is not None and math.isfinite(v)]
@@ -79,26 +81,38 @@ class FineHistogram:
             points += [self.data_min, self.data_max]
         if not points:
             points = [self.lo, self.hi]
-        lo = max(self.lo, math.floor(min(points) / step - 1e-9) * step)
-        hi = min(self.hi, math.ceil(max(points) / step + 1e-9) * step)
-        if hi - lo < step:
-            hi = min(self.hi, lo + step)
-            lo = max(self.lo, hi - step)
-        first = int(round((lo - self.lo) / fine_w))
-        last = int(round((hi - self.lo) / fine_w))
-        n_fine = max(1, last - first)
-        group = max(1, math.ceil(n_fine / max_bars))
-        # Keep the groups aligned so that bar edges stay on round numbers.
-        n_bars = math.ceil(n_fine / group)
+        lo_raw = max(self.lo, min(points))
+        hi_raw = min(self.hi, max(points))
+        if hi_raw - lo_raw < min_span:
+            mid = (lo_raw + hi_raw) / 2
+            lo_raw, hi_raw = max(self.lo, mid - min_span / 2), min(self.hi, mid + min_span / 2)
+        bar_w = _nice_step((hi_raw - lo_raw) / max_bars, fine_w)
+        group = max(1, int(round(bar_w / fine_w)))
+        first = int(math.floor((lo_raw - self.lo) / fine_w / group + 1e-9)) * group
+        last = min(self.n_bins, (int(math.floor((hi_raw - self.lo) / fine_w / group + 1e-9))
+                                 + 1) * group)
+        n_bars = max(1, math.ceil((last - first) / group))
         edges = self.lo + fine_w * (first + group * np.arange(n_bars + 1))
-        edges[-1] = min(edges[-1], self.hi)
+        edges = np.minimum(np.round(edges, 9), self.hi)
         out = {}
         for name, counts in self.counts.items():
             sel = counts[first:first + n_bars * group]
             sel = np.pad(sel, (0, n_bars * group - len(sel)))
             out[name] = sel.reshape(n_bars, group).sum(axis=1)
-        # Values clipped into the grid's end bins stay visible when the view reaches them.
         return edges, out
+
+
+def _nice_step(raw: float, unit: float) -> float:
+    """The smallest 1/2/2.5/5 x 10^k step >= raw that is a whole multiple of `unit`."""
+    raw = max(raw, unit)
+    mag = 10 ** math.floor(math.log10(raw))
+    for scale in (mag, mag * 10):
+        for m in (1, 2, 2.5, 5, 10):
+            step = m * scale
+            ratio = step / unit
+            if step >= raw * (1 - 1e-9) and abs(ratio - round(ratio)) < 1e-6:
+                return step
+    return math.ceil(raw / unit) * unit
 
 
 @dataclass
@@ -108,13 +122,15 @@ class Threshold:
     kind: str          # a CSS-safe word: aesthetic, nsfw, eps
 
 
-def _nice_ticks(vmax: float, n: int = 4) -> List[float]:
+def _nice_ticks(vmax: float, n: int = 4) -> List[int]:
+    """Whole-number ticks (counts) from 0 to just above vmax."""
     if vmax <= 0:
-        return [0.0]
-    raw = vmax / n
+        return [0]
+    raw = max(1.0, vmax / n)
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    return [step * i for i in range(int(vmax // step) + 2) if step * i <= vmax * 1.0001 + step]
+    step = int(next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw))
+    top = math.ceil(vmax / step) * step
+    return list(range(0, top + 1, step))
 
 
 def histogram_svg(edges: np.ndarray, counts: Dict[str, np.ndarray], colors: Dict[str, str],

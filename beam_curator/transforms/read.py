@@ -1,8 +1,19 @@
 """Read webdataset shards: one tar per element, members streamed and grouped by `__key__`.
 
-A shard that is truncated or not a tar at all never fails the job: the samples read before the
-damage come out as usual, the sample cut in half becomes an error sample, and the shard-level
-problem becomes an error record.
+Bad input never fails the job, and nothing is dropped without a record:
+
+* a shard that is not a tar, is empty, or holds no samples -> one shard-level error record;
+* a truncated shard -> the samples read before the cut come out as usual, the sample being
+  read when the data ran out becomes an error sample, and the shard gets an error record;
+* a corrupt tar header in the middle -> the reader skips 512-byte blocks to the next valid
+  header and reads on (as GNU tar does: "Skipping to next header"). The member(s) inside the
+  damaged bytes are lost; the sample read just before the damage and the first one after it
+  may be missing members, so both become error samples (never a guess); the shard gets an
+  error record with the byte range that was skipped;
+* data after the end-of-archive marker, links, devices, names with `..` or an absolute path,
+  names that are not UTF-8 -> shard-level error records naming the member, never samples;
+* a key that appears again later in its shard -> the first is used, the later one becomes
+  an error sample with its own id (`<shard>/<key>#2`).
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ from beam_curator.schema import IMAGE_EXTENSIONS, STAGE_READ, ErrorRecord, Shard
 
 ERRORS = "errors"
 _LOG = logging.getLogger(__name__)
+_BLOCK = tarfile.BLOCKSIZE
 
 # webdataset's rule: the key is the member path up to the first dot of its file name.
 _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -74,35 +86,123 @@ def split_member_name(name: str) -> Optional[Tuple[str, str]]:
     return match.group(1), match.group(2)
 
 
+def printable_name(name: str) -> str:
+    """A member name as valid UTF-8 text: bytes that are not UTF-8 shown as \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def unsafe_member_reason(name: str) -> Optional[str]:
-    """Absolute paths and `..` are never trusted: curated shards must be safe to extract."""
+    """Absolute paths, `..` and non-UTF-8 names are never trusted: curated shards must be safe
+    to extract, and ids must be text."""
     if name.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", name):
-        return f"tar member {name!r} has an absolute path"
+        return f"tar member {printable_name(name)!r} has an absolute path"
     if ".." in name.replace("\\", "/").split("/"):
-        return f"tar member {name!r} climbs out of its directory with '..'"
+        return f"tar member {printable_name(name)!r} climbs out of its directory with '..'"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return (f"tar member name {printable_name(name)!r} is not valid UTF-8, so it cannot "
+                "be a sample id")
     return None
 
 
+def _member_type(info: tarfile.TarInfo) -> str:
+    for test, what in ((info.issym, "a symbolic link"), (info.islnk, "a hard link"),
+                       (info.ischr, "a character device"), (info.isblk, "a block device"),
+                       (info.isfifo, "a FIFO")):
+        if test():
+            return what
+    return f"of tar type {info.type!r}"
+
+
+# ---- watching the tar reader: damage, resync, how the archive ended ------------------------
+
+class _TarWatch:
+    """What tarfile met between two members. tarfile itself stops silently at a corrupt
+    header in the middle of a stream (it takes it for the end of the archive)."""
+
+    def __init__(self):
+        self.damage_start: Optional[int] = None   # first bad header of the current gap
+        self.gaps: List[Tuple[int, int]] = []     # (bad header offset, resumed at offset)
+        self.end: Optional[Tuple[str, int]] = None   # ("marker" | "eof" | "cut", offset)
+
+    @property
+    def resyncing(self) -> bool:
+        return self.damage_start is not None
+
+    def pop_gaps(self) -> List[Tuple[int, int]]:
+        gaps, self.gaps = self.gaps, []
+        return gaps
+
+
+class _WatchedTarInfo(tarfile.TarInfo):
+    """Records header errors; on a corrupt header after a good one, turns on tarfile's
+    block-by-block skipping (`ignore_zeros`) until the next valid header."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        watch = tar.__dict__.setdefault("_curator_watch", _TarWatch())
+        start = tar.offset
+        try:
+            info = super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            if not watch.resyncing:
+                watch.end = ("marker", start)
+            raise
+        except tarfile.InvalidHeaderError:
+            if start > 0 and not watch.resyncing:   # at 0 it is no tar at all: tarfile raises
+                watch.damage_start = start
+                tar.ignore_zeros = True
+            raise
+        except tarfile.EmptyHeaderError:
+            watch.end = ("eof", start)
+            raise
+        except tarfile.TruncatedHeaderError:
+            watch.end = ("cut", start)
+            raise
+        if watch.resyncing:
+            watch.gaps.append((watch.damage_start, start))
+            watch.damage_start = None
+            tar.ignore_zeros = False   # the real end-of-archive marker ends reading again
+        return info
+
+
+def _trailing_data(tar: tarfile.TarFile) -> int:
+    """Bytes that are not zero padding after the end-of-archive marker (0 when clean)."""
+    found = 0
+    while True:
+        chunk = tar.fileobj.read(1 << 16)
+        if not chunk:
+            return found
+        if found or chunk.strip(b"\0"):
+            found += len(chunk)
+
+
+# ---- samples ----------------------------------------------------------------------------
+
 def _build_sample(shard: str, url: str, key: str, members: List[Tuple[str, bytes]],
-                  seen_keys: set, error: Optional[str] = None) -> ShardSample:
+                  used_ids: set, error: Optional[str] = None) -> ShardSample:
     """Turn one key's members into a sample; the first image extension wins, the rest are sidecars."""
     sample_id = make_id(shard, key)
-    if key in seen_keys:
+    if sample_id in used_ids:
         # A key that comes back later in the same shard would make two samples with one id.
         n = 2
-        while f"{sample_id}#{n}" in seen_keys:
+        while f"{sample_id}#{n}" in used_ids:
             n += 1
-        seen_keys.add(f"{sample_id}#{n}")
+        error = error or (f"key {key!r} appears again later in shard {shard!r} (duplicate "
+                          f"key): its first occurrence is {sample_id!r}, this one is "
+                          f"{sample_id}#{n}")
         sample_id = f"{sample_id}#{n}"
-        error = error or f"key {key!r} appears again later in shard {shard!r} (duplicate key)"
-    seen_keys.add(key)
+    used_ids.add(sample_id)
     fields = {}
     for ext, data in members:
         if ext in fields:
             error = error or f"member {key}.{ext} appears twice in one sample"
             continue
         fields[ext] = data
-    by_lower = {e.lower(): e for e in fields}
+    by_lower = {}
+    for ext in fields:
+        by_lower.setdefault(ext.lower(), ext)
     image_ext = next((by_lower[e] for e in IMAGE_EXTENSIONS if e in by_lower), None)
     image_bytes = fields.pop(image_ext) if image_ext else None
     if image_ext is None and error is None:
@@ -113,51 +213,123 @@ def _build_sample(shard: str, url: str, key: str, members: List[Tuple[str, bytes
 
 
 def iter_shard(shard: str, url: str) -> Iterator[object]:
-    """Yield ShardSample for every key in the tar and ErrorRecord for shard-level damage."""
-    seen_keys: set = set()
-    key, members = None, []
+    """Yield ShardSample for every key in the tar and ErrorRecord for shard-level damage.
+
+    Deterministic: reading the same bytes twice gives the same samples, ids and errors (the
+    curated shards are written by reading the source again).
+    """
+    used_ids: set = set()
+    key, members, key_error = None, [], None
+    carry_error = None   # for the first sample after a damaged region
+    n_samples = 0
+
+    def flush():
+        nonlocal n_samples
+        n_samples += 1
+        return _build_sample(shard, url, key, members, used_ids, key_error)
+
     try:
         with FileSystems.open(url, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
-            with tarfile.open(fileobj=raw, mode="r|*") as tar:
+            with tarfile.open(fileobj=raw, mode="r|*", tarinfo=_WatchedTarInfo,
+                              encoding="utf-8", errors="surrogateescape") as tar:
+                watch = tar.__dict__.setdefault("_curator_watch", _TarWatch())
                 for info in tar:
+                    for start, resume in watch.pop_gaps():
+                        yield ErrorRecord(shard=shard, stage=STAGE_READ, reason=(
+                            f"{url}: corrupt tar header at byte {start}; skipped "
+                            f"{resume - start} bytes to the next valid header at byte "
+                            f"{resume} and read on. The member(s) in those bytes are lost; "
+                            "the samples just before and just after them are marked error"))
+                        where = f"corrupt tar header at byte {start}, resumed at byte {resume}"
+                        if key is not None:
+                            key_error = key_error or (
+                                f"shard damaged right after this sample's members ({where}): "
+                                "it may be missing members")
+                        carry_error = (f"shard damaged right before this sample's members "
+                                       f"({where}): it may be missing members")
+                    if info.isdir():
+                        continue   # directories carry no data
                     if not info.isfile():
-                        continue   # directories, links, devices: never data
+                        yield ErrorRecord(shard=shard, stage=STAGE_READ,
+                                          member=printable_name(info.name), reason=(
+                                              f"tar member {printable_name(info.name)!r} is "
+                                              f"{_member_type(info)}: only regular files are "
+                                              "read"))
+                        continue
                     unsafe = unsafe_member_reason(info.name)
                     parts = split_member_name(info.name)
                     if unsafe or parts is None:
-                        yield ErrorRecord(shard=shard, stage=STAGE_READ, member=info.name,
+                        yield ErrorRecord(shard=shard, stage=STAGE_READ,
+                                          member=printable_name(info.name),
                                           reason=unsafe or f"tar member {info.name!r} has no "
                                           "extension, so it belongs to no sample")
                         continue
                     member_key, ext = parts
-                    if member_key != key and key is not None:
-                        yield _build_sample(shard, url, key, members, seen_keys)
-                        members = []
-                    key = member_key
+                    if member_key != key:
+                        if key is not None:
+                            yield flush()
+                        key, members, key_error, carry_error = member_key, [], carry_error, None
+                    elif carry_error:
+                        # The damage fell between two members of this same sample.
+                        key_error, carry_error = key_error or carry_error, None
                     handle = tar.extractfile(info)
                     members.append((ext, handle.read() if handle else b""))
+                tail = watch.end
+                if watch.resyncing:
+                    if key is not None:
+                        key_error = key_error or (
+                            f"shard damaged right after this sample's members (corrupt tar "
+                            f"header at byte {watch.damage_start}): it may be missing members")
+                    end_error = (f"{url}: corrupt tar header at byte {watch.damage_start} and "
+                                 "no valid header after it: the rest of the shard is "
+                                 f"unreadable; {n_samples + (key is not None)} sample(s) "
+                                 "before it were read")
+                elif tail and tail[0] in ("eof", "cut") and tail[1] > 0:
+                    if key is not None:
+                        key_error = key_error or (
+                            f"shard is truncated right after this sample's members (it ends "
+                            f"at byte {tail[1]} without the tar end-of-archive marker): it "
+                            "may be missing members")
+                    end_error = (f"{url} is truncated: it ends at byte {tail[1]} without the "
+                                 "tar end-of-archive marker; the last sample read is marked "
+                                 "error")
+                elif tail and tail[0] == "marker":
+                    extra = _trailing_data(tar)
+                    end_error = (f"{url}: {extra} bytes of data after the tar end-of-archive "
+                                 f"marker at byte {tail[1]} were not read (concatenated tars "
+                                 "or appended junk)") if extra else None
+                else:
+                    end_error = None
         if key is not None:
-            yield _build_sample(shard, url, key, members, seen_keys)
-        elif not seen_keys:
-            yield ErrorRecord(shard=shard, stage=STAGE_READ, reason="shard holds no samples")
+            yield flush()
+        elif n_samples == 0:
+            yield ErrorRecord(shard=shard, stage=STAGE_READ, reason=end_error or (
+                f"{url}: shard holds no samples"))
+            return
+        if end_error:
+            yield ErrorRecord(shard=shard, stage=STAGE_READ, reason=end_error)
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        reason = _describe_tar_error(exc, url)
+        reason = _describe_tar_error(exc, url, n_samples + (key is not None))
         if key is not None:
             # The sample being read when the damage hit is incomplete: an error, never a guess.
-            yield _build_sample(shard, url, key, members, seen_keys,
-                                error=f"shard damaged while reading this sample: {reason}")
+            key_error = f"shard damaged while reading this sample: {reason}"
+            yield flush()
         yield ErrorRecord(shard=shard, stage=STAGE_READ, reason=reason)
 
 
-def _describe_tar_error(exc: Exception, url: str) -> str:
+def _describe_tar_error(exc: Exception, url: str, n_read: int) -> str:
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, tarfile.ReadError) and "empty" in text.lower():
+    if n_read == 0 and isinstance(exc, tarfile.ReadError) and "empty" in text.lower():
         return f"{url} is empty (no tar data)"
-    if isinstance(exc, tarfile.ReadError):
+    if n_read == 0 and isinstance(exc, tarfile.ReadError):
         return f"{url} is not a readable tar archive ({text})"
-    if isinstance(exc, (EOFError, tarfile.StreamError)):
-        return f"{url} is truncated ({text})"
-    return f"{url} could not be read: {type(exc).__name__}: {text}"
+    after = (f"; reading stopped there, {n_read} sample(s) before it were read"
+             if n_read else "")
+    if isinstance(exc, (EOFError, tarfile.StreamError)) or "unexpected end" in text:
+        return f"{url} is truncated ({text}){after}"
+    if isinstance(exc, tarfile.ReadError):
+        return f"{url} is damaged ({text}){after}"
+    return f"{url} could not be read: {type(exc).__name__}: {text}{after}"
 
 
 class ReadShardFn(beam.DoFn):
@@ -167,6 +339,7 @@ class ReadShardFn(beam.DoFn):
         self.samples_read = beam.metrics.Metrics.counter("curator", "samples_read")
         self.shards_read = beam.metrics.Metrics.counter("curator", "shards_read")
         self.shard_errors = beam.metrics.Metrics.counter("curator", "shard_errors")
+        self.bad_json = beam.metrics.Metrics.counter("curator", "malformed_json_sidecars")
 
     def process(self, shard_and_url):
         shard, url = shard_and_url
@@ -177,8 +350,28 @@ class ReadShardFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(ERRORS, item)
             else:
                 self.samples_read.inc()
+                if not item.error and not json_sidecar_ok(item):
+                    # Sidecars are passed through verbatim, never parsed by the pipeline: a
+                    # malformed .json is the dataset's business, not a reason to drop an image.
+                    self.bad_json.inc()
+                    _LOG.warning("sample %s: its .json sidecar is not valid JSON; it is kept "
+                                 "and passed through verbatim", item.id)
                 yield item
         self.shards_read.inc()
+
+
+def json_sidecar_ok(sample: ShardSample) -> bool:
+    """True unless the sample has a `.json` sidecar that does not parse."""
+    import json
+
+    data = sample.sidecars.get("json")
+    if data is None:
+        return True
+    try:
+        json.loads(data)
+    except ValueError:   # JSONDecodeError and UnicodeDecodeError
+        return False
+    return True
 
 
 class ReadShardSamples(beam.PTransform):

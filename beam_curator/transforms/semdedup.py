@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
@@ -37,7 +38,7 @@ from beam_curator.dedup.pairwise import (block_range, combine_partials, is_dupli
 from beam_curator.dedup.ranking import rank_cluster
 from beam_curator.schema import (DUPLICATES_SCHEMA, EXACT_DUPLICATE, KEPT, KMEANS_SCHEMA,
                                  PAIRWISE_SCHEMA, SEMANTIC_DUPLICATE, SampleResult)
-from beam_curator.transforms.write import (WriteParquetByShard, _atomic_write, write_json)
+from beam_curator.transforms.write import _atomic_write, write_json, write_parquet
 
 _LOG = logging.getLogger(__name__)
 STAGED, SHUFFLE = "staged", "shuffle"
@@ -312,7 +313,8 @@ class PairwiseClusterFn(beam.DoFn):
         if n <= size:
             vectors = load_member_vectors(ranked, self._dim)
             max_sim, argmax = partial_max(vectors, vectors, True)
-            yield from _results(cluster, ranked, max_sim, argmax, self._config.eps)
+            yield _cluster_file(cluster), list(
+                _results(cluster, ranked, max_sim, argmax, self._config.eps))
             return
         # Too large for one step: block j of ranked rows meets every block i <= j on its own key.
         for j in range(-(-n // size)):
@@ -346,7 +348,7 @@ class CombineBlocksFn(beam.DoFn):
         self._eps = eps
 
     def process(self, element):
-        (cluster, _), partials = element
+        (cluster, j), partials = element
         partials = sorted(partials, key=lambda p: p[0])   # by i: ties go to earlier rows
         block_j = next(p[3] for p in partials if p[3] is not None)
         id_of = {}
@@ -354,7 +356,8 @@ class CombineBlocksFn(beam.DoFn):
             for offset, id_ in enumerate(ids_i):
                 id_of[i0 + offset] = id_
         max_sim, argmax = combine_partials([(p[1], p[2]) for p in partials])
-        yield from _results(cluster, block_j, max_sim, argmax, self._eps, id_of.__getitem__)
+        yield f"{_cluster_file(cluster)}-block-{j:04d}", list(
+            _results(cluster, block_j, max_sim, argmax, self._eps, id_of.__getitem__))
 
 
 def merge_memberships(results: Iterable[MemberResult]) -> MemberResult:
@@ -424,42 +427,65 @@ class SemanticDedupCore(beam.PTransform):
                          | "BlockPartials" >> beam.ParDo(BlockPartialFn(self._dim))
                          | "GroupByBlock" >> beam.GroupByKey()
                          | "CombineBlocks" >> beam.ParDo(CombineBlocksFn(config.eps)))
-        memberships = (pairwise.results, block_results) | "AllMemberships" >> beam.Flatten()
+        # Each element: (file key, the MemberResults of one cluster or one block of it).
+        batches = (pairwise.results, block_results) | "AllMemberships" >> beam.Flatten()
         if config.border_margin is not None:
-            results = (memberships
+            batches = (batches
+                       | "Memberships" >> beam.FlatMap(lambda kv: kv[1])
                        | "ById" >> beam.Map(lambda r: (r.member.id, r))
                        | "GroupMemberships" >> beam.GroupByKey()
-                       | "MergeMemberships" >> beam.MapTuple(lambda _, rs: merge_memberships(rs)))
-        else:
-            results = memberships
-
-        written = [centroids_written] + self._write(results, exact)
+                       | "MergeMemberships" >> beam.MapTuple(lambda _, rs: merge_memberships(rs))
+                       | "ByHomeCluster" >> beam.Map(lambda r: (_cluster_file(r.cluster), r))
+                       | "GroupByHome" >> beam.GroupByKey()
+                       | "AsLists" >> beam.MapTuple(lambda key, rs: (key, list(rs))))
+        # Outputs are written where the results are made: no further shuffle of 1M rows.
+        written_batches = batches | "WriteClusterOutputs" >> beam.ParDo(
+            WriteClusterOutputsFn(config.dedup_dir))
+        results = batches | "Results" >> beam.FlatMap(lambda kv: kv[1])
+        exact_written = (exact
+                         | "GatherExact" >> beam.combiners.ToList()
+                         | "WriteExact" >> beam.Map(write_exact_outputs, config.dedup_dir))
+        written = [centroids_written, written_batches, exact_written]
         return DedupOutputs(results=results, exact=exact, written=written)
 
-    def _write(self, results, exact) -> list:
-        d = self._config.dedup_dir
-        kmeans_rows = results | "KMeansRows" >> beam.Map(lambda r: (_cluster_file(r.cluster), {
-            "id": r.member.id, "centroid": r.cluster, "cosine_dist_to_cent": r.member.cos_dist,
-            "l2_dist_to_cent": r.member.l2_dist}))
-        pair_rows = ((results | "PairRows" >> beam.Map(lambda r: (_cluster_file(r.cluster), {
-                        "id": r.member.id, "max_id": r.max_id, "cosine_sim_score": r.cosine_sim})),
-                      exact | "ExactPairRows" >> beam.Map(lambda e: ("exact", {
-                          "id": e[0], "max_id": e[2], "cosine_sim_score": 1.0})))
-                     | "AllPairRows" >> beam.Flatten())
-        dup_rows = ((results
-                     | "SemanticDups" >> beam.Filter(lambda r: r.is_duplicate)
-                     | "SemanticDupRows" >> beam.Map(lambda r: (_cluster_file(r.cluster),
-                                                                {"id": r.member.id})),
-                     exact | "ExactDupRows" >> beam.Map(lambda e: ("exact", {"id": e[0]})))
-                    | "AllDupRows" >> beam.Flatten())
-        return [
-            kmeans_rows | "WriteKMeans" >> WriteParquetByShard(
-                FileSystems.join(d, "kmeans"), KMEANS_SCHEMA),
-            pair_rows | "WritePairwise" >> WriteParquetByShard(
-                FileSystems.join(d, "pairwise_results"), PAIRWISE_SCHEMA),
-            dup_rows | "WriteDuplicates" >> WriteParquetByShard(
-                FileSystems.join(d, "duplicates"), DUPLICATES_SCHEMA),
-        ]
+
+class WriteClusterOutputsFn(beam.DoFn):
+    """(file key, MemberResults) -> kmeans/, pairwise_results/ and duplicates/ files."""
+
+    def __init__(self, dedup_dir: str):
+        self._dir = dedup_dir
+
+    def process(self, element):
+        key, results = element
+        results = sorted(results, key=lambda r: r.member.id)
+        ids = [r.member.id for r in results]
+        kmeans = pa.table({
+            "id": ids,
+            "centroid": pa.array([r.cluster for r in results], type=pa.int32()),
+            "cosine_dist_to_cent": pa.array([r.member.cos_dist for r in results], pa.float32()),
+            "l2_dist_to_cent": pa.array([r.member.l2_dist for r in results], pa.float32())},
+            schema=KMEANS_SCHEMA)
+        pairs = pa.table({
+            "id": ids, "max_id": [r.max_id for r in results],
+            "cosine_sim_score": pa.array([r.cosine_sim for r in results], pa.float32())},
+            schema=PAIRWISE_SCHEMA)
+        dups = pa.table({"id": [r.member.id for r in results if r.is_duplicate]},
+                        schema=DUPLICATES_SCHEMA)
+        name = f"{key}.parquet"
+        yield write_parquet(FileSystems.join(self._dir, "kmeans", name), kmeans)
+        yield write_parquet(FileSystems.join(self._dir, "pairwise_results", name), pairs)
+        yield write_parquet(FileSystems.join(self._dir, "duplicates", name), dups)
+
+
+def write_exact_outputs(exact: list, dedup_dir: str) -> str:
+    """Exact duplicates: pairwise rows (max_id = survivor, score 1.0) and removal ids."""
+    exact = sorted(exact, key=lambda e: e[0])
+    ids = [e[0] for e in exact]
+    write_parquet(FileSystems.join(dedup_dir, "pairwise_results", "exact.parquet"), pa.table({
+        "id": ids, "max_id": [e[2] for e in exact],
+        "cosine_sim_score": pa.array([1.0] * len(ids), pa.float32())}, schema=PAIRWISE_SCHEMA))
+    return write_parquet(FileSystems.join(dedup_dir, "duplicates", "exact.parquet"),
+                         pa.table({"id": ids}, schema=DUPLICATES_SCHEMA))
 
 
 def _cluster_file(cluster: int) -> str:

@@ -1,0 +1,345 @@
+"""Read a run's written outputs into what the report shows.
+
+Only the outputs are read (summary.json, samples/*.parquet, errors/*.parquet, dedup/), never
+the pipeline's state, so `python -m beam_curator report --output DIR` works on any finished run,
+local or gs://. The parquet files are streamed one at a time and folded into fixed-size
+aggregates (fine-grid histograms, per-cluster counts, a bounded pick of duplicate pairs), so
+memory does not grow with the number of samples. The few thumbnails the report shows are read
+from the source shards named by the `shard_url` column (see thumbs.py).
+"""
+from __future__ import annotations
+
+import collections
+import heapq
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from beam_curator import outputs
+from beam_curator.options import OptionError
+from beam_curator.report.charts import FineHistogram
+from beam_curator.schema import (ERROR, EXACT_DUPLICATE, FILTERED_AESTHETIC, FILTERED_NSFW,
+                                 KEPT, SEMANTIC_DUPLICATE, STATUSES)
+
+MAX_PAIRS = 24            # duplicate pairs in the gallery
+MAX_EXACT_PAIRS = 8       # of which exact duplicates, when there are semantic ones to show
+SPOTLIGHT = 8             # thumbnails per "highest / lowest aesthetic score" strip
+MAX_ERROR_REASONS = 12
+_MAX_DISTINCT_REASONS = 10_000   # beyond this, new reasons are counted as "(other reasons)"
+
+_SAMPLE_COLUMNS = ["id", "shard", "status", "reason", "stage", "aesthetic_score", "nsfw_score",
+                   "cluster", "duplicate_of", "cosine_sim", "shard_url"]
+# Series of the score histograms: what happened to the samples that were scored.
+SCORE_SERIES = ("passed", FILTERED_AESTHETIC, FILTERED_NSFW)
+COSINE_SERIES = (KEPT, SEMANTIC_DUPLICATE)
+
+
+class ReportError(OptionError):
+    """The directory is not a finished run's output: the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A removed duplicate and the sample it duplicates."""
+
+    status: str              # exact_duplicate or semantic_duplicate
+    id: str
+    duplicate_of: str
+    cosine_sim: Optional[float]
+
+
+@dataclass
+class ErrorGroup:
+    stage: str
+    reason: str
+    count: int
+    example: str             # an id, or shard + member for shard-level errors
+
+
+@dataclass
+class RunData:
+    output_dir: str
+    summary: dict
+    summary_name: str                       # summary.json, or summary.FAILED.json
+    samples_files: int = 0
+    rows: int = 0
+    counts_from_samples: Dict[str, int] = field(default_factory=dict)
+    aesthetic: FineHistogram = None
+    nsfw: FineHistogram = None
+    cosine: FineHistogram = None
+    first_ranked: int = 0                   # kept samples ranked first in their cluster
+    clusters: Dict[int, Dict[str, int]] = field(default_factory=dict)
+    n_centroids: Optional[int] = None
+    dedup_present: bool = False
+    dedup_files: Dict[str, int] = field(default_factory=dict)
+    pairs: List[Pair] = field(default_factory=list)
+    n_pairs: Dict[str, int] = field(default_factory=dict)
+    spotlight_best: List[Tuple[float, str]] = field(default_factory=list)
+    spotlight_worst: List[Tuple[float, str]] = field(default_factory=list)
+    errors: List[ErrorGroup] = field(default_factory=list)
+    n_errors: int = 0
+    n_error_reasons: int = 0
+    errors_files: int = 0
+    shard_urls: Dict[str, str] = field(default_factory=dict)   # shard name -> url
+    id_status: Dict[str, str] = field(default_factory=dict)    # status of the ids shown
+
+    @property
+    def options(self) -> dict:
+        return self.summary.get("options") or {}
+
+
+def read_json(path: str) -> dict:
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def _read_parquet(path: str, columns=None):
+    with FileSystems.open(path) as handle:
+        data = handle.read()
+    import pyarrow as pa
+
+    table = pq.read_table(pa.BufferReader(data))
+    if columns is not None:
+        present = [c for c in columns if c in table.column_names]
+        table = table.select(present)
+    return table
+
+
+def _glob(pattern: str) -> List[str]:
+    try:
+        return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    except Exception:   # noqa: BLE001 (a missing directory matches nothing)
+        return []
+
+
+def _exists(path: str) -> bool:
+    try:
+        return FileSystems.exists(path)
+    except Exception:   # noqa: BLE001
+        return False
+
+
+def load_summary(output_dir: str) -> Tuple[dict, str]:
+    path = outputs.summary_file(output_dir)
+    if _exists(path):
+        return read_json(path), outputs.SUMMARY
+    failed = FileSystems.join(output_dir, "summary.FAILED.json")
+    if _exists(failed):
+        return read_json(failed), "summary.FAILED.json"
+    raise ReportError(
+        f"{path} does not exist: {output_dir} is not the output of a finished `run` (summary.json "
+        "is written last). Point --output at a run's output directory, or rerun the pipeline.")
+
+
+def load_run(output_dir: str) -> RunData:
+    output_dir = output_dir.rstrip("/") or output_dir
+    summary, name = load_summary(output_dir)
+    data = RunData(output_dir=output_dir, summary=summary, summary_name=name)
+    data.aesthetic = FineHistogram(-2.0, 12.0, 1400, SCORE_SERIES)
+    data.nsfw = FineHistogram(0.0, 1.0, 1000, SCORE_SERIES)
+    data.cosine = FineHistogram(-1.0, 1.0, 2000, COSINE_SERIES)
+    _load_samples(data)
+    _load_errors(data)
+    _load_dedup(data)
+    return data
+
+
+def _load_samples(data: RunData) -> None:
+    counts = collections.Counter()
+    clusters: Dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    exact_heap: List[Tuple[str, str, float]] = []          # smallest ids, as a max-heap
+    # fine cosine bin (0.001 wide) -> the MAX_PAIRS smallest ids in it (a max-heap)
+    semantic_by_bin: Dict[int, List[Tuple[str, Tuple[str, str, float]]]] = {}
+    best: List[Tuple[float, str]] = []                      # min-heap of the highest kept scores
+    worst: List[Tuple[float, str]] = []                     # max-heap of the lowest filtered
+    files = _glob(FileSystems.join(outputs.samples_dir(data.output_dir), "*.parquet"))
+    data.samples_files = len(files)
+    for path in files:
+        table = _read_parquet(path, _SAMPLE_COLUMNS)
+        cols = {name: table.column(name).to_numpy(zero_copy_only=False)
+                for name in table.column_names}
+        n = table.num_rows
+        data.rows += n
+        if not n:
+            continue
+        status = cols["status"].astype(str)
+        counts.update(status.tolist())
+        for shard, url in zip(cols.get("shard", []), cols.get("shard_url", [])):
+            if shard is not None and url is not None and shard not in data.shard_urls:
+                data.shard_urls[shard] = url
+        aest = _floats(cols.get("aesthetic_score"), n)
+        nsfw = _floats(cols.get("nsfw_score"), n)
+        cos = _floats(cols.get("cosine_sim"), n)
+        scored_series = {
+            "passed": np.isin(status, [KEPT, EXACT_DUPLICATE, SEMANTIC_DUPLICATE]),
+            FILTERED_AESTHETIC: status == FILTERED_AESTHETIC,
+            FILTERED_NSFW: status == FILTERED_NSFW,
+        }
+        for series, mask in scored_series.items():
+            data.aesthetic.add(series, aest[mask])
+            data.nsfw.add(series, nsfw[mask])
+        # A cluster's first-ranked member has no earlier member: score exactly 0.0, not drawn.
+        first = (status == KEPT) & (cos == 0.0)
+        data.first_ranked += int(first.sum())
+        for series in COSINE_SERIES:
+            data.cosine.add(series, cos[(status == series) & ~first])
+
+        ids = cols["id"]
+        cluster = cols.get("cluster")
+        if cluster is not None:
+            for c, s in zip(cluster, status):
+                if c is not None and not (isinstance(c, float) and np.isnan(c)):
+                    clusters[int(c)][s] += 1
+        dup_of = cols.get("duplicate_of")
+        for i in np.flatnonzero(np.isin(status, [EXACT_DUPLICATE, SEMANTIC_DUPLICATE])):
+            if dup_of is None or dup_of[i] is None:
+                continue
+            entry = (str(ids[i]), str(dup_of[i]), float(cos[i]))
+            if status[i] == EXACT_DUPLICATE:
+                _push_smallest(exact_heap, entry)
+            elif np.isfinite(entry[2]):
+                b = int(np.clip(np.floor((entry[2] + 1.0) * 1000), 0, 1999))
+                _push_smallest(semantic_by_bin.setdefault(b, []), entry)
+        for i in np.flatnonzero((status == KEPT) & np.isfinite(aest)):
+            item = (float(aest[i]), _neg_key(str(ids[i])))
+            if len(best) < SPOTLIGHT:
+                heapq.heappush(best, item)
+            elif item > best[0]:
+                heapq.heapreplace(best, item)
+        for i in np.flatnonzero((status == FILTERED_AESTHETIC) & np.isfinite(aest)):
+            item = (-float(aest[i]), _neg_key(str(ids[i])))
+            if len(worst) < SPOTLIGHT:
+                heapq.heappush(worst, item)
+            elif item > worst[0]:
+                heapq.heapreplace(worst, item)
+
+    data.counts_from_samples = {s: counts.get(s, 0) for s in STATUSES}
+    for s in sorted(set(counts) - set(STATUSES)):
+        data.counts_from_samples[s] = counts[s]
+    data.clusters = {c: dict(v) for c, v in sorted(clusters.items())}
+    data.n_pairs = {EXACT_DUPLICATE: counts.get(EXACT_DUPLICATE, 0),
+                    SEMANTIC_DUPLICATE: counts.get(SEMANTIC_DUPLICATE, 0)}
+    exact = sorted(e for _, e in exact_heap)
+    # Sorted by similarity (ties by id); dense regions hold at most MAX_PAIRS per 0.001.
+    semantic = sorted((e for b in semantic_by_bin.values() for _, e in b),
+                      key=lambda e: (e[2], e[0]))
+    n_exact = min(len(exact), MAX_EXACT_PAIRS if semantic else MAX_PAIRS)
+    n_semantic = min(len(semantic), MAX_PAIRS - n_exact)
+    n_exact = min(len(exact), MAX_PAIRS - n_semantic)
+    pairs = [Pair(EXACT_DUPLICATE, i, d, s) for i, d, s in exact[:n_exact]]
+    # Spread over the similarity range: the borderline pairs (near 1 - eps) and the obvious
+    # ones both show, most similar first.
+    for i, d, s in reversed(_spread(semantic, n_semantic)):
+        pairs.append(Pair(SEMANTIC_DUPLICATE, i, d, s))
+    data.pairs = pairs
+    data.spotlight_best = sorted(((s, _unneg(k)) for s, k in best), key=lambda t: (-t[0], t[1]))
+    data.spotlight_worst = sorted(((-s, _unneg(k)) for s, k in worst), key=lambda t: (t[0], t[1]))
+    shown = {p.id for p in pairs} | {p.duplicate_of for p in pairs}
+    shown |= {i for _, i in data.spotlight_best} | {i for _, i in data.spotlight_worst}
+    if shown:
+        for path in files:
+            table = _read_parquet(path, ["id", "status"])
+            for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()):
+                if i in shown:
+                    data.id_status[i] = s
+
+
+def _push_smallest(heap: list, entry: Tuple[str, str, float]) -> None:
+    """Keep the MAX_PAIRS entries with the smallest ids in `heap` (a max-heap by id)."""
+    item = (_neg_key(entry[0]), entry)
+    if len(heap) < MAX_PAIRS:
+        heapq.heappush(heap, item)
+    elif item > heap[0]:
+        heapq.heapreplace(heap, item)
+
+
+def _spread(items: list, n: int) -> list:
+    """n items evenly spaced through a sorted list (all of them when n >= len)."""
+    if n >= len(items):
+        return list(items)
+    if n <= 0:
+        return []
+    if n == 1:
+        return [items[-1]]
+    picks = sorted({round(k * (len(items) - 1) / (n - 1)) for k in range(n)})
+    return [items[p] for p in picks]
+
+
+class _neg_key(str):
+    """A string that sorts in reverse: heaps of `_neg_key(id)` keep the smallest ids."""
+
+    def __lt__(self, other):
+        return str.__gt__(self, other)
+
+    def __gt__(self, other):
+        return str.__lt__(self, other)
+
+    def __le__(self, other):
+        return str.__ge__(self, other)
+
+    def __ge__(self, other):
+        return str.__le__(self, other)
+
+
+def _unneg(key) -> str:
+    return str.__str__(key)
+
+
+def _floats(column, n: int) -> np.ndarray:
+    if column is None:
+        return np.full(n, np.nan)
+    return np.array([np.nan if v is None else v for v in column], dtype=np.float64) \
+        if column.dtype == object else column.astype(np.float64)
+
+
+def _load_errors(data: RunData) -> None:
+    groups: Dict[Tuple[str, str], List] = {}
+    other = 0
+    files = _glob(FileSystems.join(data.output_dir, "errors", "*.parquet"))
+    data.errors_files = len(files)
+    for path in files:
+        table = _read_parquet(path, ["id", "shard", "member", "stage", "reason"])
+        rows = table.to_pylist()
+        data.n_errors += len(rows)
+        for row in rows:
+            key = (row.get("stage") or "", row.get("reason") or "")
+            example = row.get("id") or "{} {}".format(row.get("shard") or "",
+                                                      row.get("member") or "").strip()
+            if key in groups:
+                groups[key][0] += 1
+                if example < groups[key][1]:
+                    groups[key][1] = example
+            elif len(groups) < _MAX_DISTINCT_REASONS:
+                groups[key] = [1, example]
+            else:
+                other += 1
+    data.n_error_reasons = len(groups) + (1 if other else 0)
+    ranked = sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    data.errors = [ErrorGroup(stage, reason, count, example)
+                   for (stage, reason), (count, example) in ranked[:MAX_ERROR_REASONS]]
+    if other:
+        data.errors.append(ErrorGroup("", "(other reasons)", other, ""))
+
+
+def _load_dedup(data: RunData) -> None:
+    dedup = outputs.dedup_dir(data.output_dir)
+    data.dedup_present = _exists(dedup) and bool(_glob(FileSystems.join(dedup, "**")))
+    if not data.dedup_present:
+        return
+    for sub in ("kmeans", "pairwise_results", "duplicates"):
+        data.dedup_files[sub] = len(_glob(FileSystems.join(dedup, sub, "*.parquet")))
+    centroids = FileSystems.join(dedup, "centroids.npy")
+    if _exists(centroids):
+        try:
+            with FileSystems.open(centroids) as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, _ = read_header(handle)
+            data.n_centroids = int(shape[0])
+        except Exception:   # noqa: BLE001 (the report still renders without k)
+            data.n_centroids = None

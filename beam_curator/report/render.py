@@ -1,0 +1,465 @@
+"""Render the report: one self-contained HTML page (inline CSS and SVG, data: thumbnails).
+
+Rules of this module:
+- every value that comes from the data (ids, keys, shard names, captions, json sidecars, error
+  reasons, option values) goes through `esc()` = `html.escape(..., quote=True)`, in text and
+  in attributes alike; nothing from the data ever lands in a tag name, an attribute name, a
+  URL, a style or a script;
+- the page holds no <script>, no event handler attribute and no external reference, and its
+  Content-Security-Policy (`default-src 'none'`, images from data: only) makes the browser
+  refuse any script or network load even if one slipped in.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Dict, List, Optional
+
+from beam_curator.report.charts import (Threshold, bars_svg, esc, fmt_num, histogram_svg,
+                                        legend_html)
+from beam_curator.report.load import Pair, RunData
+from beam_curator.report.thumbs import THUMB_PX, Thumb
+from beam_curator.schema import (ERROR, EXACT_DUPLICATE, FILTERED_AESTHETIC, FILTERED_NSFW,
+                                 KEPT, SEMANTIC_DUPLICATE, STATUSES)
+
+CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; "
+       "form-action 'none'")
+
+STATUS_COLORS = {
+    KEPT: "#3f8f5a",
+    FILTERED_AESTHETIC: "#d38b2c",
+    FILTERED_NSFW: "#b8475b",
+    EXACT_DUPLICATE: "#3b73c4",
+    SEMANTIC_DUPLICATE: "#7b61c9",
+    ERROR: "#7d7d7d",
+}
+SCORE_COLORS = {"passed": STATUS_COLORS[KEPT], FILTERED_AESTHETIC: STATUS_COLORS[
+    FILTERED_AESTHETIC], FILTERED_NSFW: STATUS_COLORS[FILTERED_NSFW]}
+SCORE_LABELS = {"passed": "passed the filters", FILTERED_AESTHETIC: "filtered_aesthetic",
+                FILTERED_NSFW: "filtered_nsfw"}
+COSINE_COLORS = {KEPT: STATUS_COLORS[KEPT], SEMANTIC_DUPLICATE: STATUS_COLORS[SEMANTIC_DUPLICATE]}
+MAX_SHARD_ROWS = 200
+MAX_CLUSTER_BARS = 200
+
+_CSS = """
+:root { --fg:#1d2430; --muted:#5b6472; --line:#d9dee5; --bg:#f6f7f9; --card:#fff;
+        --warn:#fff3cd; --warn-line:#e0b400; --bad:#fde2e4; --bad-line:#c0392b; }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 "DejaVu Sans", "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       color:var(--fg); background:var(--bg); }
+header { padding:20px 28px 8px; }
+h1 { margin:0 0 4px; font-size:24px; }
+h2 { margin:0 0 10px; font-size:18px; }
+h3 { margin:16px 0 6px; font-size:15px; }
+.sub, .note { color:var(--muted); }
+.note { font-size:12.5px; margin:4px 0; }
+main { padding:0 28px 28px; }
+section { background:var(--card); border:1px solid var(--line); border-radius:8px;
+          padding:16px 20px; margin:14px 0; }
+nav { padding:0 28px; font-size:13px; }
+nav a { color:#2c5ea8; margin-right:14px; text-decoration:none; }
+.banner { margin:12px 28px 0; padding:12px 16px; border-radius:8px; font-weight:600;
+          border:2px solid var(--warn-line); background:var(--warn); }
+.banner.bad { border-color:var(--bad-line); background:var(--bad); }
+.banner span { font-weight:400; display:block; margin-top:2px; }
+table { border-collapse:collapse; font-size:13px; }
+th, td { border-bottom:1px solid var(--line); padding:4px 10px; text-align:left;
+         vertical-align:top; }
+th { background:#eef1f5; font-weight:600; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
+tr.total td { font-weight:700; border-top:2px solid var(--fg); }
+.ok { color:#2d7a46; font-weight:700; } .fail { color:var(--bad-line); font-weight:700; }
+.swatch { display:inline-block; width:11px; height:11px; border-radius:2px; margin-right:6px;
+          vertical-align:-1px; }
+.legend { font-size:12.5px; margin:2px 0 6px; }
+.legend .key { margin-right:16px; white-space:nowrap; }
+.charts { display:flex; flex-wrap:wrap; gap:18px; }
+.chart { max-width:100%; height:auto; background:#fff; }
+.chart .grid { stroke:#e8ebef; } .chart .axis { stroke:#8a93a0; }
+.chart .tick { font-size:11px; fill:#5b6472; } .chart .axis-label { font-size:12px; fill:#1d2430; }
+.chart .threshold { stroke:#c0392b; stroke-width:2; stroke-dasharray:6 4; }
+.chart .threshold-label { font-size:12px; fill:#c0392b; font-weight:700; }
+.gallery { display:grid; grid-template-columns:repeat(auto-fill, minmax(330px, 1fr)); gap:10px; }
+.pair { display:flex; gap:8px; align-items:flex-start; border:1px solid var(--line);
+        border-radius:6px; padding:8px; }
+.pair .sim { align-self:center; text-align:center; font-size:12px; color:var(--muted);
+             min-width:58px; }
+.pair .sim b { display:block; color:var(--fg); font-size:13px; }
+figure { margin:0; width:130px; font-size:11.5px; }
+figure img, figure .noimg { width:""" + str(THUMB_PX) + """px; height:""" + str(THUMB_PX) + """px;
+        object-fit:contain; background:#eceff3; border-radius:4px; display:block; }
+figure .noimg { display:flex; align-items:center; justify-content:center; text-align:center;
+        color:var(--muted); font-size:11px; padding:4px; }
+figcaption { margin-top:3px; }
+.id { font-family:"DejaVu Sans Mono", Menlo, Consolas, monospace; font-size:11px;
+      word-break:break-all; }
+figure .id { display:block; }
+.caption { color:var(--muted); word-break:break-word; max-height:4.4em; overflow:hidden; }
+.badge { display:inline-block; padding:0 6px; border-radius:9px; color:#fff; font-size:10.5px; }
+.strip { display:flex; flex-wrap:wrap; gap:10px; }
+td.reason { max-width:640px; word-break:break-word; }
+code, .mono { font-family:"DejaVu Sans Mono", Menlo, Consolas, monospace; font-size:12px; }
+details summary { cursor:pointer; color:#2c5ea8; margin:8px 0; }
+footer { color:var(--muted); font-size:12px; padding:0 28px 24px; }
+"""
+
+
+def _badge(status: Optional[str]) -> str:
+    if not status:
+        return ""
+    color = STATUS_COLORS.get(status, "#555")
+    return f'<span class="badge" style="background:{color}">{esc(status)}</span>'
+
+
+def _pct(n: int, total: int) -> str:
+    return f"{100.0 * n / total:.1f}%" if total else "—"
+
+
+def render_report(data: RunData, thumbs: Dict[str, Thumb]) -> str:
+    summary = data.summary
+    title = f"Curation report — {data.output_dir}"
+    parts: List[str] = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        '<meta name="referrer" content="no-referrer">',
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        "<header><h1>Curation report</h1>",
+        f'<div class="sub">output <code>{esc(data.output_dir)}</code> · command '
+        f'<code>{esc(summary.get("command", "?"))}</code> · model_dir '
+        f'<code>{esc(summary.get("model_dir") or data.options.get("model_dir") or "?")}'
+        "</code></div></header>",
+    ]
+    parts += _banners(data)
+    parts.append('<nav><a href="#accounting">Accounting</a><a href="#scores">Scores</a>'
+                 '<a href="#dedup">Dedup</a><a href="#duplicates">Duplicate gallery</a>'
+                 '<a href="#spotlight">Aesthetic extremes</a><a href="#errors">Errors</a>'
+                 '<a href="#options">Options</a></nav><main>')
+    parts.append(_accounting(data))
+    parts.append(_scores(data))
+    parts.append(_dedup(data))
+    parts.append(_gallery(data, thumbs))
+    parts.append(_spotlight(data, thumbs))
+    parts.append(_errors(data))
+    parts.append(_options(data))
+    parts.append("</main><footer>Written by beam-curator from the run's outputs "
+                 f"({esc(data.summary_name)}, samples/, errors/, dedup/) and thumbnails of the "
+                 "source shards. Self-contained: no scripts, no network.</footer>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _banners(data: RunData) -> List[str]:
+    out = []
+    summary = data.summary
+    if summary.get("random_weights"):
+        out.append('<div class="banner" id="random-weights-banner">RANDOM MODEL WEIGHTS — '
+                   "scores, embeddings, filters and duplicates in this report are meaningless."
+                   "<span>The model directory was written by <code>models init-random</code> "
+                   "(for demos and tests). Use <code>models download</code> for the real "
+                   "weights.</span></div>")
+    if data.summary_name != "summary.json" or not summary.get("accounting", {}).get("ok", True):
+        out.append('<div class="banner bad" id="accounting-failed-banner">ACCOUNTING FAILED — '
+                   "this run did not finish cleanly."
+                   f"<span>The report was built from {esc(data.summary_name)}: input and "
+                   "the sum of statuses disagree, so the outputs must not be used.</span></div>")
+    counts = summary.get("counts") or {}
+    if counts and data.samples_files:
+        diff = {s: (counts.get(s, 0), data.counts_from_samples.get(s, 0))
+                for s in set(counts) | set(data.counts_from_samples)
+                if counts.get(s, 0) != data.counts_from_samples.get(s, 0)}
+        if diff:
+            text = ", ".join(f"{esc(s)}: summary {a} vs samples {b}"
+                             for s, (a, b) in sorted(diff.items()))
+            out.append('<div class="banner bad" id="samples-mismatch-banner">samples/*.parquet '
+                       f"disagrees with {esc(data.summary_name)}<span>{text}</span></div>")
+    if not counts:
+        out.append('<div class="banner">This output has no per-status counts (command '
+                   f"<code>{esc(summary.get('command'))}</code>): the report shows what the "
+                   "outputs hold.</div>")
+    return out
+
+
+def _accounting(data: RunData) -> str:
+    summary = data.summary
+    counts = summary.get("counts") or data.counts_from_samples
+    acc = summary.get("accounting") or {}
+    total_in = summary.get("samples_read", acc.get("input", sum(counts.values())))
+    rows = []
+    for status in list(STATUSES) + sorted(set(counts) - set(STATUSES)):
+        n = int(counts.get(status, 0))
+        rows.append(f'<tr data-status="{esc(status)}"><td><span class="swatch" style="background:'
+                    f'{STATUS_COLORS.get(status, "#555")}"></span>{esc(status)}</td>'
+                    f'<td class="num">{n}</td><td class="num">{_pct(n, total_in)}</td></tr>')
+    total = sum(int(v) for v in counts.values())
+    ok = acc.get("ok", total == total_in)
+    check = (f'<span class="ok">OK</span>' if ok else '<span class="fail">FAILED</span>')
+    html = [
+        '<section id="accounting"><h2>Accounting</h2>',
+        '<p class="note">Every sample read ends in exactly one status; the pipeline checks '
+        "that the input equals the sum of the statuses.</p>",
+        '<table id="accounting-table"><tr><th>status</th><th class="num">samples</th>'
+        '<th class="num">share</th></tr>', "".join(rows),
+        f'<tr class="total" data-status="sum"><td>sum of statuses</td><td class="num">{total}'
+        '</td><td class="num"></td></tr>',
+        f'<tr class="total" data-status="input"><td>input (samples read)</td>'
+        f'<td class="num">{esc(total_in)}</td><td class="num">{check}</td></tr></table>',
+    ]
+    extra = []
+    for key in ("curated_samples_written", "curated_shards_written"):
+        if key in summary:
+            extra.append(f"{esc(key.replace('_', ' '))}: <b>{esc(summary[key])}</b>")
+    if extra:
+        html.append('<p class="note">' + " · ".join(extra) + "</p>")
+    html.append(_per_shard(data))
+    html.append("</section>")
+    return "".join(html)
+
+
+def _per_shard(data: RunData) -> str:
+    per_shard = data.summary.get("per_shard") or {}
+    if not per_shard:
+        return ""
+    shards = sorted(per_shard)
+    shown = shards[:MAX_SHARD_ROWS]
+    head = "".join(f'<th class="num">{esc(s)}</th>' for s in STATUSES)
+    rows = []
+    for shard in shown:
+        c = per_shard[shard] or {}
+        cells = "".join(f'<td class="num">{int(c.get(s, 0))}</td>' for s in STATUSES)
+        url = data.shard_urls.get(shard, "")
+        rows.append(f'<tr><td class="mono">{esc(shard)}</td><td class="num">'
+                    f'{sum(int(v) for v in c.values())}</td>{cells}'
+                    f'<td class="id">{esc(url)}</td></tr>')
+    more = (f'<p class="note">Showing the first {len(shown)} of {len(shards)} shards '
+            "(summary.json has them all).</p>" if len(shards) > len(shown) else "")
+    shard_errors = data.summary.get("shard_errors") or []
+    errs = (f'<p class="note">Shard-level errors: {len(shard_errors)} (see Errors).</p>'
+            if shard_errors else "")
+    return ("<details open><summary>Per shard "
+            f"({len(shards)})</summary>"
+            f'<table id="per-shard-table"><tr><th>shard</th><th class="num">input</th>{head}'
+            f"<th>source</th></tr>{''.join(rows)}</table>{more}{errs}</details>")
+
+
+def _scores(data: RunData) -> str:
+    opts = data.options
+    a_th = opts.get("aesthetic_threshold")
+    n_th = opts.get("nsfw_threshold")
+    parts = ['<section id="scores"><h2>Scores</h2>',
+             '<p class="note">Scores of every embedded sample, coloured by what happened to '
+             "it. The NSFW filter runs before the aesthetic filter.</p>",
+             legend_html(SCORE_COLORS, SCORE_LABELS), '<div class="charts">']
+    if data.aesthetic.total:
+        edges, counts = data.aesthetic.view(0.5, include=[a_th])
+        ths = [Threshold(a_th, f"keep ≥ {fmt_num(a_th)}", "aesthetic")] if a_th is not None \
+            else []
+        parts.append("<div>" + histogram_svg(
+            edges, counts, SCORE_COLORS, title="LAION aesthetic score",
+            x_label="aesthetic score (LAION, 1–10 scale)", thresholds=ths,
+            chart_id="aesthetic-histogram") + _threshold_note(
+                "aesthetic", a_th, "--aesthetic_threshold", "kept when score ≥") + "</div>")
+    else:
+        parts.append('<p class="note">No aesthetic scores in samples/.</p>')
+    if data.nsfw.total:
+        edges, counts = data.nsfw.view(0.05, include=[n_th])
+        ths = [Threshold(n_th, f"filter ≥ {fmt_num(n_th)}", "nsfw")] if n_th is not None else []
+        parts.append("<div>" + histogram_svg(
+            edges, counts, SCORE_COLORS, title="NSFW score", x_label="NSFW score (0–1)",
+            thresholds=ths, chart_id="nsfw-histogram") + _threshold_note(
+                "nsfw", n_th, "--nsfw_threshold", "filtered when score ≥") + "</div>")
+    else:
+        parts.append('<p class="note">No NSFW scores in samples/.</p>')
+    clipped = data.aesthetic.clipped + data.nsfw.clipped
+    parts.append("</div>")
+    if clipped:
+        parts.append(f'<p class="note">{clipped} score(s) outside the chart range were drawn in '
+                     "its end bars.</p>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _threshold_note(kind: str, value, flag: str, rule: str) -> str:
+    if value is None:
+        return (f'<p class="note threshold-off" id="{kind}-threshold-off">{esc(kind)} filter '
+                f"off (<code>{esc(flag)} none</code>).</p>")
+    return (f'<p class="note" id="{kind}-threshold-note">{esc(flag)} = '
+            f"<b>{esc(fmt_num(value, 6))}</b>: {esc(rule)} {esc(fmt_num(value, 6))}.</p>")
+
+
+def _dedup(data: RunData) -> str:
+    opts = data.options
+    parts = ['<section id="dedup"><h2>Dedup</h2>']
+    if not data.dedup_present:
+        parts.append('<p class="note" id="dedup-off">No <code>dedup/</code> directory: dedup '
+                     f"was off for this run (<code>--dedup {esc(opts.get('dedup'))}</code>) "
+                     "or found no candidates.</p></section>")
+        return "".join(parts)
+    n_exact = data.n_pairs.get(EXACT_DUPLICATE, 0)
+    n_sem = data.n_pairs.get(SEMANTIC_DUPLICATE, 0)
+    eps = opts.get("eps")
+    parts.append(
+        f'<p>Exact duplicates (same image bytes): <b>{n_exact}</b> · semantic duplicates '
+        f"(cosine ≥ 1 − eps = {esc(fmt_num(1 - eps, 6)) if eps is not None else '?'}): "
+        f"<b>{n_sem}</b> · which_to_keep <code>{esc(opts.get('which_to_keep'))}</code>"
+        "</p>")
+    # cluster sizes
+    sizes = {c: dict(v) for c, v in data.clusters.items()}
+    k = data.n_centroids if data.n_centroids is not None else len(sizes)
+    for c in range(k):
+        sizes.setdefault(c, {})
+    if sizes:
+        totals = sorted(((sum(v.values()), c) for c, v in sizes.items()), key=lambda t: (-t[0],
+                                                                                         t[1]))
+        values = [t[0] for t in totals]
+        empty = sum(1 for v in values if v == 0)
+        median = sorted(values)[len(values) // 2]
+        parts.append(f'<h3>Cluster sizes</h3><p class="note" id="cluster-stats">k = {k} '
+                     f"clusters ({'dedup/centroids.npy' if data.n_centroids is not None else 'from samples/'})"
+                     f" · {sum(values)} candidates · largest {values[0]} · median {median} · "
+                     f"smallest {values[-1]} · empty {empty}</p>")
+        colors = {KEPT: STATUS_COLORS[KEPT], SEMANTIC_DUPLICATE: STATUS_COLORS[SEMANTIC_DUPLICATE]}
+        if len(totals) <= MAX_CLUSTER_BARS:
+            items = [{KEPT: sizes[c].get(KEPT, 0),
+                      SEMANTIC_DUPLICATE: sizes[c].get(SEMANTIC_DUPLICATE, 0)} for _, c in totals]
+            parts.append(legend_html(colors) + bars_svg(
+                items, colors, title="Cluster sizes, largest first",
+                x_label=f"{len(totals)} clusters, largest first (bar = one cluster)",
+                labels=[f"cluster {c}" for _, c in totals], chart_id="cluster-sizes"))
+        else:
+            parts.append(_size_histogram(values))
+    # cosine similarity
+    if data.cosine.total:
+        edges, counts = data.cosine.view(0.05, include=[1 - eps if eps is not None else None])
+        ths = ([Threshold(1 - eps, f"duplicate ≥ {fmt_num(1 - eps, 6)}", "eps")]
+               if eps is not None else [])
+        parts.append("<h3>Max cosine similarity to an earlier-ranked member of the cluster</h3>"
+                     + legend_html(COSINE_COLORS) + histogram_svg(
+                         edges, counts, COSINE_COLORS, title="Max cosine similarity",
+                         x_label="cosine similarity", thresholds=ths,
+                         chart_id="cosine-histogram")
+                     + f'<p class="note">A sample is a semantic duplicate when this is ≥ 1 − eps'
+                       f" (eps = {esc(fmt_num(eps, 6))}, inclusive). Not drawn: the "
+                       f"{data.first_ranked} first-ranked member(s) of their clusters (no earlier "
+                       "member, score 0).</p>")
+    files = ", ".join(f"{esc(k)}: {v} file(s)" for k, v in sorted(data.dedup_files.items()))
+    if files:
+        parts.append(f'<p class="note">dedup/ holds {files}.</p>')
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _size_histogram(values: List[int]) -> str:
+    import numpy as np
+
+    top = max(values) or 1
+    n_bars = min(50, top + 1)
+    width = math.ceil((top + 1) / n_bars)
+    edges = np.arange(0, width * n_bars + 1, width, dtype=float)
+    counts, _ = np.histogram(values, bins=edges)
+    colors = {"clusters": "#7b61c9"}
+    return histogram_svg(edges, {"clusters": counts}, colors, title="Cluster size distribution",
+                         x_label="cluster size (candidates)", chart_id="cluster-sizes")
+
+
+def _figure(sample_id: str, thumb: Optional[Thumb], status: Optional[str], role: str,
+            prefix: str = "") -> str:
+    """One thumbnail with its badge, id and caption; `prefix` is trusted markup of ours."""
+    thumb = thumb or Thumb(sample_id, None, note="not loaded")
+    tip = sample_id
+    if thumb.caption:
+        tip += "\n" + thumb.caption
+    if thumb.meta:
+        tip += "\n" + thumb.meta
+    if thumb.data_uri:
+        # data_uri is ours (base64 of a JPEG we encoded): only [A-Za-z0-9+/=] after the prefix.
+        img = (f'<img src="{esc(thumb.data_uri)}" width="{THUMB_PX}" height="{THUMB_PX}" '
+               f'alt="{esc(role)} {esc(sample_id)}">')
+    else:
+        img = f'<div class="noimg">{esc(thumb.note or "image unavailable")}</div>'
+    caption = (f'<div class="caption">{esc(thumb.caption)}</div>' if thumb.caption else "")
+    return (f'<figure title="{esc(tip)}">{img}<figcaption>{prefix}{_badge(status)} '
+            f'<span class="id">{esc(sample_id)}</span>{caption}</figcaption></figure>')
+
+
+def _gallery(data: RunData, thumbs: Dict[str, Thumb]) -> str:
+    parts = ['<section id="duplicates"><h2>Duplicate gallery</h2>']
+    total = sum(data.n_pairs.values())
+    if not data.pairs:
+        parts.append('<p class="note" id="no-duplicates">No duplicates were removed'
+                     + ("" if data.dedup_present else " (dedup was off)") + ".</p></section>")
+        return "".join(parts)
+    parts.append(f'<p class="note">{len(data.pairs)} of {total} removed duplicates, each beside '
+                 "the sample it duplicates (exact duplicates first, then semantic ones spread "
+                 "over the similarity range, most similar first). Hover for captions.</p>")
+    parts.append('<div class="gallery">')
+    for pair in data.pairs:
+        parts.append(_pair_html(pair, data, thumbs))
+    parts.append("</div></section>")
+    return "".join(parts)
+
+
+def _pair_html(pair: Pair, data: RunData, thumbs: Dict[str, Thumb]) -> str:
+    if pair.status == EXACT_DUPLICATE:
+        sim = "<b>identical</b>bytes"
+    else:
+        sim = (f"<b>{esc(f'{pair.cosine_sim:.4f}')}</b>cosine"
+               if pair.cosine_sim is not None and math.isfinite(pair.cosine_sim) else "<b>?</b>")
+    return (f'<div class="pair" data-kind="{esc(pair.status)}">'
+            + _figure(pair.id, thumbs.get(pair.id), data.id_status.get(pair.id, pair.status),
+                      "removed")
+            + f'<div class="sim">{sim}<br>duplicate of →</div>'
+            + _figure(pair.duplicate_of, thumbs.get(pair.duplicate_of),
+                      data.id_status.get(pair.duplicate_of), "original")
+            + "</div>")
+
+
+def _spotlight(data: RunData, thumbs: Dict[str, Thumb]) -> str:
+    parts = ['<section id="spotlight"><h2>Aesthetic extremes</h2>']
+    if not data.spotlight_best and not data.spotlight_worst:
+        parts.append('<p class="note">No kept or aesthetic-filtered samples to show.</p>'
+                     "</section>")
+        return "".join(parts)
+    for title, items in (("Highest aesthetic scores among kept samples", data.spotlight_best),
+                         ("Lowest aesthetic scores among filtered samples",
+                          data.spotlight_worst)):
+        if not items:
+            continue
+        parts.append(f"<h3>{esc(title)}</h3><div class=\"strip\">")
+        for score, sample_id in items:
+            parts.append(_figure(sample_id, thumbs.get(sample_id), data.id_status.get(sample_id),
+                                 f"score {score:.2f}", prefix=f"<b>{score:.2f}</b> "))
+        parts.append("</div>")
+    parts.append('<p class="note">NSFW-filtered samples are never shown.</p></section>')
+    return "".join(parts)
+
+
+def _errors(data: RunData) -> str:
+    parts = ['<section id="errors"><h2>Errors</h2>']
+    if not data.n_errors:
+        parts.append('<p class="note" id="no-errors">No errors: every sample was read and '
+                     "decoded.</p></section>")
+        return "".join(parts)
+    parts.append(f"<p>{data.n_errors} error record(s) in errors/, {data.n_error_reasons} "
+                 "distinct reason(s); the most frequent:</p>")
+    rows = "".join(
+        f'<tr><td class="num">{g.count}</td><td>{esc(g.stage)}</td>'
+        f'<td class="reason">{esc(g.reason)}</td><td class="id">{esc(g.example)}</td></tr>'
+        for g in data.errors)
+    parts.append('<table id="errors-table"><tr><th class="num">count</th><th>stage</th>'
+                 f"<th>reason</th><th>example</th></tr>{rows}</table></section>")
+    return "".join(parts)
+
+
+def _options(data: RunData) -> str:
+    opts = data.options
+    rows = "".join(f'<tr><td class="mono">--{esc(k)}</td><td class="mono">'
+                   f"{esc(json.dumps(v, ensure_ascii=False, sort_keys=True))}</td></tr>"
+                   for k, v in sorted(opts.items()))
+    extra = "".join(f'<tr><td class="mono">{esc(k)}</td><td class="mono">'
+                    f"{esc(json.dumps(data.summary.get(k), ensure_ascii=False))}</td></tr>"
+                    for k in ("command", "model_dir", "random_weights") if k in data.summary)
+    return ('<section id="options"><h2>Options of the run</h2>'
+            '<table id="options-table"><tr><th>option</th><th>value</th></tr>'
+            f"{extra}{rows}</table></section>")

@@ -1,0 +1,154 @@
+"""Beam `dedup` vs a plain faiss + numpy script on the same embeddings parquet, in one run.
+
+Writes N synthetic 768-d embeddings with planted near-duplicate pairs to parquet, then runs,
+each in its own child process (so peak RSS is each one's own):
+  * plain: read the parquet into one array, faiss k-means on the hash-sampled rows, assign,
+    per-cluster pairwise (bench/dedup_plain.py) — the same work and the same k and eps;
+  * beam:  `python -m beam_curator dedup` on the local FnApiRunner (staged vectors).
+Prints wall time of each, the ratio beam / plain (goal <= 1.5), peak RSS / raw embedding
+bytes (goal <= 1.5), whether both found the same duplicates, and the recall of the planted
+pairs (a pair counts as found when one member is removed).
+
+    python bench/dedup.py --n 1000000 --n-clusters 1000 --n-dups 10000
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def write_parquet(directory: str, ids, vectors: np.ndarray, rows_per_file: int = 100_000):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(directory, exist_ok=True)
+    d = vectors.shape[1]
+    for f, start in enumerate(range(0, len(ids), rows_per_file)):
+        stop = min(len(ids), start + rows_per_file)
+        flat = pa.array(vectors[start:stop].reshape(-1), type=pa.float32())
+        offsets = pa.array(np.arange(0, (stop - start + 1) * d, d, dtype=np.int32))
+        table = pa.table({"id": ids[start:stop],
+                          "embedding": pa.ListArray.from_arrays(offsets, flat)})
+        pq.write_table(table, os.path.join(directory, f"part-{f:05d}.parquet"),
+                       row_group_size=8192)
+
+
+def child_plain(args) -> dict:
+    import pyarrow.parquet as pq
+
+    from bench.dedup_plain import plain_semdedup
+    from beam_curator.transforms.semdedup import list_column_to_numpy
+
+    t0 = time.perf_counter()
+    files = sorted(glob.glob(os.path.join(args.data, "*.parquet")))
+    ids, parts = [], []
+    for path in files:
+        table = pq.read_table(path)
+        ids += table.column("id").to_pylist()
+        parts.append(list_column_to_numpy(table.column("embedding")))
+        del table
+    vectors = np.concatenate(parts)
+    del parts
+    result = plain_semdedup(vectors, ids, args.n_clusters, args.n_iter, args.eps, "hard",
+                            args.seed, args.sample_size, block_size=args.block_size)
+    return {"seconds": time.perf_counter() - t0, "duplicates": result.duplicates,
+            "timings": result.timings}
+
+
+def child_beam(args) -> dict:
+    from beam_curator.cli import run_pipeline
+
+    t0 = time.perf_counter()
+    out = os.path.join(args.work, "beam-out")
+    run_pipeline("dedup", [
+        "--embeddings", os.path.join(args.data, "*.parquet"), "--output", out,
+        "--runner", "FnApiRunner", "--n_clusters", str(args.n_clusters),
+        "--kmeans_iterations", str(args.n_iter), "--eps", str(args.eps),
+        "--kmeans_seed", str(args.seed), "--kmeans_sample_size", str(args.sample_size),
+        "--pairwise_block_size", str(args.block_size), "--overwrite", "true"])
+    seconds = time.perf_counter() - t0
+    import pyarrow.parquet as pq
+
+    dups = sorted(pq.ParquetDataset(os.path.join(out, "dedup", "duplicates")).read()
+                  .column("id").to_pylist())
+    return {"seconds": seconds, "duplicates": dups}
+
+
+def run_child(kind: str, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--data", args.data,
+           "--work", args.work, "--n-clusters", str(args.n_clusters), "--n-iter",
+           str(args.n_iter), "--eps", str(args.eps), "--seed", str(args.seed),
+           "--sample-size", str(args.sample_size), "--block-size", str(args.block_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-5000:])
+        raise SystemExit(f"{kind} failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--n-dups", type=int, default=2000)
+    ap.add_argument("--n-clusters", type=int, default=200)
+    ap.add_argument("--n-iter", type=int, default=20)
+    ap.add_argument("--eps", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample-size", type=int, default=100_000)
+    ap.add_argument("--block-size", type=int, default=4096)
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--child", choices=("plain", "beam"))
+    args = ap.parse_args()
+
+    if args.child:
+        result = (child_plain if args.child == "plain" else child_beam)(args)
+        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps(result))
+        return
+
+    from bench.synthetic import make_planted_embeddings
+
+    args.work = args.work or tempfile.mkdtemp(prefix="bench-dedup-")
+    args.data = os.path.join(args.work, "embeddings")
+    ids, vectors, pairs = make_planted_embeddings(args.n, args.d, args.n_dups, args.seed)
+    write_parquet(args.data, ids, vectors)
+    raw_bytes = vectors.nbytes
+    planted = [(ids[a], ids[b]) for a, b in pairs]
+    del vectors
+
+    plain = run_child("plain", args)
+    beam = run_child("beam", args)
+    removed = set(beam["duplicates"])
+    found = sum(1 for a, b in planted if a in removed or b in removed)
+    report = {
+        "benchmark": "dedup", "n": args.n, "d": args.d, "n_clusters": args.n_clusters,
+        "eps": args.eps, "planted_pairs": len(planted),
+        "plain_s": round(plain["seconds"], 1), "beam_s": round(beam["seconds"], 1),
+        "time_ratio_beam_over_plain": round(beam["seconds"] / plain["seconds"], 3),
+        "raw_embedding_bytes": raw_bytes,
+        "plain_peak_rss_over_raw": round(plain["peak_rss_bytes"] / raw_bytes, 3),
+        "beam_peak_rss_over_raw": round(beam["peak_rss_bytes"] / raw_bytes, 3),
+        "same_duplicates": plain["duplicates"] == beam["duplicates"],
+        "n_duplicates": len(beam["duplicates"]),
+        "planted_recall": round(found / max(1, len(planted)), 5),
+        "plain_timings": plain.get("timings"),
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

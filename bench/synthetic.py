@@ -1,0 +1,66 @@
+"""Synthetic CLIP-like embeddings with planted near-duplicates, for the dedup benchmarks.
+
+Rows are unit vectors scattered around random centre directions (cosine to a same-centre
+neighbour ~0.5, far below any dedup threshold); `n_dups` disjoint pairs are then planted by
+overwriting one row of each pair with a unit vector at cosine in [min_sim, max_sim] from the
+other. With the defaults every planted pair is a duplicate at `DEFAULT_EPS` and no other pair
+comes near (for d >= ~64), so the expected answer is known: one member of each pair removed.
+
+Built in float32 chunks: 1M x 768 needs the 3 GB of the result plus ~100 MB of scratch.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+
+DEFAULT_EPS = 0.01          # NeMo Curator's default eps_to_extract
+_CHUNK_ROWS = 16384
+_CENTER_WEIGHT = 1.0        # |centre part| = |noise part|: same-centre cosine ~0.5
+
+
+def synthetic_ids(n: int) -> List[str]:
+    """Ids in the project's `<shard>/<key>` form, 10k samples per pseudo-shard."""
+    return [f"synth-{i // 10000:05d}/{i:09d}" for i in range(n)]
+
+
+def make_planted_embeddings(n: int, d: int, n_dups: int, seed: int, n_centers: int = 0,
+                            min_sim: float = 0.995, max_sim: float = 0.999
+                            ) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """Return `(ids, vectors (n, d) float32 L2-normalised, planted_pairs (n_dups, 2) int64)`.
+
+    `planted_pairs[p] = (source_row, planted_row)`: the planted row was built from the source at
+    a cosine drawn uniformly in [min_sim, max_sim]. The rows of all pairs are distinct, so no
+    chains. `n_centers` defaults to one per 1000 rows. Deterministic for the arguments.
+    """
+    if 2 * n_dups > n:
+        raise ValueError(f"{n_dups} planted pairs need at least {2 * n_dups} rows, got {n}")
+    if not 0.0 < min_sim <= max_sim < 1.0:
+        raise ValueError("need 0 < min_sim <= max_sim < 1")
+    rng = np.random.default_rng(seed)
+    n_centers = n_centers or max(1, n // 1000)
+    centers = rng.standard_normal((n_centers, d), dtype=np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    centers *= _CENTER_WEIGHT
+
+    vectors = np.empty((n, d), dtype=np.float32)
+    noise_scale = np.float32(1.0 / np.sqrt(d))   # a standard normal row has norm ~sqrt(d)
+    for start in range(0, n, _CHUNK_ROWS):
+        stop = min(n, start + _CHUNK_ROWS)
+        block = rng.standard_normal((stop - start, d), dtype=np.float32)
+        block *= noise_scale
+        block += centers[rng.integers(0, n_centers, stop - start)]
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        vectors[start:stop] = block
+
+    rows = rng.choice(n, size=2 * n_dups, replace=False).astype(np.int64)
+    pairs = np.stack([rows[:n_dups], rows[n_dups:]], axis=1)
+    for start in range(0, n_dups, _CHUNK_ROWS):
+        src, dst = pairs[start:start + _CHUNK_ROWS, 0], pairs[start:start + _CHUNK_ROWS, 1]
+        u = vectors[src].astype(np.float64)
+        g = rng.standard_normal(u.shape)
+        g -= np.sum(g * u, axis=1, keepdims=True) * u          # orthogonal to u ...
+        g /= np.linalg.norm(g, axis=1, keepdims=True)          # ... and unit
+        cos = rng.uniform(min_sim, max_sim, size=(len(src), 1))
+        vectors[dst] = (cos * u + np.sqrt(1.0 - cos * cos) * g).astype(np.float32)
+    return synthetic_ids(n), vectors, pairs
