@@ -244,36 +244,31 @@ class AssignFn(beam.DoFn):
         keep = [r for r, i in enumerate(ids) if i not in exact_dups]
         if not keep or centroids.size == 0:
             return
-        vectors = vectors[keep]
-        ids = [ids[r] for r in keep]
-        payloads = [payloads[r] for r in keep] if payloads else [None] * len(ids)
-        staged_path = None
+        payloads = payloads or [None] * len(ids)
+        staged_path, staged_rows = None, keep
         if self._config.transport == STAGED:
-            staged_path = chunk.staged_path if chunk.staged_path and len(keep) == len(
-                chunk.ids) else None
-            if staged_path is None:
+            if chunk.staged_path:   # `run` staged this batch already: point into that file
+                staged_path = chunk.staged_path
+            else:                   # parquet row groups are not random access: stage once
                 staged_path = write_staged(FileSystems.join(
                     self._config.staging_dir, f"assign-{chunk.name}.f32"), vectors)
+        vectors = vectors[keep]
         labels, cos_dist, l2_dist = assign_to_centroids(vectors, centroids)
-        extra = []
-        if self._config.border_margin is not None and centroids.shape[0] > 1:
-            labels2, dists2 = assign_top2(vectors, centroids)
-            extra = border_assignments(labels2, dists2, self._config.border_margin)
-        c_norm = centroids / np.linalg.norm(centroids, axis=1, keepdims=True).clip(1e-12)
 
         def member(row: int, cos: float, l2: float, border: bool) -> Member:
-            return Member(id=ids[row], payload=payloads[row], cos_dist=float(cos),
+            return Member(id=ids[keep[row]], payload=payloads[keep[row]], cos_dist=float(cos),
                           l2_dist=float(l2), border=border,
-                          staged=(staged_path, row) if staged_path else None,
+                          staged=(staged_path, staged_rows[row]) if staged_path else None,
                           vector=None if staged_path else vectors[row].tobytes())
 
-        for row in range(len(ids)):
+        for row in range(len(keep)):
             self.assigned.inc()
             yield int(labels[row]), member(row, cos_dist[row], l2_dist[row], False)
-        for row, cluster in extra:
-            cos = 1.0 - float(vectors[row] @ c_norm[cluster])
-            l2 = float(np.linalg.norm(vectors[row] - centroids[cluster]))
-            yield int(cluster), member(row, cos, l2, True)
+        if self._config.border_margin is not None and centroids.shape[0] > 1:
+            labels2, dists2 = assign_top2(vectors, centroids)
+            for row, cluster in border_assignments(labels2, dists2, self._config.border_margin):
+                l2 = float(np.linalg.norm(vectors[row].astype(np.float64) - centroids[cluster]))
+                yield int(cluster), member(row, dists2[row, 1], l2, True)
 
 
 def _ranked(cluster: int, members: Iterable[Member], config: DedupConfig) -> List[Member]:
