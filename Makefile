@@ -10,7 +10,7 @@ DEMO_DATA ?= demo-data
 DEMO_MODELS ?= demo-models
 DEMO_OUTPUT ?= demo-output
 
-.PHONY: venv demo test test-fast bench clean flink-up flink-down flink-fetch
+.PHONY: venv demo test test-fast clean chromium flink-fetch flink-up flink-down flink-status flink-logs
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,33 @@ $(STAMP): pyproject.toml setup.py
 venv: $(STAMP)
 
 demo: venv
-	$(PY) -m beam_curator models init-random --dir $(DEMO_MODELS)
+	$(PY) -m beam_curator models init-random --dir $(DEMO_MODELS) --force
 	$(PY) -m beam_curator synthetic --dir $(DEMO_DATA) --shards 3 --per-shard 100
 	$(PY) -m beam_curator run --input '$(DEMO_DATA)/*.tar' --output $(DEMO_OUTPUT) \
 	    --model_dir $(DEMO_MODELS) --n_clusters 8 --overwrite true
 
-test: venv
+# The browser test needs Debian's chromium; the Flink tests need Flink 1.19 and Beam's Flink
+# job server (fetched once into ~/.cache/beam-curator/flink, then reused with no network).
+test: venv chromium flink-fetch
 	$(PY) -m pytest -q
+
+chromium:
+	@./scripts/install_chromium.sh || { [ -z "$$CI" ] && echo "chromium not installed: the browser test will be skipped"; }
+
+flink-fetch:
+	PYTHON=$(PY) bash scripts/fetch_flink.sh
+
+flink-up: flink-fetch
+	bash scripts/flink_cluster.sh up
+
+flink-down:
+	bash scripts/flink_cluster.sh down
+
+flink-status:
+	bash scripts/flink_cluster.sh status
+
+flink-logs:
+	bash scripts/flink_cluster.sh logs
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not flink and not browser"

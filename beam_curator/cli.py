@@ -23,16 +23,18 @@ def run_pipeline(command: str, argv: List[str]) -> dict:
     from apache_beam.io.filesystems import FileSystems
 
     from beam_curator import outputs
-    from beam_curator.options import CuratorOptions, curator_options, runner_name
+    from beam_curator.options import (CuratorOptions, curator_options, is_local_runner,
+                                      runner_name)
     from beam_curator.pipelines import BUILDERS
+    from beam_curator.progress import run_with_progress
 
     options = curator_options(argv)
     opts = options.view_as(CuratorOptions)
     logging.getLogger(__name__).info("%s on %s", command, runner_name(options))
     pipeline = beam.Pipeline(options=options)
     BUILDERS[command](pipeline, options)
-    result = pipeline.run()
-    result.wait_until_finish()
+    # Live progress lines on the local runner; remote runners have their own consoles.
+    run_with_progress(pipeline, opts.progress_interval if is_local_runner(options) else 0)
     summary_path = outputs.summary_file(opts.output)
     if command == "run" and opts.write_report:
         from beam_curator.report import write_report
@@ -45,22 +47,9 @@ def run_pipeline(command: str, argv: List[str]) -> dict:
 
 
 def print_summary(command: str, output: str, summary: dict) -> None:
-    print(f"\n{command} finished: outputs in {output}")
-    if summary.get("random_weights"):
-        print("  NOTE: the model weights are RANDOM (models init-random): scores and "
-              "embeddings are meaningless except for testing the pipeline.")
-    if "counts" in summary:
-        print(f"  samples read: {summary['samples_read']}")
-        for status, count in summary["counts"].items():
-            print(f"  {status:<20} {count}")
-        acc = summary["accounting"]
-        print(f"  accounting: input {acc['input']} = sum of statuses {acc['sum_of_statuses']}"
-              f" -> {'OK' if acc['ok'] else 'FAILED'}")
-        if summary.get("shard_errors"):
-            print(f"  shard-level errors: {len(summary['shard_errors'])} (see errors/)")
-    for key in ("curated_samples_written", "n_embeddings", "n_duplicates", "n_clusters"):
-        if key in summary:
-            print(f"  {key.replace('_', ' ')}: {summary[key]}")
+    from beam_curator.progress import final_summary_lines
+
+    print("\n" + "\n".join(final_summary_lines(summary or {"command": command}, output)))
 
 
 def models_command(argv: List[str]) -> int:
@@ -71,19 +60,30 @@ def models_command(argv: List[str]) -> int:
     rand.add_argument("--arch", default="tiny",
                       help="'tiny' (default) or any open_clip architecture, e.g. ViT-B-32")
     rand.add_argument("--seed", type=int, default=0)
+    rand.add_argument("--force", action="store_true", help="replace model files in --dir")
     down = sub.add_parser("download", help="the real weights (needs network)")
     down.add_argument("--dir", required=True)
+    down.add_argument("--force", action="store_true", help="replace model files in --dir")
+    check = sub.add_parser("check", help="check a model dir without loading the model")
+    check.add_argument("--dir", required=True)
+    check.add_argument("--verify-sha256", action="store_true")
     args = parser.parse_args(argv)
     if args.action == "init-random":
         from beam_curator.models import init_random
 
-        init_random(args.dir, arch=args.arch, seed=args.seed)
+        init_random(args.dir, arch=args.arch, seed=args.seed, overwrite=args.force)
         print(f"wrote RANDOM {args.arch} weights to {args.dir} (for demos and tests only: "
               "scores are meaningless)")
+    elif args.action == "check":
+        from beam_curator.models import check_model_dir
+
+        manifest = check_model_dir(args.dir, verify_sha256=args.verify_sha256)
+        print(f"{args.dir}: {manifest.clip_arch}, {manifest.embed_dim}-d embeddings, "
+              f"{'RANDOM' if manifest.random_weights else 'real'} weights: OK")
     else:
         from beam_curator.models import download
 
-        download(args.dir)
+        download(args.dir, overwrite=args.force)
         print(f"downloaded the real weights to {args.dir}")
     return 0
 

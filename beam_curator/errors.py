@@ -9,4 +9,4 @@ def _model_dir_error():
     return ModelDirError
 
 
-USER_ERRORS = (OptionError, ShardListError, _model_dir_error())
+USER_ERRORS = (OptionError, ShardListError, _model_dir_error(), FileExistsError)

@@ -91,8 +91,9 @@ class CuratorOptions(PipelineOptions):
               help="Autocast dtype on GPU; auto = bf16 on GPU, fp32 on CPU.")
         _flag(parser, "inference_batch_size", type=int, default=64,
               help="Largest batch RunInference forms.")
-        _flag(parser, "min_inference_batch_size", type=int, default=1,
-              help="Smallest batch RunInference forms.")
+        _flag(parser, "min_inference_batch_size", type=int, default=None,
+              help="Smallest batch RunInference forms (default: --inference_batch_size; "
+                   "batches are padded to that size so reruns give identical embeddings).")
         _flag(parser, "large_model", type=_bool, default=False,
               help="Share one model copy per machine across SDK processes (Beam's "
                    "large_model); useful on Dataflow GPU workers.")
@@ -190,9 +191,9 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
     if opts.border_margin is not None and not (0.0 <= opts.border_margin <= 2.0):
         raise OptionError(f"--border_margin {opts.border_margin} must be a cosine distance "
                           "in [0, 2] (try 0.02), or left out.")
-    if opts.inference_batch_size < 1 or opts.min_inference_batch_size < 1:
+    if opts.inference_batch_size < 1 or (opts.min_inference_batch_size or 1) < 1:
         raise OptionError("--inference_batch_size and --min_inference_batch_size must be >= 1.")
-    if opts.min_inference_batch_size > opts.inference_batch_size:
+    if (opts.min_inference_batch_size or 0) > opts.inference_batch_size:
         raise OptionError(
             f"--min_inference_batch_size {opts.min_inference_batch_size} is larger than "
             f"--inference_batch_size {opts.inference_batch_size}: lower it.")

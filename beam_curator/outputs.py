@@ -75,28 +75,99 @@ def _read_json(path: str):
 def prepare_output(opts: CuratorOptions, command: str) -> None:
     """Refuse to mix two different runs in one directory; clear what a rerun replaces.
 
-    The same command into the same directory is a rerun: allowed, and it writes the same
-    bytes. A directory holding a different run needs --overwrite. summary.json is removed up
-    front so that a rerun that fails never leaves an output that looks complete.
+    Called by every builder before it adds a transform; nothing is deleted before every check
+    has passed (so a typo in --input never costs the previous output):
+
+    * the inputs must exist (--input matches shards, --removal_ids / --embeddings match
+      parquet files, --centroids exists) and must not lie inside the output directories this
+      run replaces;
+    * the same command with the same options into the same directory is a rerun: allowed; the
+      previous outputs are deleted first, so the directory ends up holding exactly this run's
+      files (the same bytes when the inputs did not change);
+    * a directory holding a different finished run needs --overwrite;
+    * summary.json (the mark of a finished run) is always removed up front, so a run that
+      fails never leaves an output that looks complete. Temp files are removed too.
     """
     out = opts.output
+    _check_inputs(opts, command)
     summary = summary_file(out)
-    if FileSystems.exists(summary):
-        previous = _read_json(summary)
+    previous = _read_previous_summary(summary)
+    if previous is not None:
         same = (previous.get("command") == command
                 and previous.get("options") == recorded_options(opts))
         if not same and not opts.overwrite:
             raise OptionError(
-                f"--output {out} already holds a different run ({previous.get('command')}, other "
-                "options). Choose a new --output, or pass --overwrite to replace it.")
-        if not same:
-            _delete_run(out)
-    elif opts.overwrite:
+                f"--output {out} already holds a different run "
+                f"({previous.get('command') or 'unreadable summary.json'}, other options). "
+                "Choose a new --output, or pass --overwrite true to replace it.")
+    if previous is not None or opts.overwrite:
         _delete_run(out)
     for leftover in (summary, FileSystems.join(out, "summary.FAILED.json")):
         if FileSystems.exists(leftover):
             FileSystems.delete([leftover])
     remove_temp_files(out)
+
+
+def _read_previous_summary(path: str):
+    """The summary.json already in --output; {} (a run of unknown kind) when unreadable."""
+    if not FileSystems.exists(path):
+        return None
+    try:
+        previous = _read_json(path)
+    except (ValueError, OSError):
+        return {}
+    return previous if isinstance(previous, dict) else {}
+
+
+def _check_inputs(opts: CuratorOptions, command: str) -> None:
+    """Fail fast, before anything in --output is touched, when an input is missing or lies
+    inside the output directories a run replaces."""
+    from beam_curator.transforms.read import list_shards
+
+    inputs = []   # (option, path or glob)
+    if command in ("run", "embed", "remove") and opts.input:
+        list_shards(opts.input)   # ShardListError names the fix
+        inputs += [("--input", g.strip()) for g in opts.input.split(",") if g.strip()]
+    if command == "remove" and opts.removal_ids:
+        dirs = [d.strip() for d in opts.removal_ids.split(",") if d.strip()]
+        check_removal_dirs([FileSystems.join(d, "*.parquet") for d in dirs])
+        inputs += [("--removal_ids", d) for d in dirs]
+    if command == "dedup" and opts.embeddings:
+        if not FileSystems.match([opts.embeddings])[0].metadata_list:
+            raise OptionError(
+                f"--embeddings {opts.embeddings!r} matches no file. Point it at the embeddings "
+                "parquet files, e.g. 'OUTPUT/embeddings/*.parquet' of an `embed` run.")
+        inputs.append(("--embeddings", opts.embeddings))
+    if command in ("run", "dedup") and opts.centroids:
+        if not FileSystems.exists(opts.centroids):
+            raise OptionError(
+                f"--centroids {opts.centroids} does not exist. Point it at a centroids .npy "
+                "(e.g. OUTPUT/dedup/centroids.npy of an earlier run), or leave it out to train "
+                "them.")
+        inputs.append(("--centroids", opts.centroids))
+    if opts.model_dir and command in ("run", "embed"):
+        inputs.append(("--model_dir", opts.model_dir))
+    replaced = [FileSystems.join(opts.output, d) for d in SUBDIRS]
+    for option, path in inputs:
+        for directory in replaced:
+            if _inside(path, directory):
+                raise OptionError(
+                    f"{option} {path} lies inside {directory}, which this run writes (and a "
+                    "rerun replaces): write to another --output, or move the input out of it.")
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether `path` (a file, a directory or a glob) is `directory` or below it."""
+    import os
+
+    def norm(p: str) -> str:
+        p = p[len("file://"):] if p.startswith("file://") else p
+        if "://" not in p:
+            p = os.path.abspath(p)
+        return p.rstrip("/")
+
+    path, directory = norm(path), norm(directory)
+    return path == directory or path.startswith(directory + "/")
 
 
 def _delete_run(out: str) -> None:
@@ -107,14 +178,19 @@ def _delete_run(out: str) -> None:
 
 
 def remove_temp_files(out: str) -> List[str]:
-    """Delete `.tmp-*` files a crashed run left behind; returns what was removed."""
+    """Delete `.tmp-*` files and the dedup staging directory a crashed run left behind;
+    returns what was removed."""
     if not FileSystems.exists(out):
         return []
     matches = FileSystems.match([FileSystems.join(out, "**")])[0].metadata_list
     stale = [m.path for m in matches if m.path.rsplit("/", 1)[-1].startswith(TMP_PREFIX)
-             or "/_staging" in m.path]
+             and "/_staging/" not in m.path]
     if stale:
         FileSystems.delete(stale)
+    staging = FileSystems.join(out, "dedup", "_staging")
+    if FileSystems.exists(staging):
+        FileSystems.delete([staging])
+        stale.append(staging)
     return stale
 
 

@@ -407,9 +407,12 @@ def _joiner(output_dir: str):
 
 
 def _exists(path: str) -> bool:
+    """A file, or a directory holding files (on gs:// and s3:// a directory is a prefix)."""
     try:
         from apache_beam.io.filesystems import FileSystems
 
-        return FileSystems.exists(path.rstrip("/"))
+        if path.endswith("/"):
+            return bool(FileSystems.match([path + "*"])[0].metadata_list)
+        return FileSystems.exists(path)
     except Exception:   # noqa: BLE001
         return False

@@ -40,3 +40,10 @@ def run_args(*, input_glob: str, output: str, model_dir: str, **options) -> list
     for name, value in options.items():
         args += [f"--{name}", str(value)]
     return args
+
+
+# Flink / portable runner fixtures (tests/flink_support.py): imported once, here, so a
+# session cluster is never started twice.
+from flink_support import (flink_job_server_jar, flink_session_cluster,  # noqa: E402,F401
+                           pytest_runtest_makereport, python_job_service,
+                           reap_flink_job_servers)

@@ -542,10 +542,12 @@ def _register_test_filesystem():
         def open(self, path, *args, **kwargs):
             return super().open(path[len(prefix):], *args, **kwargs)
 
-    return prefix
+    # Beam finds FileSystem subclasses through weak references: keep the class alive, or
+    # garbage collection unregisters the scheme depending on which tests ran before.
+    return prefix, PrefixedLocalFileSystem
 
 
-_TEST_FS_PREFIX = _register_test_filesystem()
+_TEST_FS_PREFIX, _TEST_FS_CLASS = _register_test_filesystem()
 
 
 def test_localize_copies_remote_dirs_once(tiny_dir, tmp_path):

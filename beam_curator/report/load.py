@@ -22,7 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_curator import outputs
 from beam_curator.options import OptionError
 from beam_curator.report.charts import FineHistogram
-from beam_curator.schema import (ERROR, EXACT_DUPLICATE, FILTERED_AESTHETIC, FILTERED_NSFW,
+from beam_curator.schema import (EXACT_DUPLICATE, FILTERED_AESTHETIC, FILTERED_NSFW,
                                  KEPT, SEMANTIC_DUPLICATE, STATUSES)
 
 MAX_PAIRS = 24            # duplicate pairs in the gallery
@@ -31,8 +31,8 @@ SPOTLIGHT = 8             # thumbnails per "highest / lowest aesthetic score" st
 MAX_ERROR_REASONS = 12
 _MAX_DISTINCT_REASONS = 10_000   # beyond this, new reasons are counted as "(other reasons)"
 
-_SAMPLE_COLUMNS = ["id", "shard", "status", "reason", "stage", "aesthetic_score", "nsfw_score",
-                   "cluster", "duplicate_of", "cosine_sim", "shard_url"]
+_SAMPLE_COLUMNS = ["id", "shard", "status", "aesthetic_score", "nsfw_score", "cluster",
+                   "duplicate_of", "cosine_sim", "shard_url"]
 # Series of the score histograms: what happened to the samples that were scored.
 SCORE_SERIES = ("passed", FILTERED_AESTHETIC, FILTERED_NSFW)
 COSINE_SERIES = (KEPT, SEMANTIC_DUPLICATE)
@@ -76,6 +76,7 @@ class RunData:
     n_centroids: Optional[int] = None
     dedup_present: bool = False
     dedup_files: Dict[str, int] = field(default_factory=dict)
+    n_removal_ids: Optional[int] = None     # rows of dedup/duplicates (outputs without samples/)
     pairs: List[Pair] = field(default_factory=list)
     n_pairs: Dict[str, int] = field(default_factory=dict)
     spotlight_best: List[Tuple[float, str]] = field(default_factory=list)
@@ -167,7 +168,8 @@ def _load_samples(data: RunData) -> None:
         if not n:
             continue
         status = cols["status"].astype(str)
-        counts.update(status.tolist())
+        values, n_each = np.unique(status, return_counts=True)
+        counts.update(dict(zip(values.tolist(), n_each.tolist())))
         for shard, url in zip(cols.get("shard", []), cols.get("shard_url", [])):
             if shard is not None and url is not None and shard not in data.shard_urls:
                 data.shard_urls[shard] = url
@@ -189,28 +191,32 @@ def _load_samples(data: RunData) -> None:
             data.cosine.add(series, cos[(status == series) & ~first])
 
         ids = cols["id"]
-        cluster = cols.get("cluster")
-        if cluster is not None:
-            for c, s in zip(cluster, status):
-                if c is not None and not (isinstance(c, float) and np.isnan(c)):
-                    clusters[int(c)][s] += 1
+        cluster = _floats(cols.get("cluster"), n)
+        assigned = np.isfinite(cluster)
+        for value in np.unique(status[assigned]):
+            ids_of = cluster[assigned & (status == value)].astype(np.int64)
+            for c, k in zip(*np.unique(ids_of, return_counts=True)):
+                clusters[int(c)][str(value)] += int(k)
         dup_of = cols.get("duplicate_of")
-        for i in np.flatnonzero(np.isin(status, [EXACT_DUPLICATE, SEMANTIC_DUPLICATE])):
-            if dup_of is None or dup_of[i] is None:
-                continue
-            entry = (str(ids[i]), str(dup_of[i]), float(cos[i]))
-            if status[i] == EXACT_DUPLICATE:
-                _push_smallest(exact_heap, entry)
-            elif np.isfinite(entry[2]):
-                b = int(np.clip(np.floor((entry[2] + 1.0) * 1000), 0, 1999))
-                _push_smallest(semantic_by_bin.setdefault(b, []), entry)
-        for i in np.flatnonzero((status == KEPT) & np.isfinite(aest)):
+        if dup_of is not None:
+            has_dup = np.array([d is not None for d in dup_of], dtype=bool)
+            # Only the candidates that can make the cut go through the Python heaps.
+            exact_rows = np.flatnonzero((status == EXACT_DUPLICATE) & has_dup)
+            for i in _smallest_ids(ids, exact_rows, np.zeros(len(exact_rows), np.int64)):
+                _push_smallest(exact_heap, (str(ids[i]), str(dup_of[i]), float(cos[i])))
+            sem_rows = np.flatnonzero((status == SEMANTIC_DUPLICATE) & has_dup
+                                      & np.isfinite(cos))
+            bins = np.clip(np.floor((cos[sem_rows] + 1.0) * 1000), 0, 1999).astype(np.int64)
+            for i, b in zip(*_smallest_ids(ids, sem_rows, bins, with_groups=True)):
+                _push_smallest(semantic_by_bin.setdefault(int(b), []),
+                               (str(ids[i]), str(dup_of[i]), float(cos[i])))
+        for i in _top(aest, (status == KEPT) & np.isfinite(aest), SPOTLIGHT):
             item = (float(aest[i]), _neg_key(str(ids[i])))
             if len(best) < SPOTLIGHT:
                 heapq.heappush(best, item)
             elif item > best[0]:
                 heapq.heapreplace(best, item)
-        for i in np.flatnonzero((status == FILTERED_AESTHETIC) & np.isfinite(aest)):
+        for i in _top(-aest, (status == FILTERED_AESTHETIC) & np.isfinite(aest), SPOTLIGHT):
             item = (-float(aest[i]), _neg_key(str(ids[i])))
             if len(worst) < SPOTLIGHT:
                 heapq.heappush(worst, item)
@@ -246,6 +252,28 @@ def _load_samples(data: RunData) -> None:
             for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()):
                 if i in shown:
                     data.id_status[i] = s
+
+
+def _smallest_ids(ids, rows: np.ndarray, groups: np.ndarray, with_groups: bool = False):
+    """Of `rows`, the MAX_PAIRS with the smallest ids within each group (vectorised)."""
+    if not len(rows):
+        return ([], []) if with_groups else []
+    keys = np.asarray([str(i) for i in ids[rows]], dtype=str)
+    order = np.lexsort((keys, groups))
+    sorted_groups = groups[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_groups)) + 1]
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    keep = order[rank < MAX_PAIRS]
+    return (rows[keep], groups[keep]) if with_groups else rows[keep]
+
+
+def _top(values: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the k largest `values` where `mask` (plus every row tied with the k-th)."""
+    rows = np.flatnonzero(mask)
+    if len(rows) <= k:
+        return rows
+    kth = np.partition(values[rows], len(rows) - k)[len(rows) - k]
+    return rows[values[rows] >= kth]
 
 
 def _push_smallest(heap: list, entry: Tuple[str, str, float]) -> None:
@@ -327,11 +355,22 @@ def _load_errors(data: RunData) -> None:
 
 def _load_dedup(data: RunData) -> None:
     dedup = outputs.dedup_dir(data.output_dir)
-    data.dedup_present = _exists(dedup) and bool(_glob(FileSystems.join(dedup, "**")))
+    # A glob, not exists(): on gs:// and s3:// a "directory" is only a prefix.
+    data.dedup_present = bool(_glob(FileSystems.join(dedup, "**")))
     if not data.dedup_present:
         return
     for sub in ("kmeans", "pairwise_results", "duplicates"):
         data.dedup_files[sub] = len(_glob(FileSystems.join(dedup, sub, "*.parquet")))
+    if not data.samples_files:
+        # A `dedup` output has no samples/: cluster sizes and duplicates from dedup/ itself.
+        sizes = collections.Counter()
+        for path in _glob(FileSystems.join(dedup, "kmeans", "*.parquet")):
+            sizes.update(_read_parquet(path, ["centroid"]).column("centroid").to_pylist())
+        data.clusters = {int(c): {"assigned": n} for c, n in sorted(sizes.items())
+                         if c is not None}
+        data.n_removal_ids = sum(
+            _read_parquet(path, ["id"]).num_rows
+            for path in _glob(FileSystems.join(dedup, "duplicates", "*.parquet")))
     centroids = FileSystems.join(dedup, "centroids.npy")
     if _exists(centroids):
         try:

@@ -74,6 +74,7 @@ tr.total td { font-weight:700; border-top:2px solid var(--fg); }
 .legend { font-size:12.5px; margin:2px 0 6px; }
 .legend .key { margin-right:16px; white-space:nowrap; }
 .charts { display:flex; flex-wrap:wrap; gap:18px; }
+.chartbox { max-width:580px; }
 .chart { max-width:100%; height:auto; background:#fff; }
 .chart .grid { stroke:#e8ebef; } .chart .axis { stroke:#8a93a0; }
 .chart .tick { font-size:11px; fill:#5b6472; } .chart .axis-label { font-size:12px; fill:#1d2430; }
@@ -104,11 +105,22 @@ footer { color:var(--muted); font-size:12px; padding:0 28px 24px; }
 """
 
 
+def _clip(text, limit: int) -> str:
+    """Long untrusted text cut to `limit` characters (escaped later, never here)."""
+    text = "" if text is None else str(text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _badge(status: Optional[str]) -> str:
     if not status:
         return ""
     color = STATUS_COLORS.get(status, "#555")
     return f'<span class="badge" style="background:{color}">{esc(status)}</span>'
+
+
+def _int(value) -> str:
+    """A count with thousands separators; anything else escaped as text."""
+    return f"{value:,}" if isinstance(value, int) else esc(value)
 
 
 def _pct(n: int, total: int) -> str:
@@ -186,12 +198,16 @@ def _accounting(data: RunData) -> str:
     counts = summary.get("counts") or data.counts_from_samples
     acc = summary.get("accounting") or {}
     total_in = summary.get("samples_read", acc.get("input", sum(counts.values())))
+    if not summary.get("counts") and not data.samples_files:
+        return ('<section id="accounting"><h2>Accounting</h2><p class="note" '
+                f'id="no-accounting">This output ({esc(summary.get("command"))}) has no '
+                "samples/ and no per-status counts.</p></section>")
     rows = []
     for status in list(STATUSES) + sorted(set(counts) - set(STATUSES)):
         n = int(counts.get(status, 0))
         rows.append(f'<tr data-status="{esc(status)}"><td><span class="swatch" style="background:'
                     f'{STATUS_COLORS.get(status, "#555")}"></span>{esc(status)}</td>'
-                    f'<td class="num">{n}</td><td class="num">{_pct(n, total_in)}</td></tr>')
+                    f'<td class="num">{n:,}</td><td class="num">{_pct(n, total_in)}</td></tr>')
     total = sum(int(v) for v in counts.values())
     ok = acc.get("ok", total == total_in)
     check = (f'<span class="ok">OK</span>' if ok else '<span class="fail">FAILED</span>')
@@ -201,10 +217,10 @@ def _accounting(data: RunData) -> str:
         "that the input equals the sum of the statuses.</p>",
         '<table id="accounting-table"><tr><th>status</th><th class="num">samples</th>'
         '<th class="num">share</th></tr>', "".join(rows),
-        f'<tr class="total" data-status="sum"><td>sum of statuses</td><td class="num">{total}'
+        f'<tr class="total" data-status="sum"><td>sum of statuses</td><td class="num">{total:,}'
         '</td><td class="num"></td></tr>',
         f'<tr class="total" data-status="input"><td>input (samples read)</td>'
-        f'<td class="num">{esc(total_in)}</td><td class="num">{check}</td></tr></table>',
+        f'<td class="num">{_int(total_in)}</td><td class="num">{check}</td></tr></table>',
     ]
     extra = []
     for key in ("curated_samples_written", "curated_shards_written"):
@@ -227,10 +243,10 @@ def _per_shard(data: RunData) -> str:
     rows = []
     for shard in shown:
         c = per_shard[shard] or {}
-        cells = "".join(f'<td class="num">{int(c.get(s, 0))}</td>' for s in STATUSES)
+        cells = "".join(f'<td class="num">{int(c.get(s, 0)):,}</td>' for s in STATUSES)
         url = data.shard_urls.get(shard, "")
         rows.append(f'<tr><td class="mono">{esc(shard)}</td><td class="num">'
-                    f'{sum(int(v) for v in c.values())}</td>{cells}'
+                    f'{sum(int(v) for v in c.values()):,}</td>{cells}'
                     f'<td class="id">{esc(url)}</td></tr>')
     more = (f'<p class="note">Showing the first {len(shown)} of {len(shards)} shards '
             "(summary.json has them all).</p>" if len(shards) > len(shown) else "")
@@ -299,50 +315,59 @@ def _dedup(data: RunData) -> str:
     n_exact = data.n_pairs.get(EXACT_DUPLICATE, 0)
     n_sem = data.n_pairs.get(SEMANTIC_DUPLICATE, 0)
     eps = opts.get("eps")
-    parts.append(
-        f'<p>Exact duplicates (same image bytes): <b>{n_exact}</b> · semantic duplicates '
-        f"(cosine ≥ 1 − eps = {esc(fmt_num(1 - eps, 6)) if eps is not None else '?'}): "
-        f"<b>{n_sem}</b> · which_to_keep <code>{esc(opts.get('which_to_keep'))}</code>"
-        "</p>")
+    if data.n_removal_ids is not None:
+        parts.append(f"<p>dedup/duplicates lists <b>{data.n_removal_ids}</b> removal id(s) "
+                     "(exact + semantic); this output has no samples/, so no gallery.</p>")
+    else:
+        parts.append(
+            f'<p>Exact duplicates (same image bytes): <b>{n_exact}</b> · semantic duplicates '
+            f"(cosine ≥ 1 − eps = {esc(fmt_num(1 - eps, 6)) if eps is not None else '?'}): "
+            f"<b>{n_sem}</b> · which_to_keep <code>{esc(opts.get('which_to_keep'))}</code>"
+            "</p>")
+    parts.append('<div class="charts">')
     # cluster sizes
     sizes = {c: dict(v) for c, v in data.clusters.items()}
     k = data.n_centroids if data.n_centroids is not None else len(sizes)
     for c in range(k):
         sizes.setdefault(c, {})
     if sizes:
-        totals = sorted(((sum(v.values()), c) for c, v in sizes.items()), key=lambda t: (-t[0],
-                                                                                         t[1]))
+        totals = sorted(((sum(v.values()), c) for c, v in sizes.items()),
+                        key=lambda t: (-t[0], t[1]))
         values = [t[0] for t in totals]
         empty = sum(1 for v in values if v == 0)
         median = sorted(values)[len(values) // 2]
-        parts.append(f'<h3>Cluster sizes</h3><p class="note" id="cluster-stats">k = {k} '
-                     f"clusters ({'dedup/centroids.npy' if data.n_centroids is not None else 'from samples/'})"
-                     f" · {sum(values)} candidates · largest {values[0]} · median {median} · "
-                     f"smallest {values[-1]} · empty {empty}</p>")
+        source = "dedup/centroids.npy" if data.n_centroids is not None else "from samples/"
+        parts.append(f'<div class="chartbox"><h3>Cluster sizes</h3><p class="note" '
+                     f'id="cluster-stats">k = {k} clusters ({source}) · {sum(values)} '
+                     f"candidates · largest {values[0]} · median {median} · smallest "
+                     f"{values[-1]} · empty {empty}</p>")
         colors = {KEPT: STATUS_COLORS[KEPT], SEMANTIC_DUPLICATE: STATUS_COLORS[SEMANTIC_DUPLICATE]}
+        if any("assigned" in v for v in sizes.values()):     # from dedup/kmeans only
+            colors = {"assigned": STATUS_COLORS[SEMANTIC_DUPLICATE]}
         if len(totals) <= MAX_CLUSTER_BARS:
-            items = [{KEPT: sizes[c].get(KEPT, 0),
-                      SEMANTIC_DUPLICATE: sizes[c].get(SEMANTIC_DUPLICATE, 0)} for _, c in totals]
+            items = [{name: sizes[c].get(name, 0) for name in colors} for _, c in totals]
             parts.append(legend_html(colors) + bars_svg(
                 items, colors, title="Cluster sizes, largest first",
                 x_label=f"{len(totals)} clusters, largest first (bar = one cluster)",
                 labels=[f"cluster {c}" for _, c in totals], chart_id="cluster-sizes"))
         else:
             parts.append(_size_histogram(values))
+        parts.append("</div>")
     # cosine similarity
     if data.cosine.total:
         edges, counts = data.cosine.view(0.05, include=[1 - eps if eps is not None else None])
         ths = ([Threshold(1 - eps, f"duplicate ≥ {fmt_num(1 - eps, 6)}", "eps")]
                if eps is not None else [])
-        parts.append("<h3>Max cosine similarity to an earlier-ranked member of the cluster</h3>"
+        parts.append('<div class="chartbox"><h3>Max cosine similarity to an earlier-ranked '
+                     "cluster member</h3>"
+                     f'<p class="note">Semantic duplicate when ≥ 1 − eps (eps = '
+                     f"{esc(fmt_num(eps, 6))}, inclusive). Not drawn: the {data.first_ranked} "
+                     "first-ranked member(s) of their clusters (no earlier member).</p>"
                      + legend_html(COSINE_COLORS) + histogram_svg(
                          edges, counts, COSINE_COLORS, title="Max cosine similarity",
                          x_label="cosine similarity", thresholds=ths,
-                         chart_id="cosine-histogram")
-                     + f'<p class="note">A sample is a semantic duplicate when this is ≥ 1 − eps'
-                       f" (eps = {esc(fmt_num(eps, 6))}, inclusive). Not drawn: the "
-                       f"{data.first_ranked} first-ranked member(s) of their clusters (no earlier "
-                       "member, score 0).</p>")
+                         chart_id="cosine-histogram") + "</div>")
+    parts.append("</div>")
     files = ", ".join(f"{esc(k)}: {v} file(s)" for k, v in sorted(data.dedup_files.items()))
     if files:
         parts.append(f'<p class="note">dedup/ holds {files}.</p>')
@@ -379,13 +404,19 @@ def _figure(sample_id: str, thumb: Optional[Thumb], status: Optional[str], role:
     else:
         img = f'<div class="noimg">{esc(thumb.note or "image unavailable")}</div>'
     caption = (f'<div class="caption">{esc(thumb.caption)}</div>' if thumb.caption else "")
-    return (f'<figure title="{esc(tip)}">{img}<figcaption>{prefix}{_badge(status)} '
-            f'<span class="id">{esc(sample_id)}</span>{caption}</figcaption></figure>')
+    return (f'<figure title="{esc(_clip(tip, 1200))}">{img}<figcaption>{prefix}'
+            f'{_badge(status)} <span class="id">{esc(_clip(sample_id, 160))}</span>{caption}'
+            "</figcaption></figure>")
 
 
 def _gallery(data: RunData, thumbs: Dict[str, Thumb]) -> str:
     parts = ['<section id="duplicates"><h2>Duplicate gallery</h2>']
     total = sum(data.n_pairs.values())
+    if data.n_removal_ids is not None:
+        parts.append(f'<p class="note">No samples/ in this output: the {data.n_removal_ids} '
+                     "removal id(s) are in dedup/duplicates; run `report` on a `run` output "
+                     "for the gallery.</p></section>")
+        return "".join(parts)
     if not data.pairs:
         parts.append('<p class="note" id="no-duplicates">No duplicates were removed'
                      + ("" if data.dedup_present else " (dedup was off)") + ".</p></section>")
@@ -445,7 +476,8 @@ def _errors(data: RunData) -> str:
                  "distinct reason(s); the most frequent:</p>")
     rows = "".join(
         f'<tr><td class="num">{g.count}</td><td>{esc(g.stage)}</td>'
-        f'<td class="reason">{esc(g.reason)}</td><td class="id">{esc(g.example)}</td></tr>'
+        f'<td class="reason">{esc(_clip(g.reason, 600))}</td>'
+        f'<td class="id">{esc(_clip(g.example, 200))}</td></tr>'
         for g in data.errors)
     parts.append('<table id="errors-table"><tr><th class="num">count</th><th>stage</th>'
                  f"<th>reason</th><th>example</th></tr>{rows}</table></section>")

@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import warnings
 
 import apache_beam as beam
 import numpy as np
@@ -47,32 +46,51 @@ class ImageError(ValueError):
 
 
 def open_rgb(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes -> an RGB PIL image, upright, first frame; ImageError with the reason otherwise."""
+    """Bytes -> an RGB PIL image, upright, first frame; ImageError with the reason otherwise.
+
+    The pixel cap is checked from the header, before any pixel is decoded. Pillow's own
+    decompression-bomb guard (Image.MAX_IMAGE_PIXELS, errors above twice it) still applies;
+    DecodeFn.setup raises it when --max_image_pixels is larger. No warnings filter is touched
+    here: `warnings.catch_warnings` is not thread-safe and workers decode on several threads.
+    """
     if not data:
         raise ImageError("image is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (not raises) between its limit and twice it: make that an error too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(f"image is {width}x{height} = {width * height} pixels, above "
-                                 f"--max_image_pixels {max_pixels} (decompression-bomb guard)")
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)   # animated: CLIP sees the first frame
-            image.load()
-            image = ImageOps.exif_transpose(image)
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(f"image is {width}x{height} = {width * height} pixels, above "
+                             f"--max_image_pixels {max_pixels} (decompression-bomb guard)")
+        if width < 1 or height < 1:
+            raise ImageError(f"image has no pixels ({width}x{height})")
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)   # animated: CLIP sees the first frame
+        image.load()
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageError(f"decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"not a recognisable image ({len(data)} bytes): "
                          f"{data[:16]!r}...") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"image is corrupt or truncated: {type(exc).__name__}: {exc}") from exc
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:   # noqa: BLE001 - a broken EXIF block: the pixels are fine, keep them
+        pass
     return to_rgb(image)
+
+
+def resized_pixels(width: int, height: int, preprocess_cfg: dict) -> int:
+    """Pixels of the image open_clip's eval transform resizes to, before its centre crop."""
+    size = preprocess_cfg.get("size", 224)
+    size = max(size) if isinstance(size, (list, tuple)) else int(size)
+    mode = preprocess_cfg.get("resize_mode", "shortest")
+    if mode == "shortest":
+        scale = size / max(1, min(width, height))
+        return int(round(width * scale)) * int(round(height * scale))
+    return size * size
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -101,11 +119,16 @@ class DecodeFn(beam.DoFn):
         self._model_dir = model_dir
         self._max_pixels = max_pixels
         self._preprocess = None
+        self._cfg = None
         self.decoded = beam.metrics.Metrics.counter("curator", "decoded")
         self.errors = beam.metrics.Metrics.counter("curator", "decode_errors")
 
     def setup(self):
-        self._preprocess = build_preprocess(read_preprocess_cfg(self._model_dir))
+        self._cfg = read_preprocess_cfg(self._model_dir)
+        self._preprocess = build_preprocess(self._cfg)
+        if Image.MAX_IMAGE_PIXELS is not None and self._max_pixels > Image.MAX_IMAGE_PIXELS:
+            # Pillow refuses images above twice its own cap; --max_image_pixels decides here.
+            Image.MAX_IMAGE_PIXELS = self._max_pixels
 
     def process(self, sample):
         info = info_of(sample)
@@ -118,6 +141,14 @@ class DecodeFn(beam.DoFn):
         try:
             image = open_rgb(sample.image_bytes, self._max_pixels)
             info = dataclasses.replace(info, width=image.width, height=image.height)
+            resized = resized_pixels(image.width, image.height, self._cfg)
+            if resized > self._max_pixels:
+                # A 1 x 10^6 strip passes the pixel cap, but resizing its shortest side to the
+                # model's input size would allocate gigabytes.
+                raise ImageError(
+                    f"image is {image.width}x{image.height}: resizing its shortest side to the "
+                    f"model's input size makes {resized} pixels, above --max_image_pixels "
+                    f"{self._max_pixels} (extreme aspect ratio)")
             tensor = self._preprocess(image)
         except ImageError as exc:
             reason = str(exc)

@@ -74,13 +74,14 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
     """open_clip image tower behind Beam's ModelHandler interface."""
 
     def __init__(self, model_dir: str, *, device: str = "auto", precision: str = "auto",
-                 min_batch_size: int = 1, max_batch_size: int = 64,
+                 min_batch_size: Optional[int] = None, max_batch_size: int = 64,
                  large_model: bool = False, model_copies: Optional[int] = None):
         super().__init__()
         self._model_dir = model_dir
         self._device = device
         self._precision = precision
-        self._min_batch_size = min_batch_size
+        # Full batches by default: every batch is padded to max_batch_size anyway.
+        self._min_batch_size = min_batch_size or max_batch_size
         self._max_batch_size = max_batch_size
         self._large_model = large_model
         self._model_copies = model_copies
@@ -101,7 +102,15 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
                       ) -> Iterable[PredictionResult]:
         import torch
 
-        embeddings = embed_batch(model, torch.stack(list(batch)))
+        pixels = torch.stack(list(batch))
+        n = pixels.shape[0]
+        if n < self._max_batch_size:
+            # Fixed-shape batches: BLAS/cuBLAS pick kernels (and rounding) by batch size and
+            # Beam sizes batches adaptively, so without padding an image's embedding would
+            # change in the last bits with its neighbours, and reruns would not be identical.
+            padding = pixels.new_zeros((self._max_batch_size - n, *pixels.shape[1:]))
+            pixels = torch.cat([pixels, padding])
+        embeddings = embed_batch(model, pixels)[:n]
         # The example (a 600 kB tensor at 224 px) is not kept: nothing downstream needs it.
         return [PredictionResult(None, row) for row in embeddings]
 

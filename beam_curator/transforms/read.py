@@ -101,7 +101,7 @@ def unsafe_member_reason(name: str) -> Optional[str]:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        return (f"tar member name {printable_name(name)!r} is not valid UTF-8, so it cannot "
+        return (f"tar member name '{printable_name(name)}' is not valid UTF-8, so it cannot "
                 "be a sample id")
     return None
 
@@ -181,7 +181,7 @@ def _trailing_data(tar: tarfile.TarFile) -> int:
 # ---- samples ----------------------------------------------------------------------------
 
 def _build_sample(shard: str, url: str, key: str, members: List[Tuple[str, bytes]],
-                  used_ids: set, error: Optional[str] = None) -> ShardSample:
+                  used_ids: dict, error: Optional[str] = None) -> ShardSample:
     """Turn one key's members into a sample; the first image extension wins, the rest are sidecars."""
     sample_id = make_id(shard, key)
     if sample_id in used_ids:
@@ -189,11 +189,15 @@ def _build_sample(shard: str, url: str, key: str, members: List[Tuple[str, bytes
         n = 2
         while f"{sample_id}#{n}" in used_ids:
             n += 1
-        error = error or (f"key {key!r} appears again later in shard {shard!r} (duplicate "
-                          f"key): its first occurrence is {sample_id!r}, this one is "
-                          f"{sample_id}#{n}")
+        if used_ids[sample_id] == key:
+            error = error or (f"key {key!r} appears again later in shard {shard!r} (duplicate "
+                              f"key): its first occurrence is {sample_id!r}, this one is "
+                              f"{sample_id}#{n}")
+        else:
+            error = error or (f"id {sample_id!r} is already taken by an earlier duplicate key "
+                              f"of shard {shard!r} (duplicate key): this one is {sample_id}#{n}")
         sample_id = f"{sample_id}#{n}"
-    used_ids.add(sample_id)
+    used_ids[sample_id] = key
     fields = {}
     for ext, data in members:
         if ext in fields:
@@ -218,7 +222,7 @@ def iter_shard(shard: str, url: str) -> Iterator[object]:
     Deterministic: reading the same bytes twice gives the same samples, ids and errors (the
     curated shards are written by reading the source again).
     """
-    used_ids: set = set()
+    used_ids: dict = {}   # id -> the key it was given to
     key, members, key_error = None, [], None
     carry_error = None   # for the first sample after a damaged region
     n_samples = 0
@@ -283,7 +287,7 @@ def iter_shard(shard: str, url: str) -> Iterator[object]:
                     end_error = (f"{url}: corrupt tar header at byte {watch.damage_start} and "
                                  "no valid header after it: the rest of the shard is "
                                  f"unreadable; {n_samples + (key is not None)} sample(s) "
-                                 "before it were read")
+                                 "before it were read, the last of them is marked error")
                 elif tail and tail[0] in ("eof", "cut") and tail[1] > 0:
                     if key is not None:
                         key_error = key_error or (
@@ -309,7 +313,7 @@ def iter_shard(shard: str, url: str) -> Iterator[object]:
         if end_error:
             yield ErrorRecord(shard=shard, stage=STAGE_READ, reason=end_error)
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        reason = _describe_tar_error(exc, url, n_samples + (key is not None))
+        reason = _describe_tar_error(exc, url, n_samples, key is not None)
         if key is not None:
             # The sample being read when the damage hit is incomplete: an error, never a guess.
             key_error = f"shard damaged while reading this sample: {reason}"
@@ -317,14 +321,17 @@ def iter_shard(shard: str, url: str) -> Iterator[object]:
         yield ErrorRecord(shard=shard, stage=STAGE_READ, reason=reason)
 
 
-def _describe_tar_error(exc: Exception, url: str, n_read: int) -> str:
+def _describe_tar_error(exc: Exception, url: str, n_complete: int, in_progress: bool) -> str:
     text = str(exc) or type(exc).__name__
-    if n_read == 0 and isinstance(exc, tarfile.ReadError) and "empty" in text.lower():
+    started = n_complete or in_progress
+    if not started and isinstance(exc, tarfile.ReadError) and "empty" in text.lower():
         return f"{url} is empty (no tar data)"
-    if n_read == 0 and isinstance(exc, tarfile.ReadError):
+    if not started and isinstance(exc, tarfile.ReadError):
         return f"{url} is not a readable tar archive ({text})"
-    after = (f"; reading stopped there, {n_read} sample(s) before it were read"
-             if n_read else "")
+    after = ""
+    if started:
+        after = (f"; reading stopped there: {n_complete} complete sample(s) before it were "
+                 "read" + (", the sample being read is marked error" if in_progress else ""))
     if isinstance(exc, (EOFError, tarfile.StreamError)) or "unexpected end" in text:
         return f"{url} is truncated ({text}){after}"
     if isinstance(exc, tarfile.ReadError):

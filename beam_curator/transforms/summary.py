@@ -72,6 +72,11 @@ class WriteSummaryFn(beam.DoFn):
                        summary)
             raise AccountingError(
                 f"accounting failed: {summary['accounting']} — see summary.FAILED.json")
+        # Every other output is complete (side inputs): clear temp files that failed or
+        # retried attempts left, then mark the run finished.
+        from beam_curator.outputs import remove_temp_files
+
+        remove_temp_files(self._path.rsplit("/", 1)[0])
         yield write_json(self._path, summary)
 
 

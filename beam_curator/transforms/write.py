@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import uuid
 from typing import Callable, Iterable, List, Optional
 
 import apache_beam as beam
@@ -21,16 +22,43 @@ TMP_PREFIX = ".tmp-"
 
 
 def _atomic_write(path: str, write: Callable[[object], None]) -> str:
-    """Write through `write(stream)` to a temp name beside `path`, then rename into place."""
+    """Write through `write(stream)` to a temp name beside `path`, then rename into place.
+
+    The temp name is unique per attempt (`.tmp-<random>-<name>`): a retried or speculative
+    bundle writing the same file never shares a temp file with another attempt. A failed
+    attempt deletes its temp file; whatever a killed worker leaves is removed by the next
+    run's prepare_output and before summary.json is written.
+    """
     directory, name = path.rsplit("/", 1) if "/" in path else ("", path)
-    tmp = FileSystems.join(directory, TMP_PREFIX + name) if directory else TMP_PREFIX + name
-    FileSystems.mkdirs(directory) if directory and not FileSystems.exists(directory) else None
-    with FileSystems.create(tmp) as stream:
-        write(stream)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
+    tmp_name = f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
+    tmp = FileSystems.join(directory, tmp_name) if directory else tmp_name
+    if directory:
+        _mkdirs(directory)
+    try:
+        with FileSystems.create(tmp) as stream:
+            write(stream)
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+        FileSystems.rename([tmp], [path])
+    except BaseException:
+        try:
+            if FileSystems.exists(tmp):
+                FileSystems.delete([tmp])
+        except Exception:   # noqa: BLE001 - the original error is the one to report
+            pass
+        raise
     return path
+
+
+def _mkdirs(directory: str) -> None:
+    """mkdir -p that tolerates another worker creating the same directory at the same time."""
+    if FileSystems.exists(directory):
+        return
+    try:
+        FileSystems.mkdirs(directory)
+    except IOError:
+        if not FileSystems.exists(directory):
+            raise
 
 
 def embeddings_to_arrow(vectors: List[np.ndarray]) -> pa.Array:
