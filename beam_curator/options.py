@@ -88,7 +88,10 @@ class CuratorOptions(PipelineOptions):
         _flag(parser, "device", default="auto", choices=DEVICES,
               help="auto: CUDA when available, else CPU (logged).")
         _flag(parser, "precision", default="auto", choices=PRECISIONS,
-              help="Autocast dtype on GPU; auto = bf16 on GPU, fp32 on CPU.")
+              help="Weight dtype on GPU; auto = bf16 on GPU, fp32 on CPU.")
+        _flag(parser, "torch_compile", type=_bool, default=False,
+              help="torch.compile the image tower on GPU (about a minute of compiling per "
+                   "worker; pays off on long runs).")
         _flag(parser, "inference_batch_size", type=int, default=64,
               help="Largest batch RunInference forms.")
         _flag(parser, "min_inference_batch_size", type=int, default=None,

@@ -20,7 +20,7 @@ def test_gpu_embed_bench_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])     # the last line is the JSON
     handler = results["handler"]
-    assert handler["device"] == "cpu" and handler["autocast"] == "fp32"
+    assert handler["device"] == "cpu" and handler["weights"] == "fp32"
     assert set(handler["batches"]) == {"8", "16"}
     for row in handler["batches"].values():
         assert row["handler_images_per_s"] > 0 and row["model_images_per_s"] > 0

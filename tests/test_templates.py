@@ -57,6 +57,7 @@ GOOD = {
     "inference_batch_size": ["64", "256", "1"],
     "min_inference_batch_size": ["1", "8", "64"],
     "large_model": ["true", "false"],
+    "torch_compile": ["true", "false"],
     "model_copies": ["1", "2", "8"],
     "inference_accelerator": [
         "type:nvidia-l4;count:1;install-nvidia-driver",
@@ -92,6 +93,7 @@ BAD = {
     "inference_batch_size": ["0", "-8", "64.0", "many", ""],
     "min_inference_batch_size": ["0", "-1", "1.5", ""],
     "large_model": ["yes", "on", ""],
+    "torch_compile": ["1", "maybe", ""],
     "model_copies": ["0", "-1", "100", "one", ""],
     "inference_accelerator": ["nvidia-l4", "type:nvidia-l4", "count:1;type:nvidia-l4",
                               "type:nvidia-l4;count:0", "type:nvidia-l4;count:1;install",
@@ -152,9 +154,10 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect(socket.socket.connect_ex))
     monkeypatch.setenv("NO_GCE_CHECK", "True")   # google-auth: skip the metadata server probe
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(5)
     yield
-    socket.setdefaulttimeout(None)
+    socket.setdefaulttimeout(previous)
 
 
 def _pyproject() -> dict:

@@ -1,4 +1,8 @@
-"""Decode + preprocess: image bytes -> (SampleInfo, CLIP input tensor), or an error sample.
+"""Decode + preprocess: image bytes -> (SampleInfo, uint8 CHW pixels), or an error sample.
+
+Resizing and cropping (open_clip's eval transform) happen here, on the CPU workers; the
+float conversion and normalisation happen on the inference device (transforms/embed.py), so
+elements between the two stages are 4x smaller and the host-to-GPU copy is uint8.
 
 One bad image never fails its shard: whatever Pillow or the preprocessing raises becomes a
 SampleResult with status `error`, stage `decode` and a reason that names the cause. The image
@@ -32,13 +36,48 @@ def read_preprocess_cfg(model_dir: str) -> dict:
     return cfg
 
 
-def build_preprocess(preprocess_cfg: dict):
-    """The same eval transform open_clip builds for the model (resize, crop, normalise)."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+def _open_clip_cfg(preprocess_cfg: dict):
+    from open_clip.transform import PreprocessCfg
 
     known = {f.name for f in dataclasses.fields(PreprocessCfg)}
-    cfg = PreprocessCfg(**{k: v for k, v in preprocess_cfg.items() if k in known})
-    return image_transform_v2(cfg, is_train=False)
+    return PreprocessCfg(**{k: v for k, v in preprocess_cfg.items() if k in known})
+
+
+def build_preprocess(preprocess_cfg: dict):
+    """open_clip's eval transform up to (not including) ToTensor + Normalize -> uint8 CHW.
+
+    Feeding `normalize_pixels` with this output gives exactly open_clip's full transform.
+    """
+    import torch
+    from open_clip.transform import image_transform_v2
+
+    full = image_transform_v2(_open_clip_cfg(preprocess_cfg), is_train=False)
+    steps = list(full.transforms)
+    cut = next(i for i, step in enumerate(steps) if "ToTensor" in type(step).__name__)
+    geometric = steps[:cut]
+
+    def to_pixels(image):
+        for step in geometric:
+            image = step(image)
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    return to_pixels
+
+
+def normalization(preprocess_cfg: dict):
+    """(mean, std) per channel, as open_clip's Normalize uses them."""
+    cfg = _open_clip_cfg(preprocess_cfg)
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+def normalize_pixels(pixels, mean, std):
+    """uint8 (n, 3, H, W) -> float32, scaled to [0, 1] and normalised (ToTensor + Normalize)."""
+    import torch
+
+    x = pixels.to(torch.float32).div_(255.0)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
 
 
 class ImageError(ValueError):
@@ -113,7 +152,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class DecodeFn(beam.DoFn):
-    """ShardSample -> (SampleInfo, float32 CHW tensor); SampleResult(error) to `errors`."""
+    """ShardSample -> (SampleInfo, uint8 CHW pixels); SampleResult(error) to `errors`."""
 
     def __init__(self, model_dir: str, max_pixels: int):
         self._model_dir = model_dir
