@@ -191,6 +191,10 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
         raise OptionError(f"--kmeans_sample_size {opts.kmeans_sample_size} must be >= 1.")
     if opts.pairwise_block_size < 1:
         raise OptionError(f"--pairwise_block_size {opts.pairwise_block_size} must be >= 1.")
+    if opts.border_margin is not None and opts.which_to_keep == "random":
+        raise OptionError("--border_margin needs --which_to_keep hard or easy: a random order "
+                          "is drawn per cluster, so a pair seen in two clusters could lose "
+                          "both members.")
     if opts.border_margin is not None and not (0.0 <= opts.border_margin <= 2.0):
         raise OptionError(f"--border_margin {opts.border_margin} must be a cosine distance "
                           "in [0, 2] (try 0.02), or left out.")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems

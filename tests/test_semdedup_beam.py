@@ -136,3 +136,16 @@ def test_border_margin_only_adds_duplicates(planted, trained, tmp_path):
     default = {r["id"] for r in read_dir(out / "dedup" / "duplicates")}
     border = {r["id"] for r in read_dir(tmp_path / "dedup" / "duplicates")}
     assert default <= border
+    # One priority per point in every cluster it joins: no planted pair loses both members.
+    for copy, (source, _) in planted[2].items():
+        assert not (copy in border and source in border), copy
+    kmeans = read_dir(tmp_path / "dedup" / "kmeans")
+    assert len(kmeans) == len({r["id"] for r in kmeans})   # one row per point: its home
+
+
+def test_border_margin_refuses_random_order():
+    from beam_curator.options import OptionError, curator_options, validate_options
+
+    with pytest.raises(OptionError, match="hard or easy"):
+        validate_options(curator_options(["--border_margin", "0.05",
+                                          "--which_to_keep", "random"]))

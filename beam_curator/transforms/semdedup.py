@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -162,49 +162,113 @@ def read_staged_rows(path: str, dim: int, rows: Optional[Sequence[int]]) -> np.n
     return array if rows is None else array[np.asarray(rows, dtype=np.int64)]
 
 
-# ---- members: what the GroupByKey per cluster carries --------------------------------------
+# ---- members: what the GroupByKey per cluster carries -------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Member:
-    id: str
-    payload: Any
-    cos_dist: float
-    l2_dist: float
-    staged: Optional[Tuple[str, int]] = None   # (staged file, row)
-    vector: Optional[bytes] = None             # shuffle transport
-    border: bool = False                       # a second membership (--border_margin)
+class Members:
+    """Columns of some members of one cluster: one Beam element per (chunk, cluster), so the
+    shuffle moves a few arrays instead of one pickled object per sample.
 
+    Vectors come inline (`vectors`, shuffle transport) or as references: `rows[i]` of the
+    staged file `paths[path_index[i]]` (staged transport).
+    """
 
-def load_member_vectors(members: Sequence[Member], dim: int) -> np.ndarray:
-    if not members:
-        return np.zeros((0, dim), dtype=np.float32)
-    if members[0].vector is not None:
-        return np.frombuffer(b"".join(m.vector for m in members),
-                             dtype=np.float32).reshape(len(members), -1)
-    out = np.empty((len(members), dim), dtype=np.float32)
-    by_file: Dict[str, List[Tuple[int, int]]] = {}
-    for position, member in enumerate(members):
-        path, row = member.staged
-        by_file.setdefault(path, []).append((position, row))
-    for path, pairs in by_file.items():
-        positions, rows = zip(*pairs)
-        out[list(positions)] = read_staged_rows(path, dim, rows)
-    return out
+    ids: Tuple[str, ...]
+    cos_dist: np.ndarray                  # float32, to the HOME centroid (the rank priority)
+    l2_dist: np.ndarray                   # float32
+    border: np.ndarray                    # bool: a second membership (--border_margin)
+    payloads: Optional[Tuple[Any, ...]] = None
+    vectors: Optional[np.ndarray] = None
+    paths: Tuple[str, ...] = ()
+    path_index: Optional[np.ndarray] = None
+    rows: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, index) -> "Members":
+        index = np.asarray(index, dtype=np.int64)
+        pick = lambda a: None if a is None else a[index]   # noqa: E731
+        return Members(
+            ids=tuple(self.ids[i] for i in index), cos_dist=self.cos_dist[index],
+            l2_dist=self.l2_dist[index], border=self.border[index],
+            payloads=None if self.payloads is None else tuple(self.payloads[i] for i in index),
+            vectors=pick(self.vectors), paths=self.paths, path_index=pick(self.path_index),
+            rows=pick(self.rows))
+
+    @staticmethod
+    def concat(parts: Sequence["Members"]) -> "Members":
+        parts = [p for p in parts if len(p)]
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])   # noqa: E731
+        paths, path_index = (), None
+        if parts[0].rows is not None:
+            paths = tuple(sorted({path for p in parts for path in p.paths}))
+            where = {path: i for i, path in enumerate(paths)}
+            path_index = np.concatenate([
+                np.array([where[path] for path in p.paths], dtype=np.int32)[p.path_index]
+                for p in parts])
+        return Members(
+            ids=tuple(i for p in parts for i in p.ids), cos_dist=cat("cos_dist"),
+            l2_dist=cat("l2_dist"), border=cat("border"),
+            payloads=(None if parts[0].payloads is None
+                      else tuple(x for p in parts for x in p.payloads)),
+            vectors=cat("vectors") if parts[0].vectors is not None else None,
+            paths=paths, path_index=path_index,
+            rows=cat("rows") if parts[0].rows is not None else None)
+
+    def load_vectors(self, dim: int) -> np.ndarray:
+        if self.vectors is not None:
+            return self.vectors
+        out = np.empty((len(self), dim), dtype=np.float32)
+        for p, path in enumerate(self.paths):
+            where = np.flatnonzero(self.path_index == p)
+            if where.size:
+                out[where] = read_staged_rows(path, dim, self.rows[where])
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
-class MemberResult:
-    member: Member
+class Decisions:
+    """SemDeDup's answer for some members of one cluster (all of it, or one block)."""
+
     cluster: int
-    max_id: str
-    cosine_sim: float
-    is_duplicate: bool
+    members: Members                      # vectors dropped
+    max_ids: Tuple[str, ...]
+    cosine_sim: np.ndarray                # float32
+    is_duplicate: np.ndarray              # bool
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def rows(self):
+        """(id, payload, max_id, cosine_sim, is_duplicate) per member."""
+        m = self.members
+        payloads = m.payloads or (None,) * len(m)
+        return zip(m.ids, payloads, self.max_ids, self.cosine_sim.tolist(),
+                   self.is_duplicate.tolist())
+
+
+def _without_vectors(members: Members) -> Members:
+    return dataclasses.replace(members, vectors=None, paths=(), path_index=None, rows=None)
+
+
+def _decide(cluster: int, members: Members, max_sim: np.ndarray, argmax: np.ndarray, eps: float,
+            id_of_rank) -> Decisions:
+    """Turn per-member maxima into decisions; argmax -1 = first-ranked (own id, 0.0, as NeMo)."""
+    first = argmax < 0
+    sims = np.where(first, np.float32(0.0), max_sim).astype(np.float32)
+    dup = is_duplicate(max_sim, eps) & ~first
+    max_ids = tuple(own if a < 0 else id_of_rank(int(a))
+                    for own, a in zip(members.ids, argmax.tolist()))
+    return Decisions(cluster, _without_vectors(members), max_ids, sims, dup)
 
 
 # ---- DoFns ------------------------------------------------------------------------------
 
 class SampleForTrainingFn(beam.DoFn):
-    """Chunk -> (id, float32 bytes) of the rows in the k-means training sample."""
+    """Chunk -> (ids, float32 rows) of its rows in the k-means training sample."""
 
     def __init__(self, config: DedupConfig):
         self._config = config
@@ -212,28 +276,29 @@ class SampleForTrainingFn(beam.DoFn):
     def process(self, chunk: Chunk, n_total: int, exact_dups: Dict[str, str]):
         ids, _, vectors = chunk.load(self._config)
         fraction = km.sample_fraction(n_total, self._config.sample_size)
-        for row in np.flatnonzero(km.sample_mask(ids, fraction, self._config.seed)):
-            if ids[row] not in exact_dups:
-                yield ids[row], vectors[row].tobytes()
+        rows = [r for r in np.flatnonzero(km.sample_mask(ids, fraction, self._config.seed))
+                if ids[r] not in exact_dups]
+        if rows:
+            yield [ids[r] for r in rows], vectors[rows]
 
 
-def train_centroids(sample: List[Tuple[str, bytes]], config: DedupConfig) -> np.ndarray:
+def train_centroids(sample: List[Tuple[List[str], np.ndarray]], config: DedupConfig
+                    ) -> np.ndarray:
     """Sorted by id first, so every runner and chunking trains on the same matrix."""
-    if not sample:
+    ids = [i for part_ids, _ in sample for i in part_ids]
+    if not ids:
         return np.zeros((0, 0), dtype=np.float32)
-    sample = sorted(sample)
-    vectors = np.frombuffer(b"".join(v for _, v in sample),
-                            dtype=np.float32).reshape(len(sample), -1)
-    k = min(config.n_clusters, len(sample))
+    vectors = np.concatenate([v for _, v in sample])[np.argsort(np.array(ids), kind="stable")]
+    k = min(config.n_clusters, len(ids))
     if k < config.n_clusters:
         _LOG.warning("only %d embeddings to train on: using %d clusters instead of "
-                     "--n_clusters %d", len(sample), k, config.n_clusters)
+                     "--n_clusters %d", len(ids), k, config.n_clusters)
     return km.train_kmeans(vectors, k, n_iter=config.kmeans_iterations, seed=config.seed,
                            spherical=True)
 
 
 class AssignFn(beam.DoFn):
-    """Chunk -> (cluster, Member) for every candidate row; stages vectors when asked."""
+    """Chunk -> (cluster, Members) per cluster present in it; stages vectors when asked."""
 
     def __init__(self, config: DedupConfig):
         self._config = config
@@ -241,11 +306,10 @@ class AssignFn(beam.DoFn):
 
     def process(self, chunk: Chunk, centroids: np.ndarray, exact_dups: Dict[str, str]):
         ids, payloads, vectors = chunk.load(self._config)
-        keep = [r for r, i in enumerate(ids) if i not in exact_dups]
-        if not keep or centroids.size == 0:
+        keep = np.array([r for r, i in enumerate(ids) if i not in exact_dups], dtype=np.int64)
+        if not keep.size or centroids.size == 0:
             return
-        payloads = payloads or [None] * len(ids)
-        staged_path, staged_rows = None, keep
+        staged_path = None
         if self._config.transport == STAGED:
             if chunk.staged_path:   # `run` staged this batch already: point into that file
                 staged_path = chunk.staged_path
@@ -254,46 +318,40 @@ class AssignFn(beam.DoFn):
                     self._config.staging_dir, f"assign-{chunk.name}.f32"), vectors)
         vectors = vectors[keep]
         labels, cos_dist, l2_dist = assign_to_centroids(vectors, centroids)
-
-        def member(row: int, cos: float, l2: float, border: bool) -> Member:
-            return Member(id=ids[keep[row]], payload=payloads[keep[row]], cos_dist=float(cos),
-                          l2_dist=float(l2), border=border,
-                          staged=(staged_path, staged_rows[row]) if staged_path else None,
-                          vector=None if staged_path else vectors[row].tobytes())
-
-        for row in range(len(keep)):
-            self.assigned.inc()
-            yield int(labels[row]), member(row, cos_dist[row], l2_dist[row], False)
+        all_members = Members(
+            ids=tuple(ids[r] for r in keep), cos_dist=cos_dist, l2_dist=l2_dist,
+            border=np.zeros(keep.size, dtype=bool),
+            payloads=tuple(payloads[r] for r in keep) if payloads else None,
+            vectors=None if staged_path else vectors,
+            paths=(staged_path,) if staged_path else (),
+            path_index=np.zeros(keep.size, dtype=np.int32) if staged_path else None,
+            rows=keep if staged_path else None)
+        self.assigned.inc(keep.size)
+        memberships = [(labels, np.arange(keep.size), False)]
         if self._config.border_margin is not None and centroids.shape[0] > 1:
             labels2, dists2 = assign_top2(vectors, centroids)
-            for row, cluster in border_assignments(labels2, dists2, self._config.border_margin):
-                l2 = float(np.linalg.norm(vectors[row].astype(np.float64) - centroids[cluster]))
-                yield int(cluster), member(row, dists2[row, 1], l2, True)
+            extra = border_assignments(labels2, dists2, self._config.border_margin)
+            if extra:
+                rows, clusters = (np.array(x, dtype=np.int64) for x in zip(*extra))
+                # The second membership keeps the HOME distance: one rank priority per point
+                # in every cluster it joins keeps any two points in the same order
+                # everywhere, so a near-duplicate pair can never lose both members.
+                memberships.append((clusters, rows, True))
+        for clusters, rows, border in memberships:
+            for cluster in np.unique(clusters):
+                group = all_members.take(rows[clusters == cluster])
+                if border:
+                    group = dataclasses.replace(group, border=np.ones(len(group), dtype=bool))
+                yield int(cluster), group
 
 
-def _ranked(cluster: int, members: Iterable[Member], config: DedupConfig) -> List[Member]:
-    members = list(members)
-    order = rank_cluster([m.id for m in members],
-                         np.array([m.cos_dist for m in members], dtype=np.float32),
-                         config.which_to_keep, config.seed, cluster)
-    return [members[r] for r in order]
-
-
-def _results(cluster: int, members: Sequence[Member], max_sim: np.ndarray, argmax: np.ndarray,
-             eps: float, id_of_rank=None):
-    """MemberResults for `members`; argmax is a rank in the cluster (-1: nothing earlier)."""
-    id_of_rank = id_of_rank or (lambda a: members[a].id)
-    dup = is_duplicate(max_sim, eps)
-    for r, member in enumerate(members):
-        a = int(argmax[r])
-        if a < 0:   # first-ranked: NeMo writes its own id and 0.0
-            yield MemberResult(member, cluster, member.id, 0.0, False)
-        else:
-            yield MemberResult(member, cluster, id_of_rank(a), float(max_sim[r]), bool(dup[r]))
+def _ranked(cluster: int, members: Members, config: DedupConfig) -> Members:
+    return members.take(rank_cluster(list(members.ids), members.cos_dist,
+                                     config.which_to_keep, config.seed, cluster))
 
 
 class PairwiseClusterFn(beam.DoFn):
-    """(cluster, members) -> MemberResults; large clusters go to `blocks` as (cluster, j) work."""
+    """(cluster, [Members]) -> (file key, Decisions); large clusters go to `blocks`."""
 
     BLOCKS = "blocks"
 
@@ -302,42 +360,44 @@ class PairwiseClusterFn(beam.DoFn):
         self._dim = dim
 
     def process(self, element):
-        cluster, members = element
-        ranked = _ranked(cluster, members, self._config)
+        cluster, parts = element
+        ranked = _ranked(cluster, Members.concat(list(parts)), self._config)
         n, size = len(ranked), self._config.block_size
         if n <= size:
-            vectors = load_member_vectors(ranked, self._dim)
+            vectors = ranked.load_vectors(self._dim)
             max_sim, argmax = partial_max(vectors, vectors, True)
-            yield _cluster_file(cluster), list(
-                _results(cluster, ranked, max_sim, argmax, self._config.eps))
+            yield _cluster_file(cluster), _decide(cluster, ranked, max_sim, argmax,
+                                                  self._config.eps, lambda a: ranked.ids[a])
             return
         # Too large for one step: block j of ranked rows meets every block i <= j on its own key.
         for j in range(-(-n // size)):
             j0, j1 = block_range(n, size, j)
+            block_j = ranked.take(np.arange(j0, j1))
             for i in range(j + 1):
                 i0, i1 = block_range(n, size, i)
-                yield beam.pvalue.TaggedOutput(self.BLOCKS, (
-                    (cluster, j), (i0, tuple(ranked[i0:i1]), j0, tuple(ranked[j0:j1]))))
+                block_i = block_j if i == j else ranked.take(np.arange(i0, i1))
+                yield beam.pvalue.TaggedOutput(self.BLOCKS, ((cluster, j), (i0, block_i, j0,
+                                                                            block_j)))
 
 
 class BlockPartialFn(beam.DoFn):
-    """((cluster, j), (i, i0, block i, j0, block j)) -> ((cluster, j), partial for block j)."""
+    """((cluster, j), (i0, block i, j0, block j)) -> ((cluster, j), partial for block j)."""
 
     def __init__(self, dim: int):
         self._dim = dim
 
     def process(self, element):
         key, (i0, block_i, j0, block_j) = element
-        vi = load_member_vectors(block_i, self._dim)
-        vj = vi if i0 == j0 else load_member_vectors(block_j, self._dim)
-        max_sim, argmax_local = partial_max(vi, vj, i0 == j0)
-        ids_i = [m.id for m in block_i]
-        yield key, (i0, max_sim, local_to_global(argmax_local, i0), block_j if i0 == j0 else None,
-                    ids_i)
+        same = i0 == j0
+        vi = block_i.load_vectors(self._dim)
+        vj = vi if same else block_j.load_vectors(self._dim)
+        max_sim, argmax_local = partial_max(vi, vj, same)
+        yield key, (i0, max_sim, local_to_global(argmax_local, i0),
+                    _without_vectors(block_j) if same else None, block_i.ids)
 
 
 class CombineBlocksFn(beam.DoFn):
-    """All partials of (cluster, block j) -> MemberResults of block j's rows, exactly."""
+    """All partials of (cluster, block j) -> (file key, Decisions of block j), exactly."""
 
     def __init__(self, eps: float):
         self._eps = eps
@@ -351,30 +411,55 @@ class CombineBlocksFn(beam.DoFn):
             for offset, id_ in enumerate(ids_i):
                 id_of[i0 + offset] = id_
         max_sim, argmax = combine_partials([(p[1], p[2]) for p in partials])
-        yield f"{_cluster_file(cluster)}-block-{j:04d}", list(
-            _results(cluster, block_j, max_sim, argmax, self._eps, id_of.__getitem__))
+        yield (f"{_cluster_file(cluster)}-block-{j:04d}",
+               _decide(cluster, block_j, max_sim, argmax, self._eps, id_of.__getitem__))
 
 
-def merge_memberships(results: Iterable[MemberResult]) -> MemberResult:
-    """A border point has two memberships: it is a duplicate if either says so."""
-    results = sorted(results, key=lambda r: (r.member.border, r.cluster))
-    home = results[0]
-    dup = [r for r in results if r.is_duplicate]
-    if not dup:
-        best = max(results, key=lambda r: r.cosine_sim)
-        return dataclasses.replace(home, max_id=best.max_id, cosine_sim=best.cosine_sim)
-    best = max(dup, key=lambda r: r.cosine_sim)
-    return dataclasses.replace(home, max_id=best.max_id, cosine_sim=best.cosine_sim,
-                               is_duplicate=True)
+def merge_memberships(rows) -> tuple:
+    """A border point's memberships -> one row: a duplicate if either membership says so.
+
+    rows: (cluster, border, id, payload, cos, l2, max_id, sim, dup) per membership.
+    """
+    rows = sorted(rows, key=lambda r: (r[1], r[0]))   # the home membership first
+    home, dups = rows[0], [r for r in rows if r[8]]
+    best = max(dups or rows, key=lambda r: r[7])
+    return home[:6] + (best[6], best[7], bool(dups))
+
+
+def _membership_rows(element):
+    _, decisions = element
+    m = decisions.members
+    for k, (id_, payload, max_id, sim, dup) in enumerate(decisions.rows()):
+        yield id_, (decisions.cluster, bool(m.border[k]), id_, payload,
+                    float(m.cos_dist[k]), float(m.l2_dist[k]), max_id, sim, dup)
+
+
+def _decisions_from_rows(element):
+    cluster, rows = element
+    rows = sorted(rows, key=lambda r: r[2])
+    members = Members(ids=tuple(r[2] for r in rows),
+                      cos_dist=np.array([r[4] for r in rows], np.float32),
+                      l2_dist=np.array([r[5] for r in rows], np.float32),
+                      border=np.zeros(len(rows), bool),
+                      payloads=tuple(r[3] for r in rows))
+    return _cluster_file(cluster), Decisions(
+        cluster, members, tuple(r[6] for r in rows), np.array([r[7] for r in rows], np.float32),
+        np.array([r[8] for r in rows], bool))
 
 
 # ---- the transforms ---------------------------------------------------------------------
 
 @dataclasses.dataclass
 class DedupOutputs:
-    results: beam.PCollection    # MemberResult per candidate (exact dups included, see below)
+    decisions: beam.PCollection  # Decisions per cluster (or block); exact dups not in them
     exact: beam.PCollection      # (dup id, payload, survivor id)
     written: list                # PCollections whose completion means dedup/ is written
+
+
+@dataclasses.dataclass
+class RunDedupOutputs:
+    results: beam.PCollection    # SampleResult per candidate: kept / exact / semantic duplicate
+    written: list                # completion of OUTPUT/dedup/ and of the staging cleanup
 
 
 class SemanticDedupCore(beam.PTransform):
@@ -422,50 +507,49 @@ class SemanticDedupCore(beam.PTransform):
                          | "BlockPartials" >> beam.ParDo(BlockPartialFn(self._dim))
                          | "GroupByBlock" >> beam.GroupByKey()
                          | "CombineBlocks" >> beam.ParDo(CombineBlocksFn(config.eps)))
-        # Each element: (file key, the MemberResults of one cluster or one block of it).
-        batches = (pairwise.results, block_results) | "AllMemberships" >> beam.Flatten()
+        # Each element: (file key, Decisions of one cluster or one block of it).
+        decisions = (pairwise.results, block_results) | "AllDecisions" >> beam.Flatten()
         if config.border_margin is not None:
-            batches = (batches
-                       | "Memberships" >> beam.FlatMap(lambda kv: kv[1])
-                       | "ById" >> beam.Map(lambda r: (r.member.id, r))
-                       | "GroupMemberships" >> beam.GroupByKey()
-                       | "MergeMemberships" >> beam.MapTuple(lambda _, rs: merge_memberships(rs))
-                       | "ByHomeCluster" >> beam.Map(lambda r: (_cluster_file(r.cluster), r))
-                       | "GroupByHome" >> beam.GroupByKey()
-                       | "AsLists" >> beam.MapTuple(lambda key, rs: (key, list(rs))))
-        # Outputs are written where the results are made: no further shuffle of 1M rows.
-        written_batches = batches | "WriteClusterOutputs" >> beam.ParDo(
+            decisions = (decisions
+                         | "Memberships" >> beam.FlatMap(_membership_rows)
+                         | "GroupMemberships" >> beam.GroupByKey()
+                         | "MergeMemberships" >> beam.MapTuple(
+                             lambda _, rows: merge_memberships(rows))
+                         | "ByHomeCluster" >> beam.Map(lambda r: (r[0], r))
+                         | "GroupByHome" >> beam.GroupByKey()
+                         | "AsDecisions" >> beam.Map(_decisions_from_rows))
+        # Outputs are written where the decisions are made: no further shuffle of rows.
+        written_decisions = decisions | "WriteClusterOutputs" >> beam.ParDo(
             WriteClusterOutputsFn(config.dedup_dir))
-        results = batches | "Results" >> beam.FlatMap(lambda kv: kv[1])
+        results = decisions | "Decisions" >> beam.Values()
         exact_written = (exact
                          | "GatherExact" >> beam.combiners.ToList()
                          | "WriteExact" >> beam.Map(write_exact_outputs, config.dedup_dir))
-        written = [centroids_written, written_batches, exact_written]
-        return DedupOutputs(results=results, exact=exact, written=written)
+        written = [centroids_written, written_decisions, exact_written]
+        return DedupOutputs(decisions=results, exact=exact, written=written)
 
 
 class WriteClusterOutputsFn(beam.DoFn):
-    """(file key, MemberResults) -> kmeans/, pairwise_results/ and duplicates/ files."""
+    """(file key, Decisions) -> kmeans/, pairwise_results/ and duplicates/ files."""
 
     def __init__(self, dedup_dir: str):
         self._dir = dedup_dir
 
     def process(self, element):
-        key, results = element
-        results = sorted(results, key=lambda r: r.member.id)
-        ids = [r.member.id for r in results]
+        key, decisions = element
+        m = decisions.members
+        order = np.argsort(np.array(m.ids), kind="stable")
+        ids = [m.ids[i] for i in order]
         kmeans = pa.table({
-            "id": ids,
-            "centroid": pa.array([r.cluster for r in results], type=pa.int32()),
-            "cosine_dist_to_cent": pa.array([r.member.cos_dist for r in results], pa.float32()),
-            "l2_dist_to_cent": pa.array([r.member.l2_dist for r in results], pa.float32())},
-            schema=KMEANS_SCHEMA)
+            "id": ids, "centroid": pa.array(np.full(len(ids), decisions.cluster, np.int32)),
+            "cosine_dist_to_cent": pa.array(m.cos_dist[order], pa.float32()),
+            "l2_dist_to_cent": pa.array(m.l2_dist[order], pa.float32())}, schema=KMEANS_SCHEMA)
         pairs = pa.table({
-            "id": ids, "max_id": [r.max_id for r in results],
-            "cosine_sim_score": pa.array([r.cosine_sim for r in results], pa.float32())},
+            "id": ids, "max_id": [decisions.max_ids[i] for i in order],
+            "cosine_sim_score": pa.array(decisions.cosine_sim[order], pa.float32())},
             schema=PAIRWISE_SCHEMA)
-        dups = pa.table({"id": [r.member.id for r in results if r.is_duplicate]},
-                        schema=DUPLICATES_SCHEMA)
+        dups = pa.table({"id": [ids[k] for k, i in enumerate(order)
+                                if decisions.is_duplicate[i]]}, schema=DUPLICATES_SCHEMA)
         name = f"{key}.parquet"
         yield write_parquet(FileSystems.join(self._dir, "kmeans", name), kmeans)
         yield write_parquet(FileSystems.join(self._dir, "pairwise_results", name), pairs)
@@ -566,17 +650,19 @@ class Deduplicate(beam.PTransform):
         hash_pairs = passed | "HashPairs" >> beam.MapTuple(
             lambda info, _: (info.content_hash or info.id, (info.id, info)))
         core = (chunks, hash_pairs) | "SemDeDup" >> SemanticDedupCore(config, self._dim)
-        semantic = core.results | "ToSampleResults" >> beam.Map(lambda r: SampleResult(
-            info=r.member.payload,
-            status=SEMANTIC_DUPLICATE if r.is_duplicate else KEPT,
-            cluster=r.cluster,
-            duplicate_of=r.max_id if r.is_duplicate else None,
-            cosine_sim=r.cosine_sim))
+        semantic = core.decisions | "ToSampleResults" >> beam.FlatMap(_sample_results)
         exact = core.exact | "ExactResults" >> beam.Map(lambda e: SampleResult(
             info=e[1], status=EXACT_DUPLICATE, duplicate_of=e[2], cosine_sim=1.0))
         results = (semantic, exact) | "DedupResults" >> beam.Flatten()
         written = _cleanup_after(config, core.written)
-        return DedupOutputs(results=results, exact=core.exact, written=[written])
+        return RunDedupOutputs(results=results, written=[written])
+
+
+def _sample_results(decisions: Decisions):
+    for _, info, max_id, sim, dup in decisions.rows():
+        yield SampleResult(info=info, status=SEMANTIC_DUPLICATE if dup else KEPT,
+                           cluster=decisions.cluster, duplicate_of=max_id if dup else None,
+                           cosine_sim=sim)
 
 
 def _cleanup_after(config: DedupConfig, written: list):
@@ -656,28 +742,24 @@ class DedupFromParquet(beam.PTransform):
             hash_pairs = pbegin | "NoHashes" >> beam.Create([])
         core = (chunks, hash_pairs) | "SemDeDup" >> SemanticDedupCore(config, dim)
         done = _cleanup_after(config, core.written)
-        n_dups = (
-            (core.results | "SemDup" >> beam.Map(lambda r: int(r.is_duplicate)),
-             core.exact | "ExactDup" >> beam.Map(lambda _: 1))
-            | "AllDupFlags" >> beam.Flatten() | "SumDups" >> beam.CombineGlobally(sum))
-        n_candidates = (
-            (core.results | "One" >> beam.Map(lambda _: 1),
-             core.exact | "OneExact" >> beam.Map(lambda _: 1))
-            | "AllCandidates" >> beam.Flatten() | "CountCandidates" >> beam.CombineGlobally(sum))
-        n_clusters = (core.results
-                      | "Clusters" >> beam.Map(lambda r: r.cluster) | beam.Distinct()
-                      | "CountClusters" >> beam.combiners.Count.Globally())
+        n_exact = core.exact | "CountExact" >> beam.combiners.Count.Globally()
+        n_semantic = (core.decisions
+                      | "DecisionCounts" >> beam.Map(
+                          lambda d: (len(d), int(d.is_duplicate.sum()), d.cluster))
+                      | "Gather" >> beam.combiners.ToList())
         summary = {"command": "dedup", "options": self._recorded, "eps": config.eps,
                    "which_to_keep": config.which_to_keep}
         return (pbegin
                 | "SummaryOnce" >> beam.Create([None])
                 | "WriteDedupSummary" >> beam.Map(
-                    _write_dedup_summary, config, summary,
-                    beam.pvalue.AsSingleton(n_candidates), beam.pvalue.AsSingleton(n_dups),
-                    beam.pvalue.AsSingleton(n_clusters), beam.pvalue.AsList(done)))
+                    _write_dedup_summary, config, summary, beam.pvalue.AsSingleton(n_exact),
+                    beam.pvalue.AsSingleton(n_semantic), beam.pvalue.AsList(done)))
 
 
-def _write_dedup_summary(_, config, summary, n_candidates, n_dups, n_clusters, done):
-    summary = dict(summary, n_embeddings=n_candidates, n_duplicates=n_dups,
-                   n_clusters=n_clusters)
+def _write_dedup_summary(_, config, summary, n_exact, semantic_counts, done):
+    summary = dict(summary,
+                   n_embeddings=n_exact + sum(n for n, _, _ in semantic_counts),
+                   n_duplicates=n_exact + sum(d for _, d, _ in semantic_counts),
+                   n_exact_duplicates=n_exact,
+                   n_clusters=len({c for _, _, c in semantic_counts}))
     return write_json(outputs.summary_file(config.output), summary)
