@@ -103,14 +103,34 @@ class Chunk:
     dim: int = 0
 
     def load(self, config: DedupConfig) -> Tuple[List[str], Optional[list], np.ndarray]:
-        """(ids, payloads, vectors float32 (n, d)) of the candidate rows of this chunk."""
+        """(ids, payloads, vectors float32 (n, d)) of the candidate rows of this chunk.
+
+        A parquet row group is decoded once: in the staged transport its vectors are written
+        to the staging dir on first load, and later loads (assignment after training) read
+        that raw file instead of decoding the parquet again.
+        """
         if self.parquet is not None:
-            return read_parquet_chunk(self.parquet, config)
+            staged = self.staged_copy(config)
+            if staged and FileSystems.exists(staged):
+                ids = [i for i, _ in read_candidate_ids(self.parquet, config, with_hash=False)]
+                return ids, None, read_staged_rows(staged, self.dim, None)
+            ids, payloads, vectors = read_parquet_chunk(self.parquet, config)
+            if staged:
+                write_staged(staged, vectors)
+            return ids, payloads, vectors
         if self.staged_path is not None:
             vectors = read_staged_rows(self.staged_path, self.dim, None)
         else:
             vectors = np.frombuffer(self.inline, dtype=np.float32).reshape(-1, self.dim)
         return list(self.ids), list(self.payloads) if self.payloads else None, vectors
+
+    def staged_copy(self, config: DedupConfig) -> Optional[str]:
+        """Where this chunk's vectors are (or will be) staged; None when not staging here."""
+        if self.staged_path is not None:
+            return self.staged_path
+        if config.transport != STAGED or self.parquet is None or not self.dim:
+            return None
+        return FileSystems.join(config.staging_dir, f"chunk-{self.name}.f32")
 
 
 def read_parquet_chunk(ref: Tuple[str, int], config: DedupConfig):
@@ -268,7 +288,7 @@ def _decide(cluster: int, members: Members, max_sim: np.ndarray, argmax: np.ndar
 # ---- DoFns ------------------------------------------------------------------------------
 
 class SampleForTrainingFn(beam.DoFn):
-    """Chunk -> (ids, float32 rows) of its rows in the k-means training sample."""
+    """Chunk -> (ids, float32 rows or (staged file, dim, rows)) of its training-sample rows."""
 
     def __init__(self, config: DedupConfig):
         self._config = config
@@ -278,8 +298,12 @@ class SampleForTrainingFn(beam.DoFn):
         fraction = km.sample_fraction(n_total, self._config.sample_size)
         rows = [r for r in np.flatnonzero(km.sample_mask(ids, fraction, self._config.seed))
                 if ids[r] not in exact_dups]
-        if rows:
-            yield [ids[r] for r in rows], vectors[rows]
+        if not rows:
+            return
+        staged = chunk.staged_copy(self._config)
+        # Staged: only (file, rows) travel to the trainer, not 3 kB per sampled row.
+        yield [ids[r] for r in rows], ((staged, chunk.dim, np.asarray(rows)) if staged
+                                       else vectors[rows])
 
 
 def train_centroids(sample: List[Tuple[List[str], np.ndarray]], config: DedupConfig
@@ -288,7 +312,8 @@ def train_centroids(sample: List[Tuple[List[str], np.ndarray]], config: DedupCon
     ids = [i for part_ids, _ in sample for i in part_ids]
     if not ids:
         return np.zeros((0, 0), dtype=np.float32)
-    vectors = np.concatenate([v for _, v in sample])[np.argsort(np.array(ids), kind="stable")]
+    parts = [v if isinstance(v, np.ndarray) else read_staged_rows(*v) for _, v in sample]
+    vectors = np.concatenate(parts)[np.argsort(np.array(ids), kind="stable")]
     k = min(config.n_clusters, len(ids))
     if k < config.n_clusters:
         _LOG.warning("only %d embeddings to train on: using %d clusters instead of "
@@ -309,13 +334,9 @@ class AssignFn(beam.DoFn):
         keep = np.array([r for r, i in enumerate(ids) if i not in exact_dups], dtype=np.int64)
         if not keep.size or centroids.size == 0:
             return
-        staged_path = None
-        if self._config.transport == STAGED:
-            if chunk.staged_path:   # `run` staged this batch already: point into that file
-                staged_path = chunk.staged_path
-            else:                   # parquet row groups are not random access: stage once
-                staged_path = write_staged(FileSystems.join(
-                    self._config.staging_dir, f"assign-{chunk.name}.f32"), vectors)
+        # Staged transport: members point into the chunk's staged file (written by `run`'s
+        # batching, or by Chunk.load for a parquet row group) instead of carrying vectors.
+        staged_path = chunk.staged_copy(self._config)
         vectors = vectors[keep]
         labels, cos_dist, l2_dist = assign_to_centroids(vectors, centroids)
         all_members = Members(
@@ -707,7 +728,7 @@ def parquet_chunks(pattern: str, config: DedupConfig) -> Tuple[List[Chunk], int,
                 dim = len(first.column(0)[0])
             for rg in range(parquet.metadata.num_row_groups):
                 chunks.append(Chunk(name=f"{f:05d}-{rg:05d}", parquet=(path, rg)))
-    return chunks, dim, has_hash
+    return [dataclasses.replace(c, dim=dim) for c in chunks], dim, has_hash
 
 
 class HashPairsFn(beam.DoFn):
