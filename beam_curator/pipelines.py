@@ -18,7 +18,6 @@ from beam_curator.options import CuratorOptions, validate_options
 from beam_curator.schema import (ERROR, ERRORS_SCHEMA, KEPT, SAMPLES_SCHEMA, ErrorRecord,
                                  SampleResult)
 from beam_curator.transforms.decode import DecodeImages
-from beam_curator.transforms.embed import EmbedImages, OpenClipModelHandler
 from beam_curator.transforms.filters import ApplyThresholds
 from beam_curator.transforms.read import ReadShardSamples, list_shards
 from beam_curator.transforms.remove import KEEP, REMOVE, RewriteShards, shard_of_id
@@ -53,6 +52,10 @@ def _check_model_dir(opts: CuratorOptions):
 
 def build_front(p: beam.Pipeline, opts: CuratorOptions) -> Front:
     """read -> decode -> RunInference -> scores -> thresholds, and write embeddings/."""
+    # Imported here: apache_beam.ml (RunInference) costs seconds of imports that the `dedup`
+    # and `remove` commands do not need.
+    from beam_curator.transforms.embed import EmbedImages, OpenClipModelHandler
+
     shard_list = list_shards(opts.input)
     handler = OpenClipModelHandler(
         opts.model_dir, device=opts.device, precision=opts.precision,

@@ -595,6 +595,11 @@ def _cluster_file(cluster: int) -> str:
 def count_candidates(chunk: Chunk, config: DedupConfig) -> int:
     if chunk.parquet is None:
         return len(chunk.ids)
+    path, row_group = chunk.parquet
+    with FileSystems.open(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        if "passed_filters" not in parquet.schema_arrow.names:   # every row is a candidate
+            return parquet.metadata.row_group(row_group).num_rows
     return sum(1 for _ in read_candidate_ids(chunk.parquet, config, with_hash=False))
 
 
