@@ -19,6 +19,23 @@ HEIGHT = 240
 _MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 56, 16, 28, 40
 
 
+
+def _svg_open(chart_id: str, title: str) -> list:
+    return [f'<svg class="chart" id="{esc(chart_id)}" role="img" width="{WIDTH}" '
+            f'height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" aria-label="{esc(title)}">',
+            f'<title>{esc(title)}</title>']
+
+
+def _y_grid(ticks, sy, x0: float, x1: float) -> list:
+    """Horizontal grid lines with their tick labels on the y axis."""
+    parts = []
+    for t in ticks:
+        y = sy(t)
+        parts.append(f'<line class="grid" x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}"/>')
+        parts.append(f'<text class="tick" x="{x0 - 6}" y="{y + 4:.1f}" '
+                     f'text-anchor="end">{esc(fmt_num(t))}</text>')
+    return parts
+
 def esc(value) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
@@ -156,15 +173,7 @@ def histogram_svg(edges: np.ndarray, counts: Dict[str, np.ndarray], colors: Dict
     def sy(v: float) -> float:
         return y0 - v / ytop * (y0 - y1)
 
-    parts = [f'<svg class="chart" id="{esc(chart_id)}" role="img" width="{WIDTH}" '
-             f'height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" aria-label="{esc(title)}">',
-             f'<title>{esc(title)}</title>']
-    # grid + y axis
-    for t in ticks:
-        y = sy(t)
-        parts.append(f'<line class="grid" x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}"/>')
-        parts.append(f'<text class="tick" x="{x0 - 6}" y="{y + 4:.1f}" '
-                     f'text-anchor="end">{esc(fmt_num(t))}</text>')
+    parts = _svg_open(chart_id, title) + _y_grid(ticks, sy, x0, x1)
     # bars
     for i in range(n_bars):
         bottom = 0
@@ -238,14 +247,7 @@ def bars_svg(values: Sequence[Dict[str, int]], colors: Dict[str, str], *, title:
     def sy(v: float) -> float:
         return y0 - v / ytop * (y0 - y1)
 
-    parts = [f'<svg class="chart" id="{esc(chart_id)}" role="img" width="{WIDTH}" '
-             f'height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" aria-label="{esc(title)}">',
-             f'<title>{esc(title)}</title>']
-    for t in ticks:
-        y = sy(t)
-        parts.append(f'<line class="grid" x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}"/>')
-        parts.append(f'<text class="tick" x="{x0 - 6}" y="{y + 4:.1f}" '
-                     f'text-anchor="end">{esc(fmt_num(t))}</text>')
+    parts = _svg_open(chart_id, title) + _y_grid(ticks, sy, x0, x1)
     for i, item in enumerate(values):
         left = x0 + i * slot
         w = max(0.5, slot - (1 if slot > 3 else 0))
