@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random-weight model dir and a small synthetic webdataset, made once."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -47,3 +48,9 @@ def run_args(*, input_glob: str, output: str, model_dir: str, **options) -> list
 from flink_support import (flink_job_server_jar, flink_session_cluster,  # noqa: E402,F401
                            pytest_runtest_makereport, python_job_service,
                            reap_flink_job_servers)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Beam stops its Flink job-server JVMs at interpreter exit and logs a warning for each,
+    # after pytest's summary: keep pytest's summary the last thing a run prints.
+    logging.getLogger("apache_beam.utils.subprocess_server").setLevel(logging.ERROR)
