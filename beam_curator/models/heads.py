@@ -190,7 +190,8 @@ def check_head_dims(clip_embed_dim: int, aesthetic: Optional[nn.Module] = None,
 
 
 class ScoreHeads:
-    """Both heads together: ``score(embeddings) -> (aesthetic, nsfw)`` as float32 arrays."""
+    """Both heads together: ``score(embeddings) -> (aesthetic, nsfw)`` as float32 arrays,
+    computed in float64 so that a sample's score does not depend on its batch."""
 
     def __init__(self, aesthetic: AestheticHead, nsfw: NsfwHead,
                  device: Union[str, torch.device] = "cpu"):
@@ -199,8 +200,11 @@ class ScoreHeads:
                 f"aesthetic head expects {aesthetic.input_dim} dims, NSFW head {nsfw.input_dim}"
             )
         self.device = torch.device(device)
-        self.aesthetic = aesthetic.to(self.device).eval()
-        self.nsfw = nsfw.to(self.device).eval()
+        # float64: a float32 matmul's last bits depend on the batch shape, and Beam batches
+        # adaptively; in float64 every batching rounds to the same float32 scores (reruns
+        # stay byte-identical). The heads are small, so the cost is negligible.
+        self.aesthetic = aesthetic.to(self.device, torch.float64).eval()
+        self.nsfw = nsfw.to(self.device, torch.float64).eval()
 
     @classmethod
     def from_model_dir(cls, model_dir: str, device: Union[str, torch.device] = "cpu",
@@ -219,8 +223,7 @@ class ScoreHeads:
         x = np.asarray(embeddings)
         if x.ndim != 2 or x.shape[1] != self.input_dim:
             raise ValueError(f"expected embeddings of shape (n, {self.input_dim}), got {x.shape}")
-        # float32 always: the heads' weights are float32 and autocast would cost accuracy.
-        batch = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        batch = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).to(self.device)
         with torch.no_grad():
             aesthetic = self.aesthetic(batch)
             nsfw = self.nsfw(batch)
