@@ -5,14 +5,12 @@ on each way we run Beam on Flink (see tests/flink_support.py):
 * FlinkRunner with an embedded Flink (``--flink_master=[local]``)
 * FlinkRunner against a standalone Flink session cluster (JobManager + TaskManager JVMs)
 
-Fixtures come from tests/flink_support.py (wired in tests/conftest.py, or run with
-``PYTHONPATH=tests pytest -p flink_support``).
+Fixtures come from tests/flink_support.py, imported once in tests/conftest.py.
 """
 from __future__ import annotations
 
 import glob
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,21 +20,8 @@ import pytest
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-import flink_support
 from flink_support import flink_pipeline_args
 
-
-def _conftest_provides(name: str) -> bool:
-    return any(os.path.basename(getattr(m, "__file__", None) or "") == "conftest.py"
-               and hasattr(m, name) for m in list(sys.modules.values()))
-
-
-# Until tests/conftest.py imports the fixtures (and then: never twice, or the session
-# cluster would be started once per definition), take them from flink_support here.
-for _name in ("flink_job_server_jar", "flink_session_cluster", "python_job_service",
-              "reap_flink_job_servers"):
-    if not _conftest_provides(_name):
-        globals()[_name] = getattr(flink_support, _name)
 
 pytestmark = [pytest.mark.flink, pytest.mark.timeout(600)]
 
