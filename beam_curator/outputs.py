@@ -11,7 +11,6 @@ from typing import List
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator.options import CuratorOptions, OptionError
-from beam_curator.schema import EMBEDDINGS_SCHEMA, REJECTED_SCHEMA  # noqa: F401  re-exported
 from beam_curator.transforms.write import TMP_PREFIX, write_json
 
 SUMMARY = "summary.json"

@@ -15,8 +15,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_curator import outputs
 from beam_curator.options import CuratorOptions, validate_options
-from beam_curator.schema import (ERROR, ERRORS_SCHEMA, KEPT, SAMPLES_SCHEMA, ErrorRecord,
-                                 SampleResult)
+from beam_curator.schema import (EMBEDDINGS_SCHEMA, ERROR, ERRORS_SCHEMA, KEPT, REJECTED_SCHEMA,
+                                 SAMPLES_SCHEMA, ErrorRecord, SampleResult)
 from beam_curator.transforms.decode import DecodeImages
 from beam_curator.transforms.filters import ApplyThresholds
 from beam_curator.transforms.read import ReadShardSamples, list_shards
@@ -78,7 +78,7 @@ def build_front(p: beam.Pipeline, opts: CuratorOptions) -> Front:
              lambda result, emb: (result.info.shard, _embedding_row(result.info, emb, False))))
         | "AllEmbeddings" >> beam.Flatten())
     embeddings_written = embedding_rows | "WriteEmbeddings" >> WriteParquetByShard(
-        outputs.embeddings_dir(opts.output), outputs.EMBEDDINGS_SCHEMA, vector_column="embedding")
+        outputs.embeddings_dir(opts.output), EMBEDDINGS_SCHEMA, vector_column="embedding")
 
     rejected = ((decoded.errors,
                  split.filtered | "DropVectors" >> beam.MapTuple(lambda result, _: result))
@@ -142,7 +142,7 @@ def build_embed(p: beam.Pipeline, options) -> None:
     rejected_written = (front.rejected
                         | "RejectedRows" >> beam.Map(lambda r: {"id": r.id, "status": r.status})
                         | "WriteRejected" >> WriteSingleParquet(
-                            outputs.rejected_file(opts.output), outputs.REJECTED_SCHEMA))
+                            outputs.rejected_file(opts.output), REJECTED_SCHEMA))
     _write_results(results, front, opts, curated=False,
                    extra=_run_extra(opts, manifest, "embed"), more_written=[rejected_written])
 

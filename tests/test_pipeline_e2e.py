@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import io
 import json
 import os
 import tarfile

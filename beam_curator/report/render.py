@@ -210,7 +210,7 @@ def _accounting(data: RunData) -> str:
                     f'<td class="num">{n:,}</td><td class="num">{_pct(n, total_in)}</td></tr>')
     total = sum(int(v) for v in counts.values())
     ok = acc.get("ok", total == total_in)
-    check = (f'<span class="ok">OK</span>' if ok else '<span class="fail">FAILED</span>')
+    check = ('<span class="ok">OK</span>' if ok else '<span class="fail">FAILED</span>')
     html = [
         '<section id="accounting"><h2>Accounting</h2>',
         '<p class="note">Every sample read ends in exactly one status; the pipeline checks '
