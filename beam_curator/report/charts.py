@@ -26,6 +26,20 @@ def _svg_open(chart_id: str, title: str) -> list:
             f'<title>{esc(title)}</title>']
 
 
+
+def _stacked_bar(left: float, width: float, segments, sy, tip: str) -> list:
+    """One bar of (colour, count) segments stacked from 0, each with the bar's tooltip."""
+    parts, bottom = [], 0
+    for colour, count in segments:
+        if not count:
+            continue
+        top = bottom + count
+        parts.append(f'<rect x="{left:.1f}" y="{sy(top):.1f}" width="{width:.1f}" '
+                     f'height="{sy(bottom) - sy(top):.1f}" fill="{colour}">'
+                     f'<title>{esc(tip)}</title></rect>')
+        bottom = top
+    return parts
+
 def _y_grid(ticks, sy, x0: float, x1: float) -> list:
     """Horizontal grid lines with their tick labels on the y axis."""
     parts = []
@@ -176,22 +190,14 @@ def histogram_svg(edges: np.ndarray, counts: Dict[str, np.ndarray], colors: Dict
     parts = _svg_open(chart_id, title) + _y_grid(ticks, sy, x0, x1)
     # bars
     for i in range(n_bars):
-        bottom = 0
         left, right = sx(edges[i]), sx(edges[i + 1])
         w = max(0.5, right - left - 1)
         tip = [f"{fmt_num(float(edges[i]))} – {fmt_num(float(edges[i + 1]))}"]
         for name in names:
             c = int(counts[name][i])
             tip.append(f"{name}: {c}")
-        for name in names:
-            c = int(counts[name][i])
-            if not c:
-                continue
-            top = bottom + c
-            parts.append(f'<rect x="{left + 0.5:.1f}" y="{sy(top):.1f}" width="{w:.1f}" '
-                         f'height="{sy(bottom) - sy(top):.1f}" fill="{colors[name]}">'
-                         f'<title>{esc("; ".join(tip))}</title></rect>')
-            bottom = top
+        parts += _stacked_bar(left + 0.5, w, [(colors[n], int(counts[n][i])) for n in names],
+                              sy, "; ".join(tip))
     # x axis
     parts.append(f'<line class="axis" x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}"/>')
     for v in _x_ticks(lo, hi):
@@ -253,16 +259,8 @@ def bars_svg(values: Sequence[Dict[str, int]], colors: Dict[str, str], *, title:
         w = max(0.5, slot - (1 if slot > 3 else 0))
         label = labels[i] if i < len(labels) else str(i)
         tip = "; ".join([label] + [f"{name}: {item.get(name, 0)}" for name in colors])
-        bottom = 0
-        for name in colors:
-            c = int(item.get(name, 0))
-            if not c:
-                continue
-            top = bottom + c
-            parts.append(f'<rect x="{left:.1f}" y="{sy(top):.1f}" width="{w:.1f}" '
-                         f'height="{sy(bottom) - sy(top):.1f}" fill="{colors[name]}">'
-                         f'<title>{esc(tip)}</title></rect>')
-            bottom = top
+        parts += _stacked_bar(left, w, [(colors[n], int(item.get(n, 0))) for n in colors],
+                              sy, tip)
     parts.append(f'<line class="axis" x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}"/>')
     parts.append(f'<text class="axis-label" x="{(x0 + x1) / 2:.1f}" y="{HEIGHT - 6}" '
                  f'text-anchor="middle">{esc(x_label)}</text>')
