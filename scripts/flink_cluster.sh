@@ -73,15 +73,20 @@ except ValueError:
 sys.exit(0 if o.get("taskmanagers", 0) >= 1 and o.get("slots-available", 0) >= 1 else 1)'
 }
 
-# pids of this run dir that are alive and really ours (their --configDir is our conf).
+# Is pid $1 alive and really ours (its --configDir is this run dir's conf)?
+is_ours() {
+  kill -0 "$1" 2>/dev/null && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null \
+    | grep -qF -- "--configDir $RUN_DIR/conf"
+}
+
+# pids of this run dir that are alive and really ours.
 our_pids() {
   local f p
   for f in "$RUN_DIR"/pids/*.pid; do
     [ -f "$f" ] || continue
     while read -r p; do
       [[ "$p" =~ ^[0-9]+$ ]] || continue
-      if kill -0 "$p" 2>/dev/null && tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null \
-          | grep -qF -- "--configDir $RUN_DIR/conf"; then
+      if is_ours "$p"; then
         echo "$p"
       fi
     done <"$f"
@@ -132,8 +137,7 @@ cmd_down() {
     [ -f "$f" ] || continue
     while read -r p; do
       [[ "$p" =~ ^[0-9]+$ ]] || continue
-      if kill -0 "$p" 2>/dev/null && tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null \
-          | grep -qF -- "--configDir $RUN_DIR/conf"; then
+      if is_ours "$p"; then
         log "stopping $daemon (pid $p)"
         stop_pid "$p"
         stopped=$((stopped + 1))
