@@ -68,7 +68,8 @@ def test_trained_run_matches_the_reference(planted, trained):
     for id_, (cluster, max_id, score, is_dup) in ref.items():
         assert kmeans[id_]["centroid"] == cluster
         assert pairs[id_]["max_id"] == max_id, id_
-        assert pairs[id_]["cosine_sim_score"] == pytest.approx(score, abs=1e-5)
+        # Both accumulate in float64; ours is then rounded once to float32.
+        assert pairs[id_]["cosine_sim_score"] == pytest.approx(score, abs=1e-7)
         assert (id_ in dups) == is_dup, id_
     assert dups == {i for i, r in ref.items() if r[3]}
     # Planted copies at cosine >= 1 - eps are found, the 0.98 and 0.9 ones are not.

@@ -3,7 +3,8 @@
     candidates ─► chunks (ids + a way to load their vectors, never float lists in elements)
                ├─► ExactPrePass: GroupByKey(content hash) -> exact_duplicate, survivor = min id
                ├─► centroids: LoadCentroids(path) | TrainCentroids(hash-sampled rows, faiss)
-               └─► Assign(AsSingleton(centroids), AsDict(exact dups)) -> (cluster, member)
+               └─► Assign(AsSingleton(centroids), AsDict(exact dups))
+                   -> (cluster, Members): one columnar element per chunk x cluster
                    -> GroupByKey(cluster) -> rank (hard/easy/random, ties by id)
                    -> pairwise: small cluster in one step; large cluster fanned out as
                       (cluster, block j) keys that each receive blocks i <= j, combined exactly
@@ -13,8 +14,8 @@ How a cluster's vectors reach its pairwise step (DESIGN: never ship float lists)
 * `staged`: each chunk's vectors are written once to a raw float32 file under the output's
   `dedup/_staging/`; members carry (file, row) and the pairwise step reads just those rows.
   Best on one machine (the local runners), where files are shared and random access is cheap.
-* `shuffle`: members carry their vector as compact float32 bytes through the GroupByKey. Best
-  on distributed runners, where a shuffle of bytes is cheap and shared random access is not.
+* `shuffle`: members carry their vectors as float32 arrays through the GroupByKey. Best on
+  distributed runners, where a shuffle of bytes is cheap and shared random access is not.
 The pure algorithms live in `beam_curator.dedup`; this module is only plumbing.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from beam_curator.dedup.pairwise import (block_range, combine_partials, is_dupli
 from beam_curator.dedup.ranking import rank_cluster
 from beam_curator.schema import (DUPLICATES_SCHEMA, EXACT_DUPLICATE, KEPT, KMEANS_SCHEMA,
                                  PAIRWISE_SCHEMA, SEMANTIC_DUPLICATE, SampleResult)
-from beam_curator.transforms.write import _atomic_write, write_json, write_parquet
+from beam_curator.transforms.write import write_atomically, write_json, write_parquet
 
 _LOG = logging.getLogger(__name__)
 STAGED, SHUFFLE = "staged", "shuffle"
@@ -99,7 +100,7 @@ class Chunk:
     payloads: Optional[Tuple[Any, ...]] = None      # SampleInfo in `run`; None in `dedup`
     parquet: Optional[Tuple[str, int]] = None       # (path, row group)
     staged_path: Optional[str] = None
-    inline: Optional[bytes] = None                  # float32 rows, shuffle transport
+    inline: Optional[np.ndarray] = None             # (n, d) float32, shuffle transport
     dim: int = 0
 
     def load(self, config: DedupConfig) -> Tuple[List[str], Optional[list], np.ndarray]:
@@ -121,7 +122,7 @@ class Chunk:
         if self.staged_path is not None:
             vectors = read_staged_rows(self.staged_path, self.dim, None)
         else:
-            vectors = np.frombuffer(self.inline, dtype=np.float32).reshape(-1, self.dim)
+            vectors = self.inline
         return list(self.ids), list(self.payloads) if self.payloads else None, vectors
 
     def staged_copy(self, config: DedupConfig) -> Optional[str]:
@@ -165,7 +166,7 @@ def list_column_to_numpy(column) -> np.ndarray:
 
 def write_staged(path: str, vectors: np.ndarray) -> str:
     data = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
-    _atomic_write(path, lambda stream: stream.write(data))
+    write_atomically(path, lambda stream: stream.write(data))
     return path
 
 
@@ -652,7 +653,7 @@ class StageCandidatesFn(beam.DoFn):
                                 vectors)
             yield Chunk(staged_path=path, **common)
         else:
-            yield Chunk(inline=vectors.tobytes(), **common)
+            yield Chunk(inline=vectors, **common)
 
 
 class Deduplicate(beam.PTransform):

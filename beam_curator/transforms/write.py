@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 TMP_PREFIX = ".tmp-"
 
 
-def _atomic_write(path: str, write: Callable[[object], None]) -> str:
+def write_atomically(path: str, write: Callable[[object], None]) -> str:
     """Write through `write(stream)` to a temp name beside `path`, then rename into place.
 
     The temp name is unique per attempt (`.tmp-<random>-<name>`): a retried or speculative
@@ -74,7 +74,7 @@ def embeddings_to_arrow(vectors: List[np.ndarray]) -> pa.Array:
 def write_parquet(path: str, table: pa.Table) -> str:
     def write(stream):
         pq.write_table(table, stream, compression="zstd")
-    return _atomic_write(path, write)
+    return write_atomically(path, write)
 
 
 def rows_to_table(rows: List[dict], schema: pa.Schema, vector_column: Optional[str] = None
@@ -171,10 +171,10 @@ def write_curated_shard(path: str, samples: Iterable) -> int:
     def write(stream):
         counter["n"] = write_tar_members(stream, samples)
 
-    _atomic_write(path, write)
+    write_atomically(path, write)
     return counter["n"]
 
 
 def write_json(path: str, payload: dict) -> str:
     data = (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    return _atomic_write(path, lambda stream: stream.write(data))
+    return write_atomically(path, lambda stream: stream.write(data))
