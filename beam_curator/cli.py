@@ -19,20 +19,18 @@ USAGE = __doc__
 
 def run_pipeline(command: str, argv: List[str]) -> dict:
     """Build and run one pipeline; returns summary.json's content (or {})."""
-    import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
 
     from beam_curator import outputs
     from beam_curator.options import (CuratorOptions, curator_options, is_local_runner,
                                       runner_name)
-    from beam_curator.pipelines import BUILDERS
+    from beam_curator.pipelines import build_pipeline
     from beam_curator.progress import run_with_progress
 
     options = curator_options(argv)
     opts = options.view_as(CuratorOptions)
     logging.getLogger(__name__).info("%s on %s", command, runner_name(options))
-    pipeline = beam.Pipeline(options=options)
-    BUILDERS[command](pipeline, options)
+    pipeline = build_pipeline(command, options)
     # Live progress lines on the local runner; remote runners have their own consoles.
     run_with_progress(pipeline, opts.progress_interval if is_local_runner(options) else 0)
     summary_path = outputs.summary_file(opts.output)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -201,3 +202,18 @@ def build_remove(p: beam.Pipeline, options) -> None:
 
 BUILDERS = {"run": build_run, "embed": build_embed, "dedup": build_dedup,
             "remove": build_remove}
+
+
+def build_pipeline(command: str, options) -> beam.Pipeline:
+    """A new pipeline with the `command` graph built on it, ready to run.
+
+    Beam makes a local temp dir per Pipeline and removes it only in run(); a graph that fails
+    to build (a bad option, no matching input) would leave one in /tmp per failed command.
+    """
+    pipeline = beam.Pipeline(options=options)
+    try:
+        BUILDERS[command](pipeline, options)
+    except BaseException:
+        shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)
+        raise
+    return pipeline

@@ -67,12 +67,9 @@ def launch(argv: List[str]) -> Tuple[object, object]:
     if not submits_only(options):
         return options, cli.run_pipeline("run", argv)
 
-    import apache_beam as beam
+    from beam_curator.pipelines import build_pipeline
 
-    from beam_curator.pipelines import BUILDERS
-
-    pipeline = beam.Pipeline(options=options)
-    BUILDERS["run"](pipeline, options)
+    pipeline = build_pipeline("run", options)
     return options, pipeline.run()   # no wait_until_finish(): the launcher submits the job
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 import time
 
 import apache_beam as beam
@@ -177,12 +178,19 @@ FAST_S = 5.0
 
 
 @pytest.fixture
-def no_pipeline_run(monkeypatch):
-    """Any attempt to run a pipeline fails the test: the checks must come first."""
+def no_pipeline_run(monkeypatch, tmp_path_factory):
+    """Any attempt to run a pipeline fails the test: the checks must come first.
+
+    Also: a refused command leaves nothing in the temp dir (Beam makes one per Pipeline).
+    """
     def refuse(self, *args, **kwargs):
         raise AssertionError("the pipeline ran: this option should have failed before")
 
     monkeypatch.setattr(beam.Pipeline, "run", refuse)
+    temp_root = tmp_path_factory.mktemp("tempdir")
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    yield
+    assert not list(temp_root.iterdir()), "a refused command left files in the temp dir"
 
 
 @pytest.fixture(scope="module")
@@ -302,8 +310,10 @@ def test_output_holding_a_different_run(warm, one_shard, tmp_path, capsys, no_pi
 
     options = curator_options(args + ["--overwrite", "true"])
     started = time.monotonic()
-    build_run(beam.Pipeline(options=options), options)
+    pipeline = beam.Pipeline(options=options)
+    build_run(pipeline, options)
     assert time.monotonic() - started < FAST_S
+    shutil.rmtree(pipeline.local_tempdir)   # built, never run: Beam would leave it
     assert not (out / "summary.json").exists()
     assert not (out / "curated").exists() and not (out / "samples").exists()
 
