@@ -49,7 +49,7 @@ def child_plain(args) -> dict:
     import pyarrow.parquet as pq
 
     from bench.dedup_plain import plain_semdedup
-    from beam_curator.transforms.semdedup import list_column_to_numpy
+    from beam_curator.transforms.dedup_data import list_column_to_numpy
 
     t0 = time.perf_counter()
     files = sorted(glob.glob(os.path.join(args.data, "*.parquet")))

@@ -1,0 +1,274 @@
+"""The columnar data carried through the dedup graph, and its staging I/O (no DoFns here).
+
+Dedup elements are columnar: a `Chunk` is a batch of candidate rows (a parquet row group of
+the `dedup` command's input, or a batch staged by `run`), and `Members` holds the columns of
+one cluster's members from one chunk, so the GroupByKey per cluster moves one element per
+chunk x cluster instead of one pickled object per sample. Vectors are either *staged* (written
+once as raw float32 files under `dedup/_staging/`; members carry (file, row) references) or
+*inline* (float32 arrays in the element, the `shuffle` transport). `Decisions` is the pairwise
+step's answer for some members of one cluster.
+
+Kept apart from `beam_curator.transforms.semdedup` (the DoFns and PTransforms that move these
+objects around) so the representation and its file formats can be read, tested and changed
+on their own. Everything here is a module-level class or function: Beam pickles the elements.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from beam_curator.transforms.write import write_atomically
+
+if TYPE_CHECKING:   # annotations only: semdedup imports this module
+    from beam_curator.transforms.semdedup import DedupConfig
+
+STAGED, SHUFFLE = "staged", "shuffle"   # --dedup_vector_transport: staged files | inline
+
+
+# ---- chunks: a handful of rows and the way to their vectors --------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Rows of candidates. Vectors live in a parquet row group, a staged file, or inline."""
+
+    name: str
+    ids: Tuple[str, ...] = ()
+    payloads: Optional[Tuple[Any, ...]] = None      # SampleInfo in `run`; None in `dedup`
+    parquet: Optional[Tuple[str, int]] = None       # (path, row group)
+    staged_path: Optional[str] = None
+    inline: Optional[np.ndarray] = None             # (n, d) float32, shuffle transport
+    dim: int = 0
+
+    def load(self, config: DedupConfig) -> Tuple[List[str], Optional[list], np.ndarray]:
+        """(ids, payloads, vectors float32 (n, d)) of the candidate rows of this chunk.
+
+        A parquet row group is decoded once: in the staged transport its vectors are written
+        to the staging dir on first load, and later loads (assignment after training) read
+        that raw file instead of decoding the parquet again.
+        """
+        if self.parquet is not None:
+            staged = self.staged_copy(config)
+            if staged and FileSystems.exists(staged):
+                ids = [i for i, _ in read_candidate_ids(self.parquet, config, with_hash=False)]
+                return ids, None, read_staged_rows(staged, self.dim, None)
+            ids, payloads, vectors = read_parquet_chunk(self.parquet, config)
+            if staged:
+                write_staged(staged, vectors)
+            return ids, payloads, vectors
+        if self.staged_path is not None:
+            vectors = read_staged_rows(self.staged_path, self.dim, None)
+        else:
+            vectors = self.inline
+        return list(self.ids), list(self.payloads) if self.payloads else None, vectors
+
+    def staged_copy(self, config: DedupConfig) -> Optional[str]:
+        """Where this chunk's vectors are (or will be) staged; None when not staging here."""
+        if self.staged_path is not None:
+            return self.staged_path
+        if config.transport != STAGED or self.parquet is None or not self.dim:
+            return None
+        return FileSystems.join(config.staging_dir, f"chunk-{self.name}.f32")
+
+
+def read_parquet_chunk(ref: Tuple[str, int], config: DedupConfig):
+    path, row_group = ref
+    with FileSystems.open(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        names = parquet.schema_arrow.names
+        columns = [config.id_column, config.embedding_column]
+        if "passed_filters" in names:
+            columns.append("passed_filters")
+        table = parquet.read_row_group(row_group, columns=columns)
+    if "passed_filters" in table.column_names:
+        # `embed` writes every embedded sample; only those that passed the filters are
+        # dedup candidates (the same set `run` deduplicates).
+        table = table.filter(table.column("passed_filters"))
+    ids = table.column(config.id_column).to_pylist()
+    vectors = list_column_to_numpy(table.column(config.embedding_column))
+    return ids, None, vectors
+
+
+def list_column_to_numpy(column) -> np.ndarray:
+    """A list<float> column -> (n, d) float32, without a Python float per value."""
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if flat.size % n:
+        raise ValueError("embeddings have different lengths: every row needs the same dim")
+    return flat.reshape(n, flat.size // n)
+
+
+def write_staged(path: str, vectors: np.ndarray) -> str:
+    data = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
+    write_atomically(path, lambda stream: stream.write(data))
+    return path
+
+
+def read_staged_rows(path: str, dim: int, rows: Optional[Sequence[int]]) -> np.ndarray:
+    """Rows of a staged float32 file; local files are memory-mapped so only those rows load."""
+    local = path[7:] if path.startswith("file://") else path
+    if "://" not in local:
+        mapped = np.memmap(local, dtype=np.float32, mode="r").reshape(-1, dim)
+        out = np.array(mapped if rows is None else mapped[np.asarray(rows, dtype=np.int64)])
+        del mapped   # unmap now: pages read stay in the page cache, not in this process
+        return out
+    with FileSystems.open(path) as handle:
+        array = np.frombuffer(handle.read(), dtype=np.float32).reshape(-1, dim)
+    return array if rows is None else array[np.asarray(rows, dtype=np.int64)]
+
+
+
+def read_candidate_ids(ref: Tuple[str, int], config: DedupConfig, with_hash: bool):
+    """(id, content_hash or None) of the candidate rows of a row group, without the vectors."""
+    path, row_group = ref
+    with FileSystems.open(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        names = parquet.schema_arrow.names
+        columns = [config.id_column] + [c for c in ("content_hash", "passed_filters")
+                                        if c in names and (with_hash or c == "passed_filters")]
+        table = parquet.read_row_group(row_group, columns=columns)
+    if "passed_filters" in table.column_names:
+        table = table.filter(table.column("passed_filters"))
+    ids = table.column(config.id_column).to_pylist()
+    hashes = (table.column("content_hash").to_pylist() if "content_hash" in table.column_names
+              else [None] * len(ids))
+    return zip(ids, hashes)
+
+
+def count_candidates(chunk: Chunk, config: DedupConfig) -> int:
+    if chunk.parquet is None:
+        return len(chunk.ids)
+    path, row_group = chunk.parquet
+    with FileSystems.open(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        if "passed_filters" not in parquet.schema_arrow.names:   # every row is a candidate
+            return parquet.metadata.row_group(row_group).num_rows
+    return sum(1 for _ in read_candidate_ids(chunk.parquet, config, with_hash=False))
+
+
+# ---- the `dedup` command's input: parquet row groups as chunks ----------------------------
+
+def parquet_chunks(pattern: str, config: DedupConfig) -> Tuple[List[Chunk], int, bool]:
+    """Row-group chunks of every matching file (+ the dim, + whether content_hash exists)."""
+    from beam_curator.options import OptionError
+
+    paths = sorted(m.path for part in pattern.split(",") if part.strip()
+                   for m in FileSystems.match([part.strip()])[0].metadata_list)
+    if not paths:
+        raise OptionError(f"--embeddings {pattern!r} matches no file: point it at parquet "
+                          "files with an id and an embedding column (e.g. OUTPUT/embeddings/*.parquet).")
+    chunks, dim, has_hash = [], 0, True
+    for f, path in enumerate(paths):
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            names = parquet.schema_arrow.names
+            for column in (config.id_column, config.embedding_column):
+                if column not in names:
+                    raise OptionError(
+                        f"{path} has no column {column!r} (columns: {names}): set --id_column "
+                        "/ --embedding_column to the names your file uses.")
+            has_hash = has_hash and "content_hash" in names
+            if not dim and parquet.metadata.num_rows:
+                first = parquet.read_row_group(0, columns=[config.embedding_column])
+                dim = len(first.column(0)[0])
+            for rg in range(parquet.metadata.num_row_groups):
+                chunks.append(Chunk(name=f"{f:05d}-{rg:05d}", parquet=(path, rg)))
+    return [dataclasses.replace(c, dim=dim) for c in chunks], dim, has_hash
+
+
+# ---- members: what the GroupByKey per cluster carries -------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Members:
+    """Columns of some members of one cluster: one Beam element per (chunk, cluster), so the
+    shuffle moves a few arrays instead of one pickled object per sample.
+
+    Vectors come inline (`vectors`, shuffle transport) or as references: `rows[i]` of the
+    staged file `paths[path_index[i]]` (staged transport).
+    """
+
+    ids: Tuple[str, ...]
+    cos_dist: np.ndarray                  # float32, to the HOME centroid (the rank priority)
+    l2_dist: np.ndarray                   # float32
+    border: np.ndarray                    # bool: a second membership (--border_margin)
+    payloads: Optional[Tuple[Any, ...]] = None
+    vectors: Optional[np.ndarray] = None
+    paths: Tuple[str, ...] = ()
+    path_index: Optional[np.ndarray] = None
+    rows: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, index) -> "Members":
+        index = np.asarray(index, dtype=np.int64)
+        pick = lambda a: None if a is None else a[index]   # noqa: E731
+        return Members(
+            ids=tuple(self.ids[i] for i in index), cos_dist=self.cos_dist[index],
+            l2_dist=self.l2_dist[index], border=self.border[index],
+            payloads=None if self.payloads is None else tuple(self.payloads[i] for i in index),
+            vectors=pick(self.vectors), paths=self.paths, path_index=pick(self.path_index),
+            rows=pick(self.rows))
+
+    @staticmethod
+    def concat(parts: Sequence["Members"]) -> "Members":
+        parts = [p for p in parts if len(p)]
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])   # noqa: E731
+        paths, path_index = (), None
+        if parts[0].rows is not None:
+            paths = tuple(sorted({path for p in parts for path in p.paths}))
+            where = {path: i for i, path in enumerate(paths)}
+            path_index = np.concatenate([
+                np.array([where[path] for path in p.paths], dtype=np.int32)[p.path_index]
+                for p in parts])
+        return Members(
+            ids=tuple(i for p in parts for i in p.ids), cos_dist=cat("cos_dist"),
+            l2_dist=cat("l2_dist"), border=cat("border"),
+            payloads=(None if parts[0].payloads is None
+                      else tuple(x for p in parts for x in p.payloads)),
+            vectors=cat("vectors") if parts[0].vectors is not None else None,
+            paths=paths, path_index=path_index,
+            rows=cat("rows") if parts[0].rows is not None else None)
+
+    def load_vectors(self, dim: int) -> np.ndarray:
+        if self.vectors is not None:
+            return self.vectors
+        out = np.empty((len(self), dim), dtype=np.float32)
+        for p, path in enumerate(self.paths):
+            where = np.flatnonzero(self.path_index == p)
+            if where.size:
+                out[where] = read_staged_rows(path, dim, self.rows[where])
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Decisions:
+    """SemDeDup's answer for some members of one cluster (all of it, or one block)."""
+
+    cluster: int
+    members: Members                      # vectors dropped
+    max_ids: Tuple[str, ...]
+    cosine_sim: np.ndarray                # float32
+    is_duplicate: np.ndarray              # bool
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def rows(self):
+        """(id, payload, max_id, cosine_sim, is_duplicate) per member."""
+        m = self.members
+        payloads = m.payloads or (None,) * len(m)
+        return zip(m.ids, payloads, self.max_ids, self.cosine_sim.tolist(),
+                   self.is_duplicate.tolist())
+
+
+def _without_vectors(members: Members) -> Members:
+    return dataclasses.replace(members, vectors=None, paths=(), path_index=None, rows=None)
