@@ -6,7 +6,9 @@ message that names the fix; the pipeline builders call it before building anythi
 """
 from __future__ import annotations
 
+import argparse
 import math
+from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -57,6 +59,22 @@ def _bool(value) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_mode(value) -> Optional[str]:
+    """--torch_compile: false -> None (eager), true -> 'default', or a torch.compile mode."""
+    text = str(value).strip().lower()
+    if text in COMPILE_MODES:
+        return text
+    try:
+        return "default" if _bool(value) else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(   # argparse prints this message as it is
+            f"expected true, false or a torch.compile mode ({', '.join(COMPILE_MODES)}); "
+            f"got {value!r}") from None
+
+
 class CuratorOptions(PipelineOptions):
     """Options of every beam-curator pipeline (run, embed, dedup, remove)."""
 
@@ -89,14 +107,20 @@ class CuratorOptions(PipelineOptions):
               help="auto: CUDA when available, else CPU (logged).")
         _flag(parser, "precision", default="auto", choices=PRECISIONS,
               help="Weight dtype on GPU; auto = bf16 on GPU, fp32 on CPU.")
-        _flag(parser, "torch_compile", type=_bool, default=False,
-              help="torch.compile the image tower on GPU (about a minute of compiling per "
-                   "worker; pays off on long runs).")
+        _flag(parser, "torch_compile", type=_compile_mode, default=None,
+              help="torch.compile the image tower on GPU: true (mode 'default') or a mode "
+                   f"({', '.join(COMPILE_MODES[1:])}); about a minute of compiling per "
+                   "worker, pays off on long runs. Default: false.")
         _flag(parser, "inference_batch_size", type=int, default=64,
               help="Largest batch RunInference forms.")
         _flag(parser, "min_inference_batch_size", type=int, default=None,
-              help="Smallest batch RunInference forms (default: --inference_batch_size; "
-                   "batches are padded to that size so reruns give identical embeddings).")
+              help="Smallest batch RunInference forms (default: --inference_batch_size).")
+        _flag(parser, "forward_batch_size", type=int, default=None,
+              help="Images per model forward: a RunInference batch goes through the model "
+                   "in forwards of exactly this many rows (the last one zero-padded, so "
+                   "reruns give identical embeddings), and on GPU the host stages one "
+                   "while the device runs another. Default: --inference_batch_size, at "
+                   "most 256.")
         _flag(parser, "large_model", type=_bool, default=False,
               help="Share one model copy per machine across SDK processes (Beam's "
                    "large_model); useful on Dataflow GPU workers.")
@@ -204,6 +228,12 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
         raise OptionError(
             f"--min_inference_batch_size {opts.min_inference_batch_size} is larger than "
             f"--inference_batch_size {opts.inference_batch_size}: lower it.")
+    if opts.forward_batch_size is not None and not (
+            1 <= opts.forward_batch_size <= opts.inference_batch_size):
+        raise OptionError(
+            f"--forward_batch_size {opts.forward_batch_size} must be between 1 and "
+            f"--inference_batch_size ({opts.inference_batch_size}): a larger forward would "
+            "only add padding rows. Lower it, or raise --inference_batch_size.")
     if opts.max_image_pixels < 1:
         raise OptionError(f"--max_image_pixels {opts.max_image_pixels} must be >= 1.")
     if opts.model_copies is not None and opts.model_copies < 1:

@@ -61,8 +61,8 @@ def build_front(p: beam.Pipeline, opts: CuratorOptions) -> Front:
     handler = OpenClipModelHandler(
         opts.model_dir, device=opts.device, precision=opts.precision,
         min_batch_size=opts.min_inference_batch_size, max_batch_size=opts.inference_batch_size,
-        large_model=opts.large_model, model_copies=opts.model_copies,
-        compile_model=opts.torch_compile)
+        forward_batch_size=opts.forward_batch_size, large_model=opts.large_model,
+        model_copies=opts.model_copies, compile_mode=opts.torch_compile)
 
     shards = p | "ShardList" >> beam.Create(shard_list)
     read = shards | "Read" >> ReadShardSamples()

@@ -28,7 +28,7 @@ def bare_loop(shards, model_dir: str, batch_size: int) -> int:
     from beam_curator.models import load_clip
     from beam_curator.schema import ShardSample
     from beam_curator.transforms.decode import build_preprocess, open_rgb, read_preprocess_cfg
-    from beam_curator.transforms.embed import LoadedClipModel, embed_batch
+    from beam_curator.transforms.embed import LoadedClipModel, encode_pixels
     from beam_curator.transforms.read import iter_shard
 
     clip = load_clip(os.path.join(model_dir, "clip"), device="cpu")
@@ -40,10 +40,10 @@ def bare_loop(shards, model_dir: str, batch_size: int) -> int:
             if isinstance(sample, ShardSample) and sample.image_bytes:
                 batch.append(preprocess(open_rgb(sample.image_bytes, 89_478_485)))
                 if len(batch) == batch_size:
-                    n += len(embed_batch(model, torch.stack(batch)))
+                    n += len(encode_pixels(model, torch.stack(batch)).numpy())
                     batch = []
     if batch:
-        n += len(embed_batch(model, torch.stack(batch)))
+        n += len(encode_pixels(model, torch.stack(batch)).numpy())
     return n
 
 

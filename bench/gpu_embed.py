@@ -2,6 +2,7 @@
 end on one machine, CPU decode, and faiss k-means on GPU vs CPU -- side by side, in one run.
 
     python bench/gpu_embed.py                                  # ViT-L/14, bf16, CUDA
+    python bench/gpu_embed.py --parts handler --batch-sizes 1024 --compile-modes default,max-autotune
     python bench/gpu_embed.py --device cpu --arch tiny         # smoke test (tests/)
 
 Weights are random (`beam_curator.models.init_random`, the real layout and the real
@@ -9,13 +10,15 @@ architecture): throughput does not depend on the values. The model limit is the 
 FLOPs per image (counted from the open_clip config: 162 GFLOP for ViT-L/14 at 224 px) against
 the card's dense bf16 peak (989 TFLOP/s on an H100 SXM -> ~6,100 images/s at 100 %).
 
-(a) `OpenClipModelHandler.run_inference` on a list of preprocessed float32 CHW tensors, as
-    RunInference hands them over (stack + host-to-device copy + forward + normalise + copy
-    back), and `embed_batch` on a batch already on the device (the model's own speed);
-    on CUDA also the model with bf16 weights instead of autocast, for comparison.
+(a) `OpenClipModelHandler.run_inference` on a list of uint8 (H, W, 3) images, as
+    RunInference hands them over (stage in pinned memory + copy to the device + normalise
+    + forward, in forwards of --forward_batch_size, + copy back), and `encode_pixels` on a
+    forward already on the device (the model's own speed); for each batch size, at each
+    forward size, and with each --compile-modes mode on CUDA.
 (b) `python -m beam_curator embed` on synthetic shards (FnApiRunner, this machine), and the
     CPU decode + preprocess rate of one core, which bounds what one SDK process can feed.
 (c) faiss k-means (`beam_curator.dedup.train_kmeans`), GPU vs CPU, when faiss sees a GPU.
+(d) the host-side staging of a batch, before (stacking CHW views) vs now (`stage_pixels`).
 
 The last line printed is one JSON object with every number.
 """
@@ -37,6 +40,8 @@ from typing import Dict, List, Optional
 
 if __package__ in (None, ""):  # run as a script: make `beam_curator` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from beam_curator.transforms.embed import DEFAULT_FORWARD_BATCH_CAP  # noqa: E402
 
 GOAL_HANDLER_IMAGES_PER_S = 3000          # ViT-L/14 on one H100 (about half the model limit)
 
@@ -89,68 +94,123 @@ def _rate(fn, n_images: int, iters: int, warmup: int, device: str) -> float:
     return n_images * iters / (time.perf_counter() - start)
 
 
-def bench_handler(model_dir: str, args, limit: Optional[float]) -> Dict:
-    """(a): the ModelHandler alone, on preprocessed synthetic batches."""
+def _images(n: int, size: int, seed: int = 0) -> list:
+    """n random (size, size, 3) uint8 images, as DecodeFn hands them to RunInference."""
     import torch
 
-    from beam_curator.transforms.embed import OpenClipModelHandler, embed_batch
+    gen = torch.Generator().manual_seed(seed)
+    return list(torch.randint(0, 256, (n, size, size, 3), generator=gen, dtype=torch.uint8))
 
-    handler = OpenClipModelHandler(model_dir, device=args.device, precision=args.precision,
-                                   max_batch_size=max(args.batch_sizes))
+
+def _forward_sizes(batch_size: int, args) -> List[int]:
+    asked = args.forward_sizes or [DEFAULT_FORWARD_BATCH_CAP, batch_size]
+    return sorted({min(f, batch_size) for f in asked})
+
+
+def bench_handler(model_dir: str, args, limit: Optional[float]) -> Dict:
+    """(a): the ModelHandler alone, on synthetic uint8 batches, at each forward size."""
+    import torch
+
+    from beam_curator.transforms.embed import OpenClipModelHandler, encode_pixels
+
+    def handler_for(batch_size, forward_size, compile_mode=None):
+        return OpenClipModelHandler(model_dir, device=args.device, precision=args.precision,
+                                    max_batch_size=batch_size, forward_batch_size=forward_size,
+                                    compile_mode=compile_mode)
+
     t0 = time.perf_counter()
-    loaded = handler.load_model()
+    loaded = handler_for(max(args.batch_sizes), None).load_model()
     _sync(loaded.device)
     out: Dict = {"load_s": round(time.perf_counter() - t0, 3), "device": loaded.device,
                  "weights": str(loaded.dtype).replace("torch.", "") if loaded.dtype
                  else "fp32", "batches": {}}
-    size = int(loaded.model.visual.image_size[0]) if isinstance(
-        loaded.model.visual.image_size, (tuple, list)) else int(loaded.model.visual.image_size)
-    compiled = None
-    if loaded.device == "cuda" and args.compile:
-        compiled = OpenClipModelHandler(model_dir, device=args.device, precision=args.precision,
-                                        max_batch_size=max(args.batch_sizes),
-                                        compile_model=True).load_model()
-    gen = torch.Generator().manual_seed(0)
+    visual_size = loaded.model.visual.image_size
+    size = int(visual_size[0] if isinstance(visual_size, (tuple, list)) else visual_size)
+    models = {"eager": loaded}
+    if loaded.device == "cuda":
+        for mode in args.compile_modes:
+            models[f"compiled_{mode}"] = handler_for(max(args.batch_sizes), None,
+                                                     mode).load_model()
+
+    def model_alone(model, on_device):
+        return lambda: encode_pixels(model, on_device)
+
     for bs in args.batch_sizes:
-        row: Dict = {}
-        try:
-            # uint8 CHW pixels, as DecodeFn hands them to RunInference.
-            examples = [t for t in torch.randint(0, 256, (bs, 3, size, size), generator=gen,
-                                                 dtype=torch.uint8)]
-            row["handler_images_per_s"] = _rate(
-                lambda: handler.run_inference(examples, loaded), bs, args.iters, args.warmup,
-                loaded.device)
-            on_device = torch.stack(examples).to(loaded.device)
-            row["model_images_per_s"] = _rate(
-                lambda: embed_batch(loaded, on_device), bs, args.iters, args.warmup,
-                loaded.device)
-            if compiled is not None:
-                t0 = time.perf_counter()
-                embed_batch(compiled, on_device)            # compiles for this shape
-                row["compile_s"] = round(time.perf_counter() - t0, 1)
-                row["compiled_model_images_per_s"] = _rate(
-                    lambda: embed_batch(compiled, on_device), bs, args.iters, args.warmup,
-                    "cuda")
-                row["compiled_handler_images_per_s"] = _rate(
-                    lambda: handler.run_inference(examples, compiled), bs, args.iters,
-                    args.warmup, "cuda")
-            if loaded.device == "cuda":
-                row["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                torch.cuda.reset_peak_memory_stats()
-            del examples
-        except torch.cuda.OutOfMemoryError as exc:      # noqa: PERF203 - report, go on
-            row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
-            torch.cuda.empty_cache()
-        for key in [k for k in row if k.endswith("_images_per_s")]:
-            row[key] = round(row[key], 1)
-            if limit:
-                row[key.replace("_images_per_s", "_fraction_of_limit")] = round(row[key] / limit, 3)
-        out["batches"][str(bs)] = row
-        print(f"(a) batch {bs:>4}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    rates = [r.get("handler_images_per_s", 0.0) for r in out["batches"].values()]
-    out["best_handler_images_per_s"] = max(rates) if rates else 0.0
+        examples = _images(bs, size)
+        for fs in _forward_sizes(bs, args):
+            row: Dict = {}
+            try:
+                handler = handler_for(bs, fs)
+                on_device = torch.stack(examples[:fs]).to(loaded.device)
+                for name, model in models.items():
+                    prefix = "" if name == "eager" else f"{name}_"
+                    if prefix:
+                        t0 = time.perf_counter()
+                        encode_pixels(model, on_device)            # compiles for this shape
+                        _sync(loaded.device)
+                        row[f"{prefix}compile_s"] = round(time.perf_counter() - t0, 1)
+                    row[f"{prefix}model_images_per_s"] = _rate(
+                        model_alone(model, on_device), fs, args.iters, args.warmup,
+                        loaded.device)
+                    row[f"{prefix}handler_images_per_s"] = _rate(
+                        lambda: handler.run_inference(examples, model), bs, args.iters,
+                        args.warmup, loaded.device)
+                if loaded.device == "cuda":
+                    row["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                    torch.cuda.reset_peak_memory_stats()
+            except torch.cuda.OutOfMemoryError as exc:      # noqa: PERF203 - report, go on
+                row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
+                torch.cuda.empty_cache()
+            for key in [k for k in row if k.endswith("_images_per_s")]:
+                row[key] = round(row[key], 1)
+                if limit:
+                    row[key.replace("_images_per_s", "_fraction_of_limit")] = round(
+                        row[key] / limit, 3)
+            out["batches"][f"{bs}/{fs}"] = row
+            print(f"(a) batch {bs:>4}, forward {fs:>4}: "
+                  + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    rows = list(out["batches"].values())
+    out["best_handler_images_per_s"] = max(
+        [v for r in rows for k, v in r.items() if k.endswith("handler_images_per_s")] or [0.0])
     out["best_model_images_per_s"] = max(
-        [r.get("model_images_per_s", 0.0) for r in out["batches"].values()] or [0.0])
+        [v for r in rows for k, v in r.items() if k.endswith("model_images_per_s")] or [0.0])
+    return out
+
+
+def bench_staging(args) -> Dict:
+    """(d): host-side cost of turning a batch of decoded images into model input, per image:
+    the handler before (CHW views stacked into a fresh tensor) vs now (`stage_pixels`: HWC
+    images copied into one reused, on CUDA pinned, buffer). One CPU thread, as in an SDK
+    process where the decode threads hold the other cores."""
+    import torch
+
+    from beam_curator.transforms.embed import stage_pixels
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        images = _images(args.staging_images, args.staging_px, seed=1)
+        chw_views = [image.permute(2, 0, 1) for image in images]   # what decode emitted
+        pinned = _cuda_visible() and args.device != "cpu"
+        before = _rate(lambda: torch.stack(chw_views), len(images), args.iters, args.warmup,
+                       "cpu")
+        now = _rate(lambda: stage_pixels(images, len(images), pinned), len(images),
+                    args.iters, args.warmup, "cpu")
+        # The copy alone, into a buffer that is already mapped: what staging costs once the
+        # pinned-memory cache hands buffers back (on CPU a fresh buffer is page-faulted in).
+        buffer = torch.empty((len(images), *images[0].shape), dtype=torch.uint8)
+        reused = _rate(lambda: torch.stack(images, out=buffer), len(images), args.iters,
+                       args.warmup, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    out = {"images": len(images), "image_px": args.staging_px, "pinned": pinned,
+           "before_ms_per_1000": round(1e6 / before, 2), "now_ms_per_1000": round(1e6 / now, 2),
+           "copy_into_mapped_buffer_ms_per_1000": round(1e6 / reused, 2),
+           "speedup": round(now / before, 2)}
+    print(f"(d) host staging of {len(images)} images of {args.staging_px}px: before "
+          f"{out['before_ms_per_1000']} ms per 1000 images, now {out['now_ms_per_1000']} "
+          f"(pinned={pinned}): {out['speedup']}x; the copy alone into a mapped buffer "
+          f"{out['copy_into_mapped_buffer_ms_per_1000']} ms", flush=True)
     return out
 
 
@@ -269,8 +329,16 @@ def parse_args(argv=None):
                    help="comma-separated (default 256,512 on CUDA, 8,16 on CPU)")
     p.add_argument("--iters", type=int, default=None, help="timed batches (20 CUDA, 3 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed batches (3 CUDA, 1 CPU)")
+    p.add_argument("--forward-sizes", default=None,
+                   help="comma-separated --forward_batch_size values to time per batch size "
+                        f"(default: {DEFAULT_FORWARD_BATCH_CAP} and the batch size)")
     p.add_argument("--compile", action="store_true",
-                   help="CUDA: also time torch.compile of the bf16-weights image tower")
+                   help="CUDA: also time torch.compile (mode 'default') of the image tower")
+    p.add_argument("--compile-modes", default="",
+                   help="CUDA: comma-separated torch.compile modes to time, e.g. "
+                        "default,max-autotune (--compile = default)")
+    p.add_argument("--staging-images", type=int, default=256)
+    p.add_argument("--staging-px", type=int, default=224)
     p.add_argument("--pipeline-images", type=int, default=None,
                    help="images through the Beam pipeline (4096 CUDA, 32 CPU; 0 = skip)")
     p.add_argument("--pipeline-shards", type=int, default=None, help="(8 CUDA, 2 CPU)")
@@ -289,8 +357,9 @@ def parse_args(argv=None):
     p.add_argument("--kmeans-iters", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="dense bf16 peak of the card (default: by device name)")
-    p.add_argument("--parts", default="handler,pipeline,kmeans",
-                   help="which parts to run (comma-separated subset of handler,pipeline,kmeans)")
+    p.add_argument("--parts", default="handler,pipeline,kmeans,staging",
+                   help="which parts to run (comma-separated subset of "
+                        "handler,pipeline,kmeans,staging)")
     p.add_argument("--workdir", default=None, help="keep data and weights here (default: temp)")
     args = p.parse_args(argv)
 
@@ -304,8 +373,13 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    args.forward_sizes = ([int(f) for f in args.forward_sizes.split(",") if f.strip()]
+                          if args.forward_sizes else None)
+    args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+    if args.compile and "default" not in args.compile_modes:
+        args.compile_modes.insert(0, "default")
     args.parts = {part.strip() for part in args.parts.split(",") if part.strip()}
-    unknown = args.parts - {"handler", "pipeline", "kmeans"}
+    unknown = args.parts - {"handler", "pipeline", "kmeans", "staging"}
     if unknown:
         p.error(f"unknown --parts {sorted(unknown)}")
     return args
@@ -362,6 +436,8 @@ def main(argv=None) -> Dict:
         results["pipeline"] = (bench_pipeline(model_dir, work, args, limit)
                                if args.pipeline_images > 0 and "pipeline" in args.parts
                                else {"skipped": "--pipeline-images 0 or --parts"})
+        results["staging"] = (bench_staging(args) if "staging" in args.parts
+                              else {"skipped": "--parts"})
         results["kmeans"] = (bench_kmeans(args) if args.kmeans_n > 0 and "kmeans" in args.parts
                              else {"skipped": "--kmeans-n 0 or --parts"})
 

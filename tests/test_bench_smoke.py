@@ -15,19 +15,21 @@ def test_gpu_embed_bench_runs_on_cpu(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu_embed.py"), "--device", "cpu", "--arch", "tiny",
-         "--workdir", str(tmp_path / "work")],
+         "--forward-sizes", "4,16", "--staging-images", "32", "--workdir", str(tmp_path / "work")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])     # the last line is the JSON
     handler = results["handler"]
     assert handler["device"] == "cpu" and handler["weights"] == "fp32"
-    assert set(handler["batches"]) == {"8", "16"}
+    assert set(handler["batches"]) == {"8/4", "8/8", "16/4", "16/16"}   # batch/forward
     for row in handler["batches"].values():
         assert row["handler_images_per_s"] > 0 and row["model_images_per_s"] > 0
     pipeline = results["pipeline"]
     assert pipeline["images"] == 32 and pipeline["images_per_s"] > 0
     assert pipeline["decode"]["images_per_s_per_core"] > 0
     assert results["kmeans"].get("cpu_s", 0) > 0 or "skipped" in results["kmeans"]
+    staging = results["staging"]
+    assert staging["pinned"] is False and staging["now_ms_per_1000"] > 0
     assert results["random_weights"] is True and results["gflop_per_image"] > 0
     assert results["summary"]["handler_meets_goal"] is None         # a goal for GPUs only
 

@@ -77,7 +77,7 @@ def test_decode_fn_turns_failures_into_error_samples(tiny_model_dir):
                       image_bytes=b"\xff\xd8\xff garbage")
     no_image = ShardSample(id="s/c", shard="s", shard_url="u", key="c", error="no image")
     (info, tensor), = list(fn.process(good))
-    assert info.id == "s/a" and info.width == 48 and tuple(tensor.shape) == (3, 32, 32)
+    assert info.id == "s/a" and info.width == 48 and tuple(tensor.shape) == (32, 32, 3)
     assert len(info.content_hash) == 64
     (bad_out,), (missing_out,) = list(fn.process(bad)), list(fn.process(no_image))
     assert bad_out.value.status == ERROR and bad_out.value.stage == STAGE_DECODE
@@ -109,6 +109,8 @@ def test_thresholds_can_be_switched_off():
     (["--eps", "1.2"], "must be in \\[0, 1\\)"),
     (["--n_clusters", "0"], "n_clusters"),
     (["--min_inference_batch_size", "9", "--inference_batch_size", "4"], "lower it"),
+    (["--forward_batch_size", "65"], "between 1 and --inference_batch_size \\(64\\)"),
+    (["--forward_batch_size", "0", "--inference_batch_size", "8"], "Lower it"),
 ])
 def test_bad_options_fail_fast_naming_the_fix(args, fix):
     with pytest.raises(OptionError, match=fix):

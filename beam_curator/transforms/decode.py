@@ -44,9 +44,11 @@ def _open_clip_cfg(preprocess_cfg: dict):
 
 
 def build_preprocess(preprocess_cfg: dict):
-    """open_clip's eval transform up to (not including) ToTensor + Normalize -> uint8 CHW.
+    """open_clip's eval transform up to (not including) ToTensor + Normalize -> uint8 HWC.
 
-    Feeding `normalize_pixels` with this output gives exactly open_clip's full transform.
+    Feeding `normalize_pixels` with a stack of these gives exactly open_clip's full transform.
+    The pixels stay (H, W, 3), the layout PIL decodes to: stacking contiguous images into a
+    batch is a plain copy, and moving channels first costs nothing on the device.
     """
     import torch
     from open_clip.transform import image_transform_v2
@@ -59,7 +61,7 @@ def build_preprocess(preprocess_cfg: dict):
     def to_pixels(image):
         for step in geometric:
             image = step(image)
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.array(image, dtype=np.uint8))
 
     return to_pixels
 
@@ -71,10 +73,12 @@ def normalization(preprocess_cfg: dict):
 
 
 def normalize_pixels(pixels, mean, std):
-    """uint8 (n, 3, H, W) -> float32, scaled to [0, 1] and normalised (ToTensor + Normalize)."""
+    """uint8 (n, H, W, 3) -> float32 (n, 3, H, W), scaled to [0, 1] and normalised
+    (ToTensor + Normalize); runs wherever `pixels` are, on the device in the handler."""
     import torch
 
-    x = pixels.to(torch.float32).div_(255.0)
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    x = x.div_(255.0)
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return x.sub_(m).div_(s)

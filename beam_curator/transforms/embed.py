@@ -2,8 +2,10 @@
 
 RunInference does the batching (min/max batch size are options); the handler loads the model
 once per worker (or once per machine with --large_model), picks CUDA when asked and available
-and falls back to CPU with a log line, runs bf16 (or fp16) weights on GPU, normalises the uint8
-pixels on the device, and returns L2-normalised float32 embeddings.
+and falls back to CPU with a log line, runs bf16 (or fp16) weights on GPU, and returns
+L2-normalised float32 embeddings. A batch goes through the model in fixed-size forwards; the
+uint8 (H, W, 3) pixels are staged in pinned memory, copied to the device and normalised there,
+and the host stages the next forward while the GPU runs the current one.
 """
 from __future__ import annotations
 
@@ -61,25 +63,68 @@ class LoadedClipModel:
         self.std = std
 
 
-def embed_batch(loaded: LoadedClipModel, batch) -> np.ndarray:
-    """(n, 3, H, W) pixels -> (n, d) float32 L2-normalised embeddings.
+DEFAULT_FORWARD_BATCH_CAP = 256   # images per forward unless --forward_batch_size says
 
-    uint8 batches (what DecodeFn emits) are scaled and normalised on the device; float
-    batches are taken as already normalised.
+
+def default_forward_batch_size(inference_batch_size: int) -> int:
+    """The whole RunInference batch, cut into forwards of at most 256 images.
+
+    256 ViT-L/14 images are 65,792 tokens per matrix multiply, which is enough to fill a
+    large GPU, and four or more forwards per batch let the host stage one while the device
+    runs another.
     """
+    return min(inference_batch_size, DEFAULT_FORWARD_BATCH_CAP)
+
+
+def encode_pixels(loaded: LoadedClipModel, pixels):
+    """uint8 (n, H, W, 3) pixels, on the host or the device -> (n, d) float32 L2-normalised
+    embeddings on the device. On CUDA this only queues work: nothing waits for the GPU."""
     import torch
 
     from beam_curator.transforms.decode import normalize_pixels
 
     with torch.inference_mode():
-        pixels = batch.to(loaded.device, non_blocking=True)
-        if pixels.dtype == torch.uint8:
-            pixels = normalize_pixels(pixels, loaded.mean, loaded.std)
+        pixels = pixels.to(loaded.device, non_blocking=True)
+        pixels = normalize_pixels(pixels, loaded.mean, loaded.std)
         if loaded.dtype is not None:
             pixels = pixels.to(loaded.dtype)
         features = loaded.model.encode_image(pixels).float()
-        features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return features.cpu().numpy().astype(np.float32, copy=False)
+        return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def stage_pixels(images: Sequence[Any], rows: int, pinned: bool):
+    """Copy `images` ((H, W, 3) uint8 each) into one (rows, H, W, 3) host buffer; the rows
+    after them are zeros (padding). Pinned memory lets the copy to the GPU run asynchronously;
+    PyTorch's pinned-memory cache hands the same buffers back call after call."""
+    import torch
+
+    first = images[0]
+    buffer = torch.empty((rows, *first.shape), dtype=first.dtype, pin_memory=pinned)
+    torch.stack(list(images), out=buffer[:len(images)])
+    buffer[len(images):].zero_()
+    return buffer
+
+
+def embed_images(loaded: LoadedClipModel, images: Sequence[Any],
+                 forward_batch_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 images -> (n, d) float32 L2-normalised embeddings, in order.
+
+    The images go through the model `forward_batch_size` at a time and every forward has
+    exactly that many rows (the last one zero-padded): BLAS and cuBLAS pick kernels, and so
+    rounding, by shape, and Beam sizes batches adaptively, so a fixed shape is what makes an
+    image's embedding independent of its neighbours and reruns bit-identical. On CUDA the
+    forwards are queued without waiting, so while the GPU runs one forward the host stages
+    the next into pinned memory; the one wait is the copy of the results at the end.
+    """
+    import torch
+
+    pinned = loaded.device == "cuda"
+    outputs = []
+    for start in range(0, len(images), forward_batch_size):
+        chunk = images[start:start + forward_batch_size]
+        outputs.append(encode_pixels(loaded, stage_pixels(chunk, forward_batch_size, pinned)))
+    embeddings = torch.cat(outputs)[:len(images)]
+    return embeddings.cpu().numpy().astype(np.float32, copy=False)
 
 
 class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel]):
@@ -87,18 +132,20 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
 
     def __init__(self, model_dir: str, *, device: str = "auto", precision: str = "auto",
                  min_batch_size: Optional[int] = None, max_batch_size: int = 64,
-                 large_model: bool = False, model_copies: Optional[int] = None,
-                 compile_model: bool = False):
+                 forward_batch_size: Optional[int] = None, large_model: bool = False,
+                 model_copies: Optional[int] = None, compile_mode: Optional[str] = None):
         super().__init__()
         self._model_dir = model_dir
         self._device = device
         self._precision = precision
-        # Full batches by default: every batch is padded to max_batch_size anyway.
+        # Full batches by default: the fewest padded rows and the fewest calls.
         self._min_batch_size = min_batch_size or max_batch_size
         self._max_batch_size = max_batch_size
+        self._forward_batch_size = (forward_batch_size
+                                    or default_forward_batch_size(max_batch_size))
         self._large_model = large_model
         self._model_copies = model_copies
-        self._compile = compile_model
+        self._compile_mode = compile_mode     # None: eager; else a torch.compile mode
 
     def load_model(self) -> LoadedClipModel:
         from beam_curator.models import load_clip, localize_model_dir
@@ -110,32 +157,25 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
         clip = load_clip(os.path.join(local_dir, "clip"), device=device)
         dtype = resolve_precision(self._precision, device)
         model = clip.model if dtype is None else clip.model.to(dtype)
-        if self._compile and device == "cuda":
+        compiled = bool(self._compile_mode) and device == "cuda"
+        if compiled:
             import torch
 
-            model.visual = torch.compile(model.visual)   # pays off on long GPU runs only
+            # Pays off on long GPU runs only; one shape to compile (every forward is full).
+            model.visual = torch.compile(model.visual, mode=self._compile_mode)
         mean, std = normalization(read_preprocess_cfg(local_dir))
-        _LOG.info("CLIP %s loaded on %s (%s weights%s)%s", clip.arch, device,
-                  str(dtype).replace("torch.", "") if dtype else "fp32",
-                  ", compiled" if self._compile and device == "cuda" else "",
+        _LOG.info("CLIP %s loaded on %s (%s weights%s, %d images per forward)%s", clip.arch,
+                  device, str(dtype).replace("torch.", "") if dtype else "fp32",
+                  f", compiled ({self._compile_mode})" if compiled else "",
+                  self._forward_batch_size,
                   " — RANDOM WEIGHTS" if clip.random_weights else "")
         return LoadedClipModel(model, device, dtype, mean, std)
 
     def run_inference(self, batch: Sequence[Any], model: LoadedClipModel,
                       inference_args: Optional[Dict[str, Any]] = None
                       ) -> Iterable[PredictionResult]:
-        import torch
-
-        pixels = torch.stack(list(batch))
-        n = pixels.shape[0]
-        if n < self._max_batch_size:
-            # Fixed-shape batches: BLAS/cuBLAS pick kernels (and rounding) by batch size and
-            # Beam sizes batches adaptively, so without padding an image's embedding would
-            # change in the last bits with its neighbours, and reruns would not be identical.
-            padding = pixels.new_zeros((self._max_batch_size - n, *pixels.shape[1:]))
-            pixels = torch.cat([pixels, padding])
-        embeddings = embed_batch(model, pixels)[:n]
-        # The example (a 600 kB tensor at 224 px) is not kept: nothing downstream needs it.
+        embeddings = embed_images(model, batch, self._forward_batch_size)
+        # The example (150 kB of pixels at 224 px) is not kept: nothing downstream needs it.
         return [PredictionResult(None, row) for row in embeddings]
 
     def batch_elements_kwargs(self):
