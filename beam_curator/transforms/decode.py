@@ -74,7 +74,9 @@ def normalization(preprocess_cfg: dict):
 
 def normalize_pixels(pixels, mean, std):
     """uint8 (n, H, W, 3) -> float32 (n, 3, H, W), scaled to [0, 1] and normalised
-    (ToTensor + Normalize); runs wherever `pixels` are, on the device in the handler."""
+    (ToTensor + Normalize); runs wherever `pixels` are, on the device in the handler.
+    `mean` and `std`: per-channel sequences, or float32 tensors already beside `pixels`
+    (used as they are, without a copy)."""
     import torch
 
     x = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)

@@ -59,8 +59,8 @@ class LoadedClipModel:
         self.model = model
         self.device = device
         self.dtype = dtype          # None: fp32
-        self.mean = mean            # open_clip's Normalize, applied on the device
-        self.std = std
+        self.mean = mean            # open_clip's Normalize, applied on the device: per-channel
+        self.std = std              # tensors there (load_model), or tuples
 
 
 DEFAULT_FORWARD_BATCH_CAP = 256   # images per forward unless --forward_batch_size says
@@ -148,6 +148,8 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
         self._compile_mode = compile_mode     # None: eager; else a torch.compile mode
 
     def load_model(self) -> LoadedClipModel:
+        import torch
+
         from beam_curator.models import load_clip, localize_model_dir
 
         device = resolve_device(self._device)
@@ -159,11 +161,12 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
         model = clip.model if dtype is None else clip.model.to(dtype)
         compiled = bool(self._compile_mode) and device == "cuda"
         if compiled:
-            import torch
-
             # Pays off on long GPU runs only; one shape to compile (every forward is full).
             model.visual = torch.compile(model.visual, mode=self._compile_mode)
-        mean, std = normalization(read_preprocess_cfg(local_dir))
+        # On the device once: a tensor made from a tuple per call would be a synchronous copy,
+        # making the host wait for the forward already queued before it could queue the next.
+        mean, std = (torch.tensor(values, dtype=torch.float32, device=device)
+                     for values in normalization(read_preprocess_cfg(local_dir)))
         _LOG.info("CLIP %s loaded on %s (%s weights%s, %d images per forward)%s", clip.arch,
                   device, str(dtype).replace("torch.", "") if dtype else "fp32",
                   f", compiled ({self._compile_mode})" if compiled else "",
