@@ -46,17 +46,23 @@ def _embed(model_dir, loaded, images, forward_batch_size):
 
 
 def test_the_handler_gives_open_clips_own_embeddings(tiny_model_dir, loaded, pixels):
-    """Our split (uint8 HWC on the host, normalise on the device) = open_clip's transform."""
+    """Our split (uint8 HWC on the host, normalise on the device) = open_clip's transform,
+    to the bit: same pixels in, and with the same batch shape, the same embeddings out."""
     from beam_curator.models import load_clip
+    from beam_curator.transforms.decode import normalization, normalize_pixels
 
     clip = load_clip(os.path.join(tiny_model_dir, "clip"))
-    photos = _photos(11)
+    reference_pixels = torch.stack([clip.preprocess(p) for p in _photos(11)])
+    mean, std = normalization(read_preprocess_cfg(tiny_model_dir))
+    assert torch.equal(normalize_pixels(torch.stack(pixels), mean, std), reference_pixels)
     with torch.no_grad():
-        reference = clip.model.encode_image(torch.stack([clip.preprocess(p) for p in photos]))
+        reference = clip.model.encode_image(reference_pixels)
     reference = torch.nn.functional.normalize(reference, dim=-1).numpy()
-    ours = _embed(tiny_model_dir, loaded, pixels, forward_batch_size=4)
-    assert ours.dtype == np.float32 and ours.shape == reference.shape
-    np.testing.assert_allclose(ours, reference, atol=2e-5)
+
+    ours = _embed(tiny_model_dir, loaded, pixels, forward_batch_size=len(pixels))
+    assert ours.dtype == np.float32 and np.array_equal(ours, reference)
+    split = _embed(tiny_model_dir, loaded, pixels, forward_batch_size=4)   # other shapes
+    np.testing.assert_allclose(split, reference, atol=2e-5)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
