@@ -27,13 +27,15 @@ def bare_loop(shards, model_dir: str, batch_size: int) -> int:
 
     from beam_curator.models import load_clip
     from beam_curator.schema import ShardSample
-    from beam_curator.transforms.decode import build_preprocess, open_rgb, read_preprocess_cfg
+    from beam_curator.transforms.decode import (build_preprocess, normalization, open_rgb,
+                                                read_preprocess_cfg)
     from beam_curator.transforms.embed import LoadedClipModel, encode_pixels
     from beam_curator.transforms.read import iter_shard
 
     clip = load_clip(os.path.join(model_dir, "clip"), device="cpu")
-    model = LoadedClipModel(clip.model, "cpu", None)
-    preprocess = build_preprocess(read_preprocess_cfg(model_dir))
+    preprocess_cfg = read_preprocess_cfg(model_dir)
+    model = LoadedClipModel(clip.model, "cpu", None, *normalization(preprocess_cfg))
+    preprocess = build_preprocess(preprocess_cfg)
     batch, n = [], 0
     for name, url in shards:
         for sample in iter_shard(name, url):

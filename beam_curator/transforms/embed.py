@@ -54,8 +54,7 @@ def resolve_precision(requested: str, device: str):
 class LoadedClipModel:
     """What the handler hands to run_inference: the model and how to feed it."""
 
-    def __init__(self, model, device: str, dtype=None, mean=(0.0, 0.0, 0.0),
-                 std=(1.0, 1.0, 1.0)):
+    def __init__(self, model, device: str, dtype, mean, std):
         self.model = model
         self.device = device
         self.dtype = dtype          # None: fp32
