@@ -42,10 +42,12 @@ class Front:
 
 
 def _check_model_dir(opts: CuratorOptions):
-    from beam_curator.models import check_model_dir
+    from beam_curator.models import check_model_dir, localize_model_dir
 
-    manifest = check_model_dir(opts.model_dir)
-    if getattr(manifest, "random_weights", False):
+    # A gs:// (or any remote) --model_dir is copied once into the local model cache to be
+    # checked here; the workers copy it into theirs when they load the model.
+    manifest = check_model_dir(localize_model_dir(opts.model_dir))
+    if manifest.random_weights:
         _LOG.warning("MODEL WEIGHTS ARE RANDOM (%s): embeddings and scores are meaningless "
                      "except for testing the pipeline.", opts.model_dir)
     return manifest
@@ -127,7 +129,7 @@ def _write_results(results, front: Front, opts: CuratorOptions, *, curated: bool
 def _run_extra(opts: CuratorOptions, manifest, command: str) -> dict:
     return {"command": command,
             "model_dir": opts.model_dir,
-            "random_weights": bool(getattr(manifest, "random_weights", False)),
+            "random_weights": manifest.random_weights,
             "options": outputs.recorded_options(opts)}
 
 

@@ -563,6 +563,24 @@ def test_localize_copies_remote_dirs_once(tiny_dir, tmp_path):
     assert [p.name for p in cache.iterdir()] == [Path(local).name]  # no partial dirs left
 
 
+def test_a_remote_model_dir_runs_end_to_end(tiny_dir, small_dataset, tmp_path, monkeypatch):
+    """--model_dir on a remote filesystem (gs:// in production): the graph-build check and
+    every worker use a local copy from the model cache."""
+    from beam_curator import cli
+    from tests.conftest import run_args
+
+    cache = tmp_path / "model-cache"
+    monkeypatch.setenv("BEAM_CURATOR_MODEL_CACHE", str(cache))
+    out = tmp_path / "out"
+    shards = os.path.join(os.path.dirname(small_dataset.shards[0]), "*.tar")
+    summary = cli.run_pipeline("embed", run_args(
+        input_glob=shards, output=str(out), model_dir=_TEST_FS_PREFIX + str(tiny_dir),
+        progress_interval=0))
+    assert summary["samples_read"] == small_dataset.n_samples
+    assert summary["model_dir"].startswith(_TEST_FS_PREFIX) and summary["random_weights"]
+    assert len(list(cache.iterdir())) == 1                   # copied once, then reused
+
+
 def test_localize_returns_local_paths_unchanged(tiny_dir):
     assert localize_model_dir(str(tiny_dir)) == str(tiny_dir)
 
