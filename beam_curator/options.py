@@ -88,7 +88,8 @@ class CuratorOptions(PipelineOptions):
               help="Model directory: clip/, aesthetic/, nsfw/, manifest.json "
                    "(see `models init-random` / `models download`).")
         _flag(parser, "embeddings", default=None,
-              help="dedup: glob of embeddings parquet files (an id and an embedding column).")
+              help="dedup: glob of embeddings parquet files (an id and an embedding column); "
+                   "several globs comma-separated.")
         _flag(parser, "id_column", default="id", help="dedup: the id column of --embeddings.")
         _flag(parser, "embedding_column", default="embedding",
               help="dedup: the embedding column (list<float32>) of --embeddings.")

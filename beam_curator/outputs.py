@@ -121,22 +121,21 @@ def _read_previous_summary(path: str):
 def _check_inputs(opts: CuratorOptions, command: str) -> None:
     """Fail fast, before anything in --output is touched, when an input is missing or lies
     inside the output directories a run replaces."""
-    from beam_curator.transforms.read import list_shards
+    from beam_curator.transforms.read import match_globs, split_globs
 
-    inputs = []   # (option, path or glob)
+    inputs = []   # (option, path or glob); the builders have matched --input already
     if command in ("run", "embed", "remove") and opts.input:
-        list_shards(opts.input)   # ShardListError names the fix
-        inputs += [("--input", g.strip()) for g in opts.input.split(",") if g.strip()]
+        inputs += [("--input", g) for g in split_globs(opts.input)]
     if command == "remove" and opts.removal_ids:
-        dirs = [d.strip() for d in opts.removal_ids.split(",") if d.strip()]
+        dirs = split_globs(opts.removal_ids)
         check_removal_dirs([FileSystems.join(d, "*.parquet") for d in dirs])
         inputs += [("--removal_ids", d) for d in dirs]
     if command == "dedup" and opts.embeddings:
-        if not FileSystems.match([opts.embeddings])[0].metadata_list:
+        if not match_globs(opts.embeddings):
             raise OptionError(
                 f"--embeddings {opts.embeddings!r} matches no file. Point it at the embeddings "
                 "parquet files, e.g. 'OUTPUT/embeddings/*.parquet' of an `embed` run.")
-        inputs.append(("--embeddings", opts.embeddings))
+        inputs += [("--embeddings", g) for g in split_globs(opts.embeddings)]
     if command in ("run", "dedup") and opts.centroids:
         if not FileSystems.exists(opts.centroids):
             raise OptionError(

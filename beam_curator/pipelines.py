@@ -20,7 +20,7 @@ from beam_curator.schema import (EMBEDDINGS_SCHEMA, ERROR, ERRORS_SCHEMA, KEPT, 
                                  SAMPLES_SCHEMA, ErrorRecord, SampleResult)
 from beam_curator.transforms.decode import DecodeImages
 from beam_curator.transforms.filters import ApplyThresholds
-from beam_curator.transforms.read import ReadShardSamples, list_shards
+from beam_curator.transforms.read import ReadShardSamples, list_shards, split_globs
 from beam_curator.transforms.remove import KEEP, REMOVE, RewriteShards, shard_of_id
 from beam_curator.transforms.scores import ScoreImages
 from beam_curator.transforms.summary import WriteSummary
@@ -53,13 +53,12 @@ def _check_model_dir(opts: CuratorOptions):
     return manifest
 
 
-def build_front(p: beam.Pipeline, opts: CuratorOptions) -> Front:
+def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list) -> Front:
     """read -> decode -> RunInference -> scores -> thresholds, and write embeddings/."""
     # Imported here: apache_beam.ml (RunInference) costs seconds of imports that the `dedup`
     # and `remove` commands do not need.
     from beam_curator.transforms.embed import EmbedImages, OpenClipModelHandler
 
-    shard_list = list_shards(opts.input)
     handler = OpenClipModelHandler(
         opts.model_dir, device=opts.device, precision=opts.precision,
         min_batch_size=opts.min_inference_batch_size, max_batch_size=opts.inference_batch_size,
@@ -137,8 +136,9 @@ def build_embed(p: beam.Pipeline, options) -> None:
     """Step 1: embeddings + scores + statuses; `rejected/` lists what step 3 must drop."""
     opts = validate_options(options, needs=("input", "output", "model_dir"))
     manifest = _check_model_dir(opts)
+    shard_list = list_shards(opts.input)   # before --output is touched: a typo keeps it
     outputs.prepare_output(opts, "embed")
-    front = build_front(p, opts)
+    front = build_front(p, opts, shard_list)
     passed = front.passed | "Candidates" >> beam.MapTuple(
         lambda info, _: SampleResult(info=info, status=KEPT))
     results = (front.rejected, passed) | "AllResults" >> beam.Flatten()
@@ -154,8 +154,9 @@ def build_run(p: beam.Pipeline, options) -> None:
     """The one-graph flow: embed -> filter -> dedup -> curated shards, samples, summary."""
     opts = validate_options(options, needs=("input", "output", "model_dir"))
     manifest = _check_model_dir(opts)
+    shard_list = list_shards(opts.input)   # before --output is touched: a typo keeps it
     outputs.prepare_output(opts, "run")
-    front = build_front(p, opts)
+    front = build_front(p, opts, shard_list)
     more_written = []
     if opts.dedup:
         from beam_curator.transforms.semdedup import Deduplicate, DedupConfig
@@ -184,11 +185,9 @@ def build_dedup(p: beam.Pipeline, options) -> None:
 def build_remove(p: beam.Pipeline, options) -> None:
     """Step 3: rewrite the shards without the removal ids -> OUTPUT/curated/."""
     opts = validate_options(options, needs=("input", "output", "removal_ids"))
-    outputs.prepare_output(opts, "remove")
-    shard_list = list_shards(opts.input)
-    removal_globs = [FileSystems.join(d.strip(), "*.parquet")
-                     for d in opts.removal_ids.split(",") if d.strip()]
-    outputs.check_removal_dirs(removal_globs)
+    shard_list = list_shards(opts.input)   # before --output is touched: a typo keeps it
+    outputs.prepare_output(opts, "remove")  # also checks the removal dirs
+    removal_globs = [FileSystems.join(d, "*.parquet") for d in split_globs(opts.removal_ids)]
     shards = p | "ShardList" >> beam.Create(shard_list)
     ids = ([p | f"ReadRemovalIds{i}" >> beam.io.ReadFromParquet(g, columns=["id"])
             for i, g in enumerate(removal_globs)]

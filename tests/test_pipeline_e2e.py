@@ -130,7 +130,9 @@ def test_three_step_flow_keeps_exactly_the_same_ids(run_output, tiny_model_dir, 
     run_pipeline("embed", run_args(input_glob=input_glob, output=str(embed_out),
                                    model_dir=tiny_model_dir, aesthetic_threshold=4.9,
                                    nsfw_threshold=0.5))
-    run_pipeline("dedup", ["--embeddings", str(embed_out / "embeddings" / "*.parquet"),
+    # Two overlapping globs: each file is read once (a row read twice would be its own copy).
+    every = str(embed_out / "embeddings" / "*.parquet")
+    run_pipeline("dedup", ["--embeddings", f"{every},{sorted(glob.glob(every))[0]}",
                            "--output", str(dedup_out), "--runner", "FnApiRunner",
                            "--eps", str(EPS), "--centroids",
                            str(out / "dedup" / "centroids.npy")])

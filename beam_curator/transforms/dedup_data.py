@@ -157,9 +157,9 @@ def count_candidates(chunk: Chunk, config: DedupConfig) -> int:
 def parquet_chunks(pattern: str, config: DedupConfig) -> Tuple[List[Chunk], int, bool]:
     """Row-group chunks of every matching file (+ the dim, + whether content_hash exists)."""
     from beam_curator.options import OptionError
+    from beam_curator.transforms.read import match_globs
 
-    paths = sorted(m.path for part in pattern.split(",") if part.strip()
-                   for m in FileSystems.match([part.strip()])[0].metadata_list)
+    paths = match_globs(pattern)
     if not paths:
         raise OptionError(f"--embeddings {pattern!r} matches no file: point it at parquet "
                           "files with an id and an embedding column (e.g. OUTPUT/embeddings/*.parquet).")

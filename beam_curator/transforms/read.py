@@ -50,13 +50,20 @@ def shard_name(url: str) -> str:
     return base
 
 
+def split_globs(pattern: str) -> List[str]:
+    """An option holding comma-separated globs -> the globs."""
+    return [part.strip() for part in pattern.split(",") if part.strip()]
+
+
+def match_globs(pattern: str) -> List[str]:
+    """Comma-separated globs -> the sorted paths they match, each once (globs may overlap)."""
+    return sorted({m.path for part in split_globs(pattern)
+                   for m in FileSystems.match([part])[0].metadata_list})
+
+
 def list_shards(pattern: str) -> List[Tuple[str, str]]:
     """Resolve --input (comma-separated globs) to sorted (shard name, url) pairs, failing fast."""
-    urls = []
-    for part in [p.strip() for p in pattern.split(",") if p.strip()]:
-        result = FileSystems.match([part])[0]
-        urls.extend(m.path for m in result.metadata_list)
-    urls = sorted(set(urls))
+    urls = match_globs(pattern)
     if not urls:
         raise ShardListError(
             f"--input {pattern!r} matches no file. Check the path and the glob (for example "
