@@ -47,7 +47,7 @@ GOAL_HANDLER_IMAGES_PER_S = 3000          # ViT-L/14 on one H100 (about half the
 
 # Dense (no sparsity) bf16 tensor peak, TFLOP/s, by device-name fragment (first match wins).
 PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
+    ("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4),   # GH200 matches H200: same peak
     ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0),
     ("A10", 125.0), ("T4", 65.0), ("V100", 125.0),
 )
@@ -237,7 +237,7 @@ def bench_decode(shard: str, model_dir: str, n: int) -> Dict:
             pass
     seconds = time.perf_counter() - start
     return {"images": len(images), "decoded": done,
-            "images_per_s_per_core": round(len(images) / seconds, 1)}
+            "images_per_s_per_core": round(done / seconds, 1)}
 
 
 def bench_pipeline(model_dir: str, work: Path, args, limit: Optional[float]) -> Dict:
@@ -273,7 +273,8 @@ def bench_pipeline(model_dir: str, work: Path, args, limit: Optional[float]) -> 
            "shards": args.pipeline_shards, "sdk_workers": args.pipeline_workers,
            "make_data_s": round(made_s, 2), "wall_s": round(wall, 2),
            "images_per_s": round(dataset.n_samples / wall, 1),
-           "embeddings_written": summary.get("n_embeddings", summary.get("samples_read")),
+           "embeddings_written": (summary.get("samples_read", 0)
+                                  - summary.get("counts", {}).get("error", 0)),
            "decode": decode}
     if limit:
         out["fraction_of_limit"] = round(out["images_per_s"] / limit, 4)
