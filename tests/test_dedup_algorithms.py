@@ -12,6 +12,7 @@ import pytest
 from beam_curator.dedup import (
     assign_to_centroids,
     assign_top2,
+    assign_with_runner_up,
     block_pairs,
     block_range,
     border_assignments,
@@ -428,6 +429,10 @@ def test_assign_against_brute_force_and_chunking():
     np.testing.assert_array_equal(dist2[:, 0], cos_dist)
     np.testing.assert_array_equal(lab2[:, 1], order[:, 1])
     assert (dist2[:, 1] >= dist2[:, 0]).all()
+    # --border_margin's single pass gives the same bits as the two calls.
+    together = assign_with_runner_up(x, c, block_size=17)
+    for got, want in zip(together, (labels, cos_dist, l2, lab2, dist2)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_assign_ties_go_to_lowest_centroid_index():

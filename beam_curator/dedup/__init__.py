@@ -10,7 +10,8 @@ The Beam transforms in `beam_curator.transforms.semdedup` are plumbing around th
 
 Every function is deterministic for its inputs; ties are broken by id or by lowest index.
 """
-from beam_curator.dedup.assign import assign_to_centroids, assign_top2, border_assignments
+from beam_curator.dedup.assign import (assign_to_centroids, assign_top2,
+                                      assign_with_runner_up, border_assignments)
 from beam_curator.dedup.kmeans import (
     load_centroids,
     sample_fraction,
@@ -38,6 +39,7 @@ __all__ = [
     "WHICH_TO_KEEP",
     "assign_to_centroids",
     "assign_top2",
+    "assign_with_runner_up",
     "block_pairs",
     "block_range",
     "border_assignments",

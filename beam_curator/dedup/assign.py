@@ -130,11 +130,20 @@ def assign_top2(vectors: np.ndarray, centroids: np.ndarray, block_size: Optional
     second column is label -1 and distance +inf. Ties as in `assign_to_centroids`, whose
     labels and distances equal column 0 here.
     """
+    return assign_with_runner_up(vectors, centroids, block_size)[3:]
+
+
+def assign_with_runner_up(vectors: np.ndarray, centroids: np.ndarray,
+                          block_size: Optional[int] = None) -> Tuple[np.ndarray, ...]:
+    """`assign_to_centroids` + `assign_top2` from one similarity pass (for --border_margin):
+    `(labels, cosine_dist, l2_dist, labels (n, 2), cosine_dist (n, 2))`."""
     v, c = _prepare(vectors, centroids)
-    labels, sims, _ = _top_m(v, c, 2, block_size)
+    labels, sims, c64 = _top_m(v, c, 2, block_size)
     with np.errstate(invalid="ignore"):
         dist = (1.0 - sims).astype(np.float32)   # 1 - (-inf) = +inf for the missing second
-    return labels.astype(np.int32), dist
+    nearest = labels[:, 0]
+    return (nearest.astype(np.int32), dist[:, 0].copy(), _l2_dists(v, c64, nearest),
+            labels.astype(np.int32), dist)
 
 
 def border_assignments(labels2: np.ndarray, dists2: np.ndarray, margin: float

@@ -34,7 +34,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_curator import outputs
 from beam_curator.dedup import kmeans as km
-from beam_curator.dedup.assign import assign_to_centroids, assign_top2, border_assignments
+from beam_curator.dedup.assign import (assign_to_centroids, assign_with_runner_up,
+                                      border_assignments)
 from beam_curator.dedup.pairwise import (block_range, combine_partials, is_duplicate,
                                          local_to_global, partial_max)
 from beam_curator.dedup.ranking import rank_cluster
@@ -159,7 +160,12 @@ class AssignFn(beam.DoFn):
         # batching, or by Chunk.load for a parquet row group) instead of carrying vectors.
         staged_path = chunk.staged_copy(self._config)
         vectors = vectors[keep]
-        labels, cos_dist, l2_dist = assign_to_centroids(vectors, centroids)
+        with_border = self._config.border_margin is not None and centroids.shape[0] > 1
+        if with_border:   # one similarity pass gives the nearest and the runner-up
+            labels, cos_dist, l2_dist, labels2, dists2 = assign_with_runner_up(vectors,
+                                                                              centroids)
+        else:
+            labels, cos_dist, l2_dist = assign_to_centroids(vectors, centroids)
         all_members = Members(
             ids=tuple(ids[r] for r in keep), cos_dist=cos_dist, l2_dist=l2_dist,
             border=np.zeros(keep.size, dtype=bool),
@@ -170,8 +176,7 @@ class AssignFn(beam.DoFn):
             rows=keep if staged_path else None)
         self.assigned.inc(keep.size)
         memberships = [(labels, np.arange(keep.size), False)]
-        if self._config.border_margin is not None and centroids.shape[0] > 1:
-            labels2, dists2 = assign_top2(vectors, centroids)
+        if with_border:
             extra = border_assignments(labels2, dists2, self._config.border_margin)
             if extra:
                 rows, clusters = (np.array(x, dtype=np.int64) for x in zip(*extra))
