@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 from typing import Dict, Optional
 
-from apache_beam.io.filesystems import FileSystems
 
 from beam_curator import outputs
 from beam_curator.report.load import ReportError, RunData, load_run
@@ -54,16 +53,10 @@ def build_report(output_dir: str, thumbnails: bool = True) -> str:
 
 def write_report(output_dir: str) -> str:
     """Write OUTPUT/report.html (temp name, then rename) and return its path."""
-    from beam_curator.transforms.write import TMP_PREFIX
+    from beam_curator.transforms.write import write_atomically
 
     page = build_report(output_dir).encode("utf-8")
-    output_dir = output_dir.rstrip("/") or output_dir
-    path = outputs.report_file(output_dir)
-    tmp = FileSystems.join(output_dir, TMP_PREFIX + "report.html")
-    with FileSystems.create(tmp, mime_type="text/html") as stream:
-        stream.write(page)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
+    path = outputs.report_file(output_dir.rstrip("/") or output_dir)
+    write_atomically(path, lambda stream: stream.write(page), mime_type="text/html")
     _LOG.info("wrote %s (%d kB)", path, len(page) // 1024)
     return path

@@ -21,7 +21,8 @@ from apache_beam.io.filesystems import FileSystems
 TMP_PREFIX = ".tmp-"
 
 
-def write_atomically(path: str, write: Callable[[object], None]) -> str:
+def write_atomically(path: str, write: Callable[[object], None],
+                     mime_type: str = "application/octet-stream") -> str:
     """Write through `write(stream)` to a temp name beside `path`, then rename into place.
 
     The temp name is unique per attempt (`.tmp-<random>-<name>`): a retried or speculative
@@ -35,7 +36,7 @@ def write_atomically(path: str, write: Callable[[object], None]) -> str:
     if directory:
         _mkdirs(directory)
     try:
-        with FileSystems.create(tmp) as stream:
+        with FileSystems.create(tmp, mime_type=mime_type) as stream:
             write(stream)
         if FileSystems.exists(path):
             FileSystems.delete([path])
