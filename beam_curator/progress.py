@@ -11,9 +11,8 @@ Every `interval_s` seconds a line like
 
 goes to stderr, from the Beam counters the transforms already emit (namespace "curator":
 samples_read, decoded, decode_errors, shard_errors, passed_filters, filtered, dedup_assigned,
-curated_samples_written; and RunInference's own "curator_clip/num_inferences" for the images
-embedded). Counters named "exact_duplicates", "semantic_duplicates" or "kept" in namespace
-"curator" are shown too as soon as a transform emits them.
+exact_duplicates, semantic_duplicates, kept, curated_samples_written; and RunInference's own
+"curator_clip/num_inferences" for the images embedded).
 
 How the numbers are read while the pipeline runs (why not just poll result.metrics()):
 `FnApiRunner.run_pipeline` blocks until the whole pipeline is done and only then returns a
@@ -63,7 +62,7 @@ FIELDS: List[Tuple[str, Tuple[MetricKey, ...]]] = [
     ("embedded", (_c("num_inferences", EMBED_NAMESPACE),)),
     ("passed", (_c("passed_filters"),)),
     ("filtered", (_c("filtered"),)),
-    ("errors", (_c("decode_errors"), _c("shard_errors"), _c("embed_errors"))),
+    ("errors", (_c("decode_errors"), _c("shard_errors"))),
     ("dedup assigned", (_c("dedup_assigned"),)),
     ("duplicates", (_c("exact_duplicates"), _c("semantic_duplicates"))),
     ("kept", (_c("kept"),)),

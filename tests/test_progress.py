@@ -144,3 +144,27 @@ def test_a_failing_pipeline_raises_and_the_lines_stop():
         raise AssertionError("the pipeline should have failed")
     assert not [t for t in threading.enumerate() if t.name == "beam-curator-progress"]
     assert "[done" not in stream.getvalue()
+
+
+def test_the_final_line_of_a_real_run_matches_its_summary(small_dataset, tiny_model_dir,
+                                                          tmp_path, capsys):
+    """Every counter the line names is emitted by the real transforms, and the final line
+    agrees with summary.json."""
+    import os
+
+    from beam_curator.cli import run_pipeline
+    from tests.conftest import run_args
+
+    shards = os.path.join(os.path.dirname(small_dataset.shards[0]), "*.tar")
+    summary = run_pipeline("run", run_args(input_glob=shards, output=str(tmp_path / "out"),
+                                           model_dir=tiny_model_dir, n_clusters=3,
+                                           progress_interval=30))
+    final = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("[done")][-1]
+    counts = summary["counts"]
+    assert _numbers(final, "read") == summary["samples_read"]
+    assert _numbers(final, "errors") == counts["error"]
+    assert _numbers(final, "duplicates") == (counts["exact_duplicate"]
+                                             + counts["semantic_duplicate"])
+    assert _numbers(final, "kept") == counts["kept"]
+    assert _numbers(final, r"kept \(written\)") == summary["curated_samples_written"]

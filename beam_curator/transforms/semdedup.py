@@ -423,6 +423,8 @@ def _exact_duplicates(element):
     _, members = element
     members = sorted(members, key=lambda m: m[0])
     survivor = members[0][0]
+    if len(members) > 1:   # the live progress line shows it (progress.FIELDS)
+        beam.metrics.Metrics.counter("curator", "exact_duplicates").inc(len(members) - 1)
     for dup_id, payload in members[1:]:
         yield dup_id, payload, survivor
 
@@ -483,6 +485,9 @@ class Deduplicate(beam.PTransform):
 
 
 def _sample_results(decisions: Decisions):
+    n_dups = int(np.count_nonzero(decisions.is_duplicate))   # counters for the live progress line
+    beam.metrics.Metrics.counter("curator", "semantic_duplicates").inc(n_dups)
+    beam.metrics.Metrics.counter("curator", "kept").inc(len(decisions.is_duplicate) - n_dups)
     for _, info, max_id, sim, dup in decisions.rows():
         yield SampleResult(info=info, status=SEMANTIC_DUPLICATE if dup else KEPT,
                            cluster=decisions.cluster, duplicate_of=max_id if dup else None,
