@@ -17,11 +17,11 @@ from apache_beam.io.filesystems import FileSystems
 from beam_curator import outputs
 from beam_curator.options import CuratorOptions, validate_options
 from beam_curator.schema import (EMBEDDINGS_SCHEMA, ERROR, ERRORS_SCHEMA, KEPT, REJECTED_SCHEMA,
-                                 SAMPLES_SCHEMA, ErrorRecord, SampleResult)
+                                 SAMPLES_SCHEMA, ErrorRecord, SampleResult, shard_of_id)
 from beam_curator.transforms.decode import DecodeImages
 from beam_curator.transforms.filters import ApplyThresholds
 from beam_curator.transforms.read import ReadShardSamples, list_shards, split_globs
-from beam_curator.transforms.remove import KEEP, REMOVE, RewriteShards, shard_of_id
+from beam_curator.transforms.remove import KEEP, REMOVE, RewriteShards
 from beam_curator.transforms.scores import ScoreImages
 from beam_curator.transforms.summary import WriteSummary
 from beam_curator.transforms.write import WriteParquetByShard, WriteSingleParquet

@@ -34,6 +34,11 @@ def make_id(shard: str, key: str) -> str:
     return f"{shard}/{key}"
 
 
+def shard_of_id(sample_id: str) -> str:
+    """Ids are '<shard name>/<key>' and shard names hold no '/' (keys may)."""
+    return sample_id.split("/", 1)[0]
+
+
 @dataclass(frozen=True)
 class ShardSample:
     """One webdataset sample as read from its tar: the only record that holds image bytes."""

@@ -311,3 +311,23 @@ def test_report_cli_and_missing_summary(runs, tmp_path, capsys):
     assert "report.html" in capsys.readouterr().out
     assert cli_main(["report", "--output", str(tmp_path)]) == 2
     assert "summary.json" in capsys.readouterr().err
+
+
+def test_every_shown_id_gets_its_status_from_samples(runs):
+    """The gallery labels each shown sample with its status in samples/ (read from the
+    shards of the shown ids only)."""
+    import glob as globlib
+
+    import pyarrow.parquet as pq
+
+    from beam_curator.report.load import load_run
+
+    data = load_run(runs["out"])
+    statuses = {}
+    for path in globlib.glob(os.path.join(runs["out"], "samples", "*.parquet")):
+        table = pq.read_table(path, columns=["id", "status"])
+        statuses.update(zip(table.column("id").to_pylist(), table.column("status").to_pylist()))
+    shown = ({p.id for p in data.pairs} | {p.duplicate_of for p in data.pairs}
+             | {i for _, i in data.spotlight_best} | {i for _, i in data.spotlight_worst})
+    assert data.pairs and shown
+    assert data.id_status == {i: statuses[i] for i in shown}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import heapq
 import json
+import posixpath
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -23,7 +24,7 @@ from beam_curator import outputs
 from beam_curator.options import OptionError
 from beam_curator.report.charts import FineHistogram
 from beam_curator.schema import (EXACT_DUPLICATE, FILTERED_AESTHETIC, FILTERED_NSFW,
-                                 KEPT, SEMANTIC_DUPLICATE, STATUSES)
+                                 KEPT, SEMANTIC_DUPLICATE, STATUSES, shard_of_id)
 
 MAX_PAIRS = 24            # duplicate pairs in the gallery
 MAX_EXACT_PAIRS = 8       # of which exact duplicates, when there are semantic ones to show
@@ -103,11 +104,10 @@ def _read_parquet(path: str, columns=None):
         data = handle.read()
     import pyarrow as pa
 
-    table = pq.read_table(pa.BufferReader(data))
-    if columns is not None:
-        present = [c for c in columns if c in table.column_names]
-        table = table.select(present)
-    return table
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    if columns is not None:   # decode only these (older outputs may lack some)
+        columns = [c for c in columns if c in parquet.schema_arrow.names]
+    return parquet.read(columns=columns)
 
 
 def _glob(pattern: str) -> List[str]:
@@ -247,7 +247,10 @@ def _load_samples(data: RunData) -> None:
     shown = {p.id for p in pairs} | {p.duplicate_of for p in pairs}
     shown |= {i for _, i in data.spotlight_best} | {i for _, i in data.spotlight_worst}
     if shown:
+        shards = {shard_of_id(i) for i in shown}   # samples/<shard>.parquet
         for path in files:
+            if posixpath.basename(path)[:-len(".parquet")] not in shards:
+                continue
             table = _read_parquet(path, ["id", "status"])
             for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()):
                 if i in shown:

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
 
-from beam_curator.schema import ShardSample
+from beam_curator.schema import ShardSample, shard_of_id
 
 THUMB_PX = 96
 _JPEG_QUALITY = 75
@@ -69,7 +69,7 @@ def fetch_thumbnails(wanted: Iterable[str], shard_urls: Dict[str, str],
 
     by_shard: Dict[str, set] = {}
     for sample_id in sorted(set(wanted)):
-        by_shard.setdefault(sample_id.split("/", 1)[0], set()).add(sample_id)
+        by_shard.setdefault(shard_of_id(sample_id), set()).add(sample_id)
     thumbs: Dict[str, Thumb] = {}
     for shard, ids in sorted(by_shard.items()):
         url = shard_urls.get(shard)

@@ -18,11 +18,6 @@ KEEP = "keep"       # the ids listed are the ones written (the one-graph `run`)
 REMOVE = "remove"   # the ids listed are left out (the `remove` step, NeMo's removal ids)
 
 
-def shard_of_id(sample_id: str) -> str:
-    """Ids are '<shard name>/<key>' and shard names hold no '/'."""
-    return sample_id.split("/", 1)[0]
-
-
 class RewriteShardFn(beam.DoFn):
     """(shard, {'url': [url], 'ids': [...]}) -> (shard, samples written) after writing the tar."""
 
