@@ -222,6 +222,15 @@ def resolve_model_files(model_dir: str) -> ModelFiles:
     )
 
 
+def preprocess_cfg_of(open_clip_config: dict) -> dict:
+    """The `preprocess_cfg` of an open_clip_config.json, with `size` defaulting to the
+    vision tower's image size as open_clip does."""
+    model_cfg = open_clip_config.get("model_cfg", open_clip_config)
+    cfg = dict(open_clip_config.get("preprocess_cfg") or {})
+    cfg.setdefault("size", model_cfg.get("vision_cfg", {}).get("image_size", 224))
+    return cfg
+
+
 def read_clip_config(config_path: str) -> dict:
     """Parse ``open_clip_config.json`` and check the keys we rely on."""
     try:

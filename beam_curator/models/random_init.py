@@ -33,6 +33,7 @@ from .layout import (
     atomic_write_bytes,
     config_image_size,
     file_sha256,
+    preprocess_cfg_of,
 )
 
 TINY_ARCH = "tiny"
@@ -134,9 +135,8 @@ def _probe_embeddings(model: nn.Module, open_clip_config: dict, seed: int,
 
     from beam_curator.synthetic import draw_image
 
-    cfg = dict(open_clip_config.get("preprocess_cfg") or {})
-    cfg.setdefault("size", open_clip_config["model_cfg"]["vision_cfg"].get("image_size", 224))
-    preprocess = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg_of(open_clip_config)),
+                                    is_train=False)
     rng = random.Random(seed)
     batch = torch.stack([preprocess(draw_image(rng, 64)) for _ in range(n)])
     with torch.no_grad():

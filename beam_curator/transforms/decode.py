@@ -27,13 +27,10 @@ ERRORS = "errors"
 
 def read_preprocess_cfg(model_dir: str) -> dict:
     """open_clip's preprocessing settings from MODEL_DIR/clip/open_clip_config.json."""
-    path = FileSystems.join(model_dir, "clip", "open_clip_config.json")
-    with FileSystems.open(path) as handle:
-        config = json.loads(handle.read().decode("utf-8"))
-    model_cfg = config.get("model_cfg", config)
-    cfg = dict(config.get("preprocess_cfg") or {})
-    cfg.setdefault("size", model_cfg.get("vision_cfg", {}).get("image_size", 224))
-    return cfg
+    from beam_curator.models.layout import CLIP_CONFIG_PATH, preprocess_cfg_of
+
+    with FileSystems.open(FileSystems.join(model_dir, CLIP_CONFIG_PATH)) as handle:
+        return preprocess_cfg_of(json.loads(handle.read().decode("utf-8")))
 
 
 def _open_clip_cfg(preprocess_cfg: dict):

@@ -93,16 +93,14 @@ def rows_to_table(rows: List[dict], schema: pa.Schema, vector_column: Optional[s
 class WriteParquetByShardFn(beam.DoFn):
     """(shard, rows) -> DIR/<shard>.parquet, rows sorted by id; emits the written path."""
 
-    def __init__(self, directory: str, schema: pa.Schema, vector_column: Optional[str] = None,
-                 sort_key: str = "id"):
+    def __init__(self, directory: str, schema: pa.Schema, vector_column: Optional[str] = None):
         self._directory = directory
         self._schema = schema
         self._vector_column = vector_column
-        self._sort_key = sort_key
 
     def process(self, shard_rows):
         shard, rows = shard_rows
-        rows = sorted(rows, key=lambda r: r[self._sort_key] or "")
+        rows = sorted(rows, key=lambda r: r["id"])
         table = rows_to_table(rows, self._schema, self._vector_column)
         yield write_parquet(FileSystems.join(self._directory, f"{shard}.parquet"), table)
 
