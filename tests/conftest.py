@@ -34,6 +34,23 @@ def small_dataset(tmp_path_factory):
                         n_corrupt=1)
 
 
+def parquet_rows(directory) -> list:
+    """Every row of DIR/*.parquet, as dicts, files in name order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(directory).glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+
+
+def tar_members(path) -> list:
+    """[(member name, bytes)] of a tar's files, in order: a name written twice shows twice."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
 def run_args(*, input_glob: str, output: str, model_dir: str, **options) -> list:
     """CLI-style args for a tiny local run: FnApiRunner named explicitly."""
     args = ["--input", input_glob, "--output", output, "--model_dir", model_dir,

@@ -17,24 +17,12 @@ import tempfile
 import time
 
 import apache_beam as beam
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from beam_curator import cli, outputs
 from beam_curator.options import curator_options
 from tests.bad_inputs import ERROR, KEPT, KINDS, MAX_IMAGE_PIXELS, make_corpus
-from tests.conftest import run_args
-
-
-def read_rows(pattern):
-    files = sorted(glob.glob(pattern))
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
-
-
-def tar_members(path):
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+from tests.conftest import parquet_rows, run_args, tar_members
 
 
 # ---- the corpus run -------------------------------------------------------------------------
@@ -49,8 +37,8 @@ def corpus_run(tiny_model_dir, tmp_path_factory):
         nsfw_threshold="none", aesthetic_threshold="none", dedup="false",
         max_image_pixels=MAX_IMAGE_PIXELS, write_report="false"))
     elapsed = time.monotonic() - started
-    samples = {r["id"]: r for r in read_rows(str(out / "samples" / "*.parquet"))}
-    errors = read_rows(str(out / "errors" / "*.parquet"))
+    samples = {r["id"]: r for r in parquet_rows(out / "samples")}
+    errors = parquet_rows(out / "errors")
     return corpus, out, summary, samples, errors, elapsed
 
 

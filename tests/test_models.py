@@ -47,7 +47,8 @@ from beam_curator.models.random_init import (
     init_random,
 )
 
-SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+from tests.conftest import SHARED_MODELS
+
 REAL_AESTHETIC = SHARED_MODELS / "laion-aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
 REAL_NSFW = SHARED_MODELS / "laion-nsfw" / "clip_autokeras_binary_nsfw.pth"
 REAL_REFERENCE = SHARED_MODELS / "heads_reference.npz"

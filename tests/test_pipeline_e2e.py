@@ -5,29 +5,17 @@ import collections
 import glob
 import json
 import os
-import tarfile
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from beam_curator.cli import run_pipeline
-from tests.conftest import run_args
+from tests.conftest import parquet_rows as table
+from tests.conftest import run_args, tar_members
 from tests.dedup_reference import reference_semdedup
 
 pytestmark = pytest.mark.slow
 EPS = 0.002
-
-
-def table(path):
-    files = sorted(glob.glob(os.path.join(path, "*.parquet")))
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
-
-
-def tar_members(path):
-    with tarfile.open(path) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
 
 
 @pytest.fixture(scope="module")
@@ -100,17 +88,19 @@ def test_curated_shards_hold_the_original_bytes_of_exactly_the_kept(run_output, 
     written = {}
     for path in sorted(glob.glob(str(out / "curated" / "*.tar"))):
         shard = os.path.basename(path)[:-4]
-        source = tar_members(os.path.join(os.path.dirname(small_dataset.shards[0]),
-                                          shard + ".tar"))
-        for name, data in tar_members(path).items():
+        source = dict(tar_members(os.path.join(os.path.dirname(small_dataset.shards[0]),
+                                               shard + ".tar")))
+        members = tar_members(path)
+        assert len({name for name, _ in members}) == len(members)   # no member twice
+        for name, data in members:
             assert source[name] == data, name   # byte-identical image and sidecars
             written.setdefault(f"{shard}/{name.split('.', 1)[0]}", set()).add(name)
     assert set(written) == kept
     for sample_id, names in written.items():   # every member of the sample came along
         key = sample_id.split("/", 1)[1]
         shard = sample_id.split("/", 1)[0]
-        source = tar_members(os.path.join(os.path.dirname(small_dataset.shards[0]),
-                                          shard + ".tar"))
+        source = dict(tar_members(os.path.join(os.path.dirname(small_dataset.shards[0]),
+                                               shard + ".tar")))
         assert names == {n for n in source if n.split(".", 1)[0] == key}
     assert summary["curated_samples_written"] == len(kept)
 
@@ -144,7 +134,7 @@ def test_three_step_flow_keeps_exactly_the_same_ids(run_output, tiny_model_dir, 
     kept_by_steps = []
     for path in sorted(glob.glob(str(remove_out / "curated" / "*.tar"))):
         shard = os.path.basename(path)[:-4]
-        kept_by_steps += sorted({f"{shard}/{n.split('.', 1)[0]}" for n in tar_members(path)})
+        kept_by_steps += sorted({f"{shard}/{n.split('.', 1)[0]}" for n, _ in tar_members(path)})
     assert sorted(kept_by_steps) == kept_by_run
     assert (sorted(glob.glob(str(remove_out / "curated" / "*.tar")))
             and json.load(open(remove_out / "summary.json"))["curated_samples_written"]
