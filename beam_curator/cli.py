@@ -30,15 +30,23 @@ def run_pipeline(command: str, argv: List[str]) -> dict:
     options = curator_options(argv)
     opts = options.view_as(CuratorOptions)
     logging.getLogger(__name__).info("%s on %s", command, runner_name(options))
-    pipeline = build_pipeline(command, options)
-    # Live progress lines on the local runner; remote runners have their own consoles.
-    run_with_progress(pipeline, opts.progress_interval if is_local_runner(options) else 0)
+    pipeline, claim = build_pipeline(command, options)   # --output is now this run's
     summary_path = outputs.summary_file(opts.output)
-    if command == "run" and opts.write_report:
-        from beam_curator.report import write_report
+    finished = False
+    try:
+        # Live progress lines on the local runner; remote runners have their own consoles.
+        run_with_progress(pipeline, opts.progress_interval if is_local_runner(options) else 0)
+        finished = FileSystems.exists(summary_path)
+    except Exception as exc:
+        from beam_curator.errors import disk_full_error
 
-        write_report(opts.output)
-    if FileSystems.exists(summary_path):
+        full = disk_full_error(exc, opts.output)
+        if full is not None:
+            raise full from None
+        raise
+    finally:
+        claim.release(finished=finished)
+    if finished:
         with FileSystems.open(summary_path) as handle:
             return json.loads(handle.read().decode("utf-8"))
     return {}
@@ -90,9 +98,11 @@ def report_command(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="beam_curator report")
     parser.add_argument("--output", required=True, help="an output directory of `run`")
     args = parser.parse_args(argv)
+    from beam_curator.ownership import hold_output
     from beam_curator.report import write_report
 
-    print(f"wrote {write_report(args.output)}")
+    with hold_output(args.output):   # never while a run is writing this output
+        print(f"wrote {write_report(args.output)}")
     return 0
 
 

@@ -166,7 +166,11 @@ class CuratorOptions(PipelineOptions):
 
         # ---- output ---------------------------------------------------------------------
         _flag(parser, "write_report", type=_bool, default=True,
-              help="Write OUTPUT/report.html at the end of run.")
+              help="Write OUTPUT/report.html at the end of run (just before summary.json).")
+        _flag(parser, "verify_weights", type=_bool, default=True,
+              help="Hash the model weights against the sha256 in model_dir/manifest.json "
+                   "once, on the launching machine, before any work (seconds for "
+                   "ViT-L/14).")
         _flag(parser, "progress_interval", type=float, default=10.0,
               help="Seconds between progress lines on local runs (0 = off).")
 

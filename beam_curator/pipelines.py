@@ -10,17 +10,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+from typing import List, NamedTuple, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator import outputs
-from beam_curator.options import CuratorOptions, validate_options
+from beam_curator.options import CuratorOptions, OptionError, validate_options
+from beam_curator.ownership import OutputClaim, claim_output, finish_output, inputs_of
 from beam_curator.schema import (EMBEDDINGS_SCHEMA, ERROR, ERRORS_SCHEMA, KEPT, REJECTED_SCHEMA,
                                  SAMPLES_SCHEMA, ErrorRecord, SampleResult, shard_of_id)
 from beam_curator.transforms.decode import DecodeImages
 from beam_curator.transforms.filters import ApplyThresholds
-from beam_curator.transforms.read import ReadShardSamples, list_shards, split_globs
+from beam_curator.transforms.read import (ReadShardSamples, list_shards, match_globs,
+                                          split_globs)
 from beam_curator.transforms.remove import KEEP, REMOVE, RewriteShards
 from beam_curator.transforms.scores import ScoreImages
 from beam_curator.transforms.summary import WriteSummary
@@ -45,8 +48,10 @@ def _check_model_dir(opts: CuratorOptions):
     from beam_curator.models import check_model_dir, localize_model_dir
 
     # A gs:// (or any remote) --model_dir is copied once into the local model cache to be
-    # checked here; the workers copy it into theirs when they load the model.
-    manifest = check_model_dir(localize_model_dir(opts.model_dir))
+    # checked here; the workers copy it into theirs when they load the model. The weights
+    # are hashed against manifest.json once per run, here on the launching machine.
+    manifest = check_model_dir(localize_model_dir(opts.model_dir),
+                               verify_sha256=opts.verify_weights)
     if manifest.random_weights:
         _LOG.warning("MODEL WEIGHTS ARE RANDOM (%s): embeddings and scores are meaningless "
                      "except for testing the pipeline.", opts.model_dir)
@@ -94,8 +99,8 @@ def _embedding_row(info, embedding, passed: bool) -> dict:
             "passed_filters": passed}
 
 
-def _write_results(results, front: Front, opts: CuratorOptions, *, curated: bool, extra: dict,
-                   more_written=()):
+def _write_results(results, front: Front, opts: CuratorOptions, claim: OutputClaim, *,
+                   curated: bool, extra: dict, more_written=()):
     """samples/, errors/, curated/ (optional) and finally summary.json."""
     samples_written = (results
                        | "SampleRows" >> beam.Map(lambda r: (r.info.shard, r.to_row()))
@@ -121,8 +126,9 @@ def _write_results(results, front: Front, opts: CuratorOptions, *, curated: bool
             outputs.curated_dir(opts.output), KEEP)
     written = [samples_written, errors_written, front.embeddings_written, *more_written]
     return results | "Summary" >> WriteSummary(
-        outputs.summary_file(opts.output), extra, samples_read=front.samples_read,
-        shard_errors=front.shard_errors, curated_counts=curated_counts, written=written)
+        opts.output, extra, samples_read=front.samples_read,
+        shard_errors=front.shard_errors, curated_counts=curated_counts, written=written,
+        claim_token=claim.token, report=curated and opts.write_report)
 
 
 def _run_extra(opts: CuratorOptions, manifest, command: str) -> dict:
@@ -132,12 +138,31 @@ def _run_extra(opts: CuratorOptions, manifest, command: str) -> dict:
             "options": outputs.recorded_options(opts)}
 
 
-def build_embed(p: beam.Pipeline, options) -> None:
+def _centroids_input(opts: CuratorOptions) -> List[Tuple[str, str]]:
+    if not opts.centroids:
+        return []
+    if not FileSystems.exists(opts.centroids):
+        raise OptionError(
+            f"--centroids {opts.centroids} does not exist. Point it at a centroids .npy "
+            "(e.g. OUTPUT/dedup/centroids.npy of an earlier run), or leave it out to train "
+            "them.")
+    return [("--centroids", opts.centroids)]
+
+
+def _claim_for_shards(opts: CuratorOptions, command: str, shard_list, more=()) -> OutputClaim:
+    """Inputs are resolved before --output is touched: a typo keeps the previous output."""
+    inputs = inputs_of("--input", [url for _, url in shard_list]) + list(more)
+    if command in ("run", "embed"):
+        inputs += [("--model_dir", opts.model_dir)] + _centroids_input(opts)
+    return claim_output(opts, command, inputs)
+
+
+def build_embed(p: beam.Pipeline, options) -> OutputClaim:
     """Step 1: embeddings + scores + statuses; `rejected/` lists what step 3 must drop."""
     opts = validate_options(options, needs=("input", "output", "model_dir"))
     manifest = _check_model_dir(opts)
-    shard_list = list_shards(opts.input)   # before --output is touched: a typo keeps it
-    outputs.prepare_output(opts, "embed")
+    shard_list = list_shards(opts.input)
+    claim = _claim_for_shards(opts, "embed", shard_list)
     front = build_front(p, opts, shard_list)
     passed = front.passed | "Candidates" >> beam.MapTuple(
         lambda info, _: SampleResult(info=info, status=KEPT))
@@ -146,16 +171,17 @@ def build_embed(p: beam.Pipeline, options) -> None:
                         | "RejectedRows" >> beam.Map(lambda r: {"id": r.id, "status": r.status})
                         | "WriteRejected" >> WriteSingleParquet(
                             outputs.rejected_file(opts.output), REJECTED_SCHEMA))
-    _write_results(results, front, opts, curated=False,
+    _write_results(results, front, opts, claim, curated=False,
                    extra=_run_extra(opts, manifest, "embed"), more_written=[rejected_written])
+    return claim
 
 
-def build_run(p: beam.Pipeline, options) -> None:
+def build_run(p: beam.Pipeline, options) -> OutputClaim:
     """The one-graph flow: embed -> filter -> dedup -> curated shards, samples, summary."""
     opts = validate_options(options, needs=("input", "output", "model_dir"))
     manifest = _check_model_dir(opts)
-    shard_list = list_shards(opts.input)   # before --output is touched: a typo keeps it
-    outputs.prepare_output(opts, "run")
+    shard_list = list_shards(opts.input)
+    claim = _claim_for_shards(opts, "run", shard_list)
     front = build_front(p, opts, shard_list)
     more_written = []
     if opts.dedup:
@@ -168,44 +194,75 @@ def build_run(p: beam.Pipeline, options) -> None:
         deduped = front.passed | "NoDedup" >> beam.MapTuple(
             lambda info, _: SampleResult(info=info, status=KEPT))
     results = (front.rejected, deduped) | "AllResults" >> beam.Flatten()
-    _write_results(results, front, opts, curated=True, extra=_run_extra(opts, manifest, "run"),
-                   more_written=more_written)
+    _write_results(results, front, opts, claim, curated=True,
+                   extra=_run_extra(opts, manifest, "run"), more_written=more_written)
+    return claim
 
 
-def build_dedup(p: beam.Pipeline, options) -> None:
+def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
     """Step 2: semantic dedup of an embeddings parquet -> OUTPUT/dedup/."""
     from beam_curator.transforms.semdedup import DedupConfig, DedupFromParquet
 
     opts = validate_options(options, needs=("embeddings", "output"))
-    outputs.prepare_output(opts, "dedup")
+    files = match_globs(opts.embeddings)
+    if not files:
+        raise OptionError(
+            f"--embeddings {opts.embeddings!r} matches no file. Point it at the embeddings "
+            "parquet files, e.g. 'OUTPUT/embeddings/*.parquet' of an `embed` run.")
+    claim = claim_output(opts, "dedup",
+                         inputs_of("--embeddings", files) + _centroids_input(opts))
     p | "Dedup" >> DedupFromParquet(opts.embeddings, DedupConfig.from_options(options),
-                                    outputs.recorded_options(opts))
+                                    outputs.recorded_options(opts), claim.token)
+    return claim
 
 
-def build_remove(p: beam.Pipeline, options) -> None:
+def _removal_files(opts: CuratorOptions) -> List[str]:
+    files = []
+    for directory in split_globs(opts.removal_ids):
+        pattern = FileSystems.join(directory, "*.parquet")
+        matched = match_globs(pattern)
+        if not matched:
+            raise OptionError(
+                f"--removal_ids: no parquet file matches {pattern}. Point it at a directory "
+                "of parquet files with an `id` column, e.g. OUTPUT/dedup/duplicates (and "
+                "OUTPUT/rejected from `embed`), comma-separated.")
+        files += matched
+    return sorted(set(files))
+
+
+def build_remove(p: beam.Pipeline, options) -> OutputClaim:
     """Step 3: rewrite the shards without the removal ids -> OUTPUT/curated/."""
     opts = validate_options(options, needs=("input", "output", "removal_ids"))
-    shard_list = list_shards(opts.input)   # before --output is touched: a typo keeps it
-    outputs.prepare_output(opts, "remove")  # also checks the removal dirs
-    removal_globs = [FileSystems.join(d, "*.parquet") for d in split_globs(opts.removal_ids)]
+    shard_list = list_shards(opts.input)
+    removal_files = _removal_files(opts)
+    claim = _claim_for_shards(opts, "remove", shard_list,
+                              more=inputs_of("--removal_ids", removal_files))
     shards = p | "ShardList" >> beam.Create(shard_list)
-    ids = ([p | f"ReadRemovalIds{i}" >> beam.io.ReadFromParquet(g, columns=["id"])
-            for i, g in enumerate(removal_globs)]
-           | "AllRemovalIds" >> beam.Flatten()
+    ids = (p
+           | "RemovalFiles" >> beam.Create(removal_files)
+           | "ReadRemovalIds" >> beam.io.ReadAllFromParquet(columns=["id"])
            | "ByShard" >> beam.Map(lambda row: (shard_of_id(row["id"]), row["id"])))
     counts = (shards, ids) | "Rewrite" >> RewriteShards(outputs.curated_dir(opts.output), REMOVE)
-    out, recorded = opts.output, outputs.recorded_options(opts)
+    out, recorded, token = opts.output, outputs.recorded_options(opts), claim.token
     (counts
      | "Total" >> beam.combiners.ToList()
      | "WriteRemoveSummary" >> beam.Map(
-         lambda rows: outputs.write_remove_summary(out, rows, recorded)))
+         lambda rows: finish_output(out, outputs.remove_summary(rows, recorded), token)))
+    return claim
 
 
 BUILDERS = {"run": build_run, "embed": build_embed, "dedup": build_dedup,
             "remove": build_remove}
 
 
-def build_pipeline(command: str, options) -> beam.Pipeline:
+class PreparedRun(NamedTuple):
+    """A built pipeline and its hold on --output (release it when the pipeline has ended)."""
+
+    pipeline: beam.Pipeline
+    claim: OutputClaim
+
+
+def build_pipeline(command: str, options) -> PreparedRun:
     """A new pipeline with the `command` graph built on it, ready to run.
 
     Beam makes a local temp dir per Pipeline and removes it only in run(); a graph that fails
@@ -213,8 +270,8 @@ def build_pipeline(command: str, options) -> beam.Pipeline:
     """
     pipeline = beam.Pipeline(options=options)
     try:
-        BUILDERS[command](pipeline, options)
+        claim = BUILDERS[command](pipeline, options)
     except BaseException:
         shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)
         raise
-    return pipeline
+    return PreparedRun(pipeline, claim)

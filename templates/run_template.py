@@ -11,10 +11,10 @@ graph is built by the same builder (`beam_curator.pipelines.build_run`), so a te
 `python -m beam_curator run` build the same graph.
 
 On Dataflow this only submits the job: a Flex Template launch must not wait for the job to end
-(the launcher VM has a time limit, and the launcher hands the job to the service itself), so the
-end-of-run step that needs the finished output (report.html) is left to
-`python -m beam_curator report --output OUTPUT`. On any other runner (FnApiRunner in the tests,
-Flink, Portable) it does exactly what `python -m beam_curator run` does.
+(the launcher VM has a time limit, and the launcher hands the job to the service itself). The
+job writes report.html and then summary.json itself; the run record left in --output says the
+output is the job's until then. On any other runner (FnApiRunner in the tests, Flink,
+Portable) it does exactly what `python -m beam_curator run` does.
 """
 from __future__ import annotations
 
@@ -69,8 +69,18 @@ def launch(argv: List[str]) -> Tuple[object, object]:
 
     from beam_curator.pipelines import build_pipeline
 
-    pipeline = build_pipeline("run", options)
-    return options, pipeline.run()   # no wait_until_finish(): the launcher submits the job
+    pipeline, claim = build_pipeline("run", options)
+    # The job writes --output on its own after this launcher returns: the run record says so
+    # (a second launch into the same --output is refused until the job's summary.json).
+    claim.mark_handed_to_job()
+    try:
+        result = pipeline.run()   # no wait_until_finish(): the launcher submits the job
+    except BaseException:
+        claim.mark_handed_to_job(False)
+        claim.release(finished=False)
+        raise
+    claim.hand_to_job()
+    return options, result
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -88,9 +98,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     opts = options.view_as(CuratorOptions)
     if submits_only(options):
-        if opts.write_report:
-            _LOG.info("Job submitted. When it has finished, write the report with: "
-                      "python -m beam_curator report --output %s", opts.output)
+        _LOG.info("Job submitted: it writes %s/summary.json as its last file when it ends.",
+                  opts.output.rstrip("/"))
     else:
         cli.print_summary("run", opts.output, result)
     return 0

@@ -354,7 +354,7 @@ def make_corpus(directory: str, seed: int = 7) -> Corpus:
     first = {"dup.jpg": jpeg(rng), "dup.txt": b"first dup"}
     w.sample("dup", first, KEPT, size=(48, 48))
     w.good()
-    w.sample("dup#2", {}, ERROR, "duplicate key", stage="read")
+    w.sample("dup.dup2", {}, ERROR, "duplicate key", stage="read")
     w.builder.add("dup.jpg", jpeg(rng))
     w.builder.add("dup.txt", b"second dup")
     w.good()

@@ -1,9 +1,13 @@
 """Shared fixtures: a tiny random-weight model dir and a small synthetic webdataset, made once."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
+import tarfile
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +62,65 @@ def run_args(*, input_glob: str, output: str, model_dir: str, **options) -> list
     for name, value in options.items():
         args += [f"--{name}", str(value)]
     return args
+
+
+# ---- bad options fail fast: fixtures shared by the option and safety tests -----------------
+
+FAST_S = 5.0
+
+
+@pytest.fixture
+def no_pipeline_run(monkeypatch, tmp_path_factory):
+    """Any attempt to run a pipeline fails the test: the checks must come first.
+
+    Also: a refused command leaves nothing in the temp dir (Beam makes one per Pipeline).
+    """
+    import apache_beam as beam
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the pipeline ran: this option should have failed before")
+
+    monkeypatch.setattr(beam.Pipeline, "run", refuse)
+    temp_root = tmp_path_factory.mktemp("tempdir")
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    yield
+    assert not list(temp_root.iterdir()), "a refused command left files in the temp dir"
+
+
+@pytest.fixture(scope="session")
+def warm(tiny_model_dir):
+    """Import the heavy modules once so the timings measure the checks, not imports."""
+    from beam_curator.models import check_model_dir
+    from beam_curator import pipelines  # noqa: F401
+
+    check_model_dir(tiny_model_dir)
+    return tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def one_shard(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("one-shard")
+    with tarfile.open(directory / "000.tar", "w") as tar:
+        data = b"not decoded: the pipeline never runs in these tests"
+        info = tarfile.TarInfo("k.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return str(directory / "*.tar")
+
+
+def cli_fails(capsys, argv, *fragments):
+    """The CLI exits 2, fast, and its stderr holds every fragment."""
+    from beam_curator import cli
+
+    started = time.monotonic()
+    code = cli.main(argv)
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert elapsed < FAST_S, f"{elapsed:.1f} s to fail"
+    return err
 
 
 # Flink / portable runner fixtures (tests/flink_support.py): imported once, here, so a

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import collections
 import glob
-import io
 import json
 import os
 import shutil
 import tarfile
-import tempfile
 import time
 
 import apache_beam as beam
 import pytest
 
-from beam_curator import cli, outputs
+from beam_curator import cli
 from beam_curator.options import curator_options
 from tests.bad_inputs import ERROR, KEPT, KINDS, MAX_IMAGE_PIXELS, make_corpus
-from tests.conftest import parquet_rows, run_args, tar_members
+from tests.conftest import FAST_S, cli_fails, parquet_rows, run_args, tar_members
 
 
 # ---- the corpus run -------------------------------------------------------------------------
@@ -162,58 +160,6 @@ def test_no_temporary_files_are_left(corpus_run):
 
 # ---- bad options fail fast, before any pipeline work ------------------------------------------
 
-FAST_S = 5.0
-
-
-@pytest.fixture
-def no_pipeline_run(monkeypatch, tmp_path_factory):
-    """Any attempt to run a pipeline fails the test: the checks must come first.
-
-    Also: a refused command leaves nothing in the temp dir (Beam makes one per Pipeline).
-    """
-    def refuse(self, *args, **kwargs):
-        raise AssertionError("the pipeline ran: this option should have failed before")
-
-    monkeypatch.setattr(beam.Pipeline, "run", refuse)
-    temp_root = tmp_path_factory.mktemp("tempdir")
-    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
-    yield
-    assert not list(temp_root.iterdir()), "a refused command left files in the temp dir"
-
-
-@pytest.fixture(scope="module")
-def warm(tiny_model_dir):
-    """Import the heavy modules once so the timings measure the checks, not imports."""
-    from beam_curator.models import check_model_dir
-    from beam_curator import pipelines  # noqa: F401
-
-    check_model_dir(tiny_model_dir)
-    return tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def one_shard(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("one-shard")
-    with tarfile.open(directory / "000.tar", "w") as tar:
-        data = b"not decoded: the pipeline never runs in these tests"
-        info = tarfile.TarInfo("k.jpg")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return str(directory / "*.tar")
-
-
-def cli_fails(capsys, argv, *fragments):
-    started = time.monotonic()
-    code = cli.main(argv)
-    elapsed = time.monotonic() - started
-    err = capsys.readouterr().err
-    assert code == 2, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    assert elapsed < FAST_S, f"{elapsed:.1f} s to fail"
-    return err
-
-
 def test_no_file_matches_input(warm, tmp_path, capsys, no_pipeline_run):
     cli_fails(capsys, ["run"] + run_args(input_glob=str(tmp_path / "nope" / "*.tar"),
                                          output=str(tmp_path / "out"), model_dir=warm),
@@ -339,17 +285,4 @@ def test_missing_centroids_file(warm, one_shard, tmp_path, capsys, no_pipeline_r
                                          model_dir=warm, centroids=str(tmp_path / "c.npy")),
               "--centroids", "does not exist")
 
-
-def test_prepare_output_clears_leftovers_of_a_crashed_run(tmp_path):
-    out = tmp_path / "out"
-    (out / "dedup" / "_staging").mkdir(parents=True)
-    (out / "dedup" / "_staging" / "x.f32").write_bytes(b"x")
-    (out / "samples").mkdir()
-    (out / "samples" / ".tmp-0123-000.parquet").write_bytes(b"half")
-    (out / "summary.FAILED.json").write_text("{}")
-    opts = curator_options(["--output", str(out)]).view_as(outputs.CuratorOptions)
-    outputs.prepare_output(opts, "dedup")
-    left = sorted(os.path.relpath(os.path.join(d, f), out)
-                  for d, _, files in os.walk(out) for f in files)
-    assert left == []
 

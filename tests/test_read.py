@@ -64,7 +64,7 @@ def test_sample_without_image_is_an_error_sample(tmp_path):
 def test_duplicate_key_later_in_shard_gets_its_own_id_and_an_error(tmp_path):
     path = write_tar(tmp_path / "a.tar", [("k.jpg", b"1"), ("j.jpg", b"2"), ("k.jpg", b"3")])
     samples, _ = samples_and_errors(path, shard="a")
-    assert [s.id for s in samples] == ["a/k", "a/j", "a/k#2"]
+    assert [s.id for s in samples] == ["a/k", "a/j", "a/k.dup2"]
     assert samples[0].error is None and "duplicate key" in samples[2].error
 
 

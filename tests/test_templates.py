@@ -80,6 +80,7 @@ GOOD = {
     "border_margin": ["0.02", "0", "2", "1.5", ".1"],
     "dedup_vector_transport": ["auto", "staged", "shuffle"],
     "write_report": ["true", "false"],
+    "verify_weights": ["true", "false"],
 }
 # ...and values they must reject.
 BAD = {
@@ -114,6 +115,7 @@ BAD = {
     "border_margin": ["2.5", "3", "-0.1", ""],
     "dedup_vector_transport": ["gcs", "Shuffle", ""],
     "write_report": ["no", ""],
+    "verify_weights": ["no", "1", ""],
 }
 
 

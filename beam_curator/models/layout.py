@@ -284,18 +284,25 @@ def check_model_dir(model_dir: str, verify_sha256: bool = False) -> Manifest:
             f"{MANIFEST_NAME} says embed_dim={manifest.embed_dim} but {CLIP_CONFIG_PATH} says "
             f"{config_dim}: the manifest does not describe these files. {fix_hint(model_dir)}"
         )
-    for rel, expected in manifest.files.items():
-        path = os.path.join(files.root, rel)
-        if not os.path.isfile(path):
+    for rel in manifest.files:
+        if not os.path.isfile(os.path.join(files.root, rel)):
             raise ModelDirError(f"{MANIFEST_NAME} lists {rel} but it is missing. {fix_hint(model_dir)}")
-        if verify_sha256 and expected is not None and file_sha256(path) != expected:
-            raise ModelDirError(
-                f"{rel} does not match the sha256 in {MANIFEST_NAME} (corrupt or replaced). "
-                f"{fix_hint(model_dir)}"
-            )
     resolve_quick_gelu(model_cfg, manifest, where=str(model_dir))
     aesthetic, nsfw = load_heads(files.root)  # a few MB: cheap enough to check up front
     check_head_dims(config_dim, aesthetic, nsfw)
+    if verify_sha256:   # last: the structural errors above say more than "the hash differs"
+        for rel, expected in manifest.files.items():
+            path = os.path.join(files.root, rel)
+            if expected is not None and file_sha256(path) != expected:
+                link = (f" (a link to {os.path.realpath(path)})"
+                        if os.path.islink(path) else "")
+                raise ModelDirError(
+                    f"{rel}{link} does not match the sha256 that {MANIFEST_NAME} records for "
+                    "it: the file was corrupted or replaced, and every score would silently "
+                    "change. Restore it (`python -m beam_curator models download --dir "
+                    f"{model_dir} --force` for the real weights, `models init-random --dir "
+                    f"{model_dir} --force` for test weights), or, if you replaced it on purpose, "
+                    "pass --verify_weights false (or update manifest.json).")
     return manifest
 
 

@@ -41,9 +41,14 @@ def _wanted_ids(data: RunData):
     return wanted
 
 
-def build_report(output_dir: str, thumbnails: bool = True) -> str:
-    """The report's HTML for a finished run's output directory (nothing written)."""
-    data = load_run(output_dir)
+def build_report(output_dir: str, thumbnails: bool = True,
+                 summary: Optional[dict] = None) -> str:
+    """The report's HTML for a finished run's output directory (nothing written).
+
+    `summary`: the run's summary when it is not written yet (the run writes report.html just
+    before summary.json, so that summary.json stays the last file of a finished run).
+    """
+    data = load_run(output_dir, summary=summary)
     thumbs: Dict[str, Thumb] = {}
     if thumbnails:
         max_pixels: Optional[int] = data.options.get("max_image_pixels")
@@ -51,11 +56,11 @@ def build_report(output_dir: str, thumbnails: bool = True) -> str:
     return render_report(data, thumbs)
 
 
-def write_report(output_dir: str) -> str:
+def write_report(output_dir: str, summary: Optional[dict] = None) -> str:
     """Write OUTPUT/report.html (temp name, then rename) and return its path."""
     from beam_curator.transforms.write import write_atomically
 
-    page = build_report(output_dir).encode("utf-8")
+    page = build_report(output_dir, summary=summary).encode("utf-8")
     path = outputs.report_file(output_dir.rstrip("/") or output_dir)
     write_atomically(path, lambda stream: stream.write(page), mime_type="text/html")
     _LOG.info("wrote %s (%d kB)", path, len(page) // 1024)

@@ -136,9 +136,12 @@ def load_summary(output_dir: str) -> Tuple[dict, str]:
         "is written last). Point --output at a run's output directory, or rerun the pipeline.")
 
 
-def load_run(output_dir: str) -> RunData:
+def load_run(output_dir: str, summary: Optional[dict] = None) -> RunData:
     output_dir = output_dir.rstrip("/") or output_dir
-    summary, name = load_summary(output_dir)
+    if summary is None:
+        summary, name = load_summary(output_dir)
+    else:
+        name = outputs.SUMMARY
     data = RunData(output_dir=output_dir, summary=summary, summary_name=name)
     data.aesthetic = FineHistogram(-2.0, 12.0, 1400, SCORE_SERIES)
     data.nsfw = FineHistogram(0.0, 1.0, 1000, SCORE_SERIES)

@@ -13,7 +13,7 @@ Bad input never fails the job, and nothing is dropped without a record:
 * data after the end-of-archive marker, links, devices, names with `..` or an absolute path,
   names that are not UTF-8 -> shard-level error records naming the member, never samples;
 * a key that appears again later in its shard -> the first is used, the later one becomes
-  an error sample with its own id (`<shard>/<key>#2`).
+  an error sample with its own id (`<shard>/<key>.dup2`, which no real key can have).
 """
 from __future__ import annotations
 
@@ -62,11 +62,27 @@ def match_globs(pattern: str) -> List[str]:
 
 
 def list_shards(pattern: str) -> List[Tuple[str, str]]:
-    """Resolve --input (comma-separated globs) to sorted (shard name, url) pairs, failing fast."""
-    urls = match_globs(pattern)
+    """Resolve --input (comma-separated globs) to sorted (shard name, url) pairs, failing fast.
+
+    Files this project writes beside its outputs (summary.json, report.html, the run lock)
+    are never input, whatever the glob: `--input 'DIR/*'` next to an output in DIR reads the
+    shards only.
+    """
+    from beam_curator.outputs import OWN_FILE_NAMES
+    from beam_curator.transforms.write import TMP_PREFIX
+
+    matched = match_globs(pattern)
+    own = [u for u in matched if posixpath.basename(u) in OWN_FILE_NAMES
+           or posixpath.basename(u).startswith(TMP_PREFIX)]
+    if own:
+        _LOG.warning("--input: skipped %d file(s) that beam-curator writes itself, never "
+                     "shards (e.g. %s)", len(own), own[0])
+    urls = [u for u in matched if u not in set(own)]
     if not urls:
         raise ShardListError(
-            f"--input {pattern!r} matches no file. Check the path and the glob (for example "
+            f"--input {pattern!r} matches no file"
+            + (f" besides beam-curator's own outputs ({', '.join(own[:3])})" if own else "")
+            + ". Check the path and the glob (for example "
             "'data/shards/*.tar' or 'gs://bucket/shards/{00000..00099}.tar' written as a glob "
             "'gs://bucket/shards/000*.tar').")
     by_name = {}
@@ -98,9 +114,17 @@ def printable_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_PLAIN_NAME = re.compile(r"^[\x20-\x7e]{1,99}$")   # ASCII that a ustar header holds as is
+
+
 def unsafe_member_reason(name: str) -> Optional[str]:
-    """Absolute paths, `..` and non-UTF-8 names are never trusted: curated shards must be safe
-    to extract, and ids must be text."""
+    """Absolute paths, `..`, non-UTF-8 names, control characters and any name the curated
+    shard could not carry exactly are never trusted: curated shards must be safe to extract
+    and must reproduce every kept member's name, and ids must be text."""
+    if _CONTROL.search(name):
+        return (f"tar member {ascii(name)} has control characters in its name (a NUL cuts the "
+                "name short when it is written back)")
     if name.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", name):
         return f"tar member {printable_name(name)!r} has an absolute path"
     if ".." in name.replace("\\", "/").split("/"):
@@ -110,7 +134,23 @@ def unsafe_member_reason(name: str) -> Optional[str]:
     except UnicodeEncodeError:
         return (f"tar member name '{printable_name(name)}' is not valid UTF-8, so it cannot "
                 "be a sample id")
+    if not _PLAIN_NAME.match(name) and not _writes_back(name):
+        return (f"tar member {name!r} would not come back with the same name from a tar "
+                "written by the curated-shard writer")
     return None
+
+
+def _writes_back(name: str) -> bool:
+    """Whether a PAX tar (the curated-shard writer's format) stores `name` exactly."""
+    import io
+
+    buffer = io.BytesIO()
+    info = tarfile.TarInfo(name)
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(b""))
+    buffer.seek(0)
+    with tarfile.open(fileobj=buffer, mode="r") as tar:
+        return [m.name for m in tar.getmembers()] == [name]
 
 
 def _member_type(info: tarfile.TarInfo) -> str:
@@ -193,17 +233,15 @@ def _build_sample(shard: str, url: str, key: str, members: List[Tuple[str, bytes
     sample_id = make_id(shard, key)
     if sample_id in used_ids:
         # A key that comes back later in the same shard would make two samples with one id.
+        # The repeat's id ends in `.dupN`: a real key never has a dot in its last path part
+        # (the file name's first dot starts the extension), so it cannot take a real id.
         n = 2
-        while f"{sample_id}#{n}" in used_ids:
+        while repeat_id(sample_id, n) in used_ids:
             n += 1
-        if used_ids[sample_id] == key:
-            error = error or (f"key {key!r} appears again later in shard {shard!r} (duplicate "
-                              f"key): its first occurrence is {sample_id!r}, this one is "
-                              f"{sample_id}#{n}")
-        else:
-            error = error or (f"id {sample_id!r} is already taken by an earlier duplicate key "
-                              f"of shard {shard!r} (duplicate key): this one is {sample_id}#{n}")
-        sample_id = f"{sample_id}#{n}"
+        error = error or (f"key {key!r} appears again later in shard {shard!r} (duplicate "
+                          f"key): its first occurrence is {sample_id!r}, this one is "
+                          f"{repeat_id(sample_id, n)}")
+        sample_id = repeat_id(sample_id, n)
     used_ids[sample_id] = key
     fields = {}
     for ext, data in members:
@@ -221,6 +259,11 @@ def _build_sample(shard: str, url: str, key: str, members: List[Tuple[str, bytes
         error = f"sample has no image member (.jpg/.jpeg/.png/.webp); found: {found}"
     return ShardSample(id=sample_id, shard=shard, shard_url=url, key=key, image_ext=image_ext,
                        image_bytes=image_bytes, sidecars=fields, error=error)
+
+
+def repeat_id(sample_id: str, n: int) -> str:
+    """The id of the n-th occurrence (n >= 2) of a key in one shard."""
+    return f"{sample_id}.dup{n}"
 
 
 def iter_shard(shard: str, url: str) -> Iterator[object]:

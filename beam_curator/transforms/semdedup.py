@@ -45,7 +45,7 @@ from beam_curator.transforms.dedup_data import (SHUFFLE, STAGED, Chunk, Decision
                                                 _without_vectors, count_candidates,
                                                 parquet_chunks, read_candidate_ids,
                                                 read_staged_rows, write_staged)
-from beam_curator.transforms.write import write_json, write_parquet
+from beam_curator.transforms.write import write_parquet
 
 _LOG = logging.getLogger(__name__)
 
@@ -525,11 +525,13 @@ class HashPairsFn(beam.DoFn):
 class DedupFromParquet(beam.PTransform):
     """Step 2 of the three-step flow: embeddings parquet -> OUTPUT/dedup/ + summary.json."""
 
-    def __init__(self, pattern: str, config: DedupConfig, recorded_options: Optional[dict] = None):
+    def __init__(self, pattern: str, config: DedupConfig, recorded_options: Optional[dict] = None,
+                 claim_token: Optional[str] = None):
         super().__init__()
         self._pattern = pattern
         self._config = config
         self._recorded = recorded_options
+        self._claim_token = claim_token
 
     def expand(self, pbegin):
         config = self._config
@@ -553,14 +555,17 @@ class DedupFromParquet(beam.PTransform):
         return (pbegin
                 | "SummaryOnce" >> beam.Create([None])
                 | "WriteDedupSummary" >> beam.Map(
-                    _write_dedup_summary, config, summary, beam.pvalue.AsSingleton(n_exact),
+                    _write_dedup_summary, config, summary, self._claim_token,
+                    beam.pvalue.AsSingleton(n_exact),
                     beam.pvalue.AsSingleton(n_semantic), beam.pvalue.AsList(done)))
 
 
-def _write_dedup_summary(_, config, summary, n_exact, semantic_counts, done):
+def _write_dedup_summary(_, config, summary, claim_token, n_exact, semantic_counts, done):
     summary = dict(summary,
                    n_embeddings=n_exact + sum(n for n, _, _ in semantic_counts),
                    n_duplicates=n_exact + sum(d for _, d, _ in semantic_counts),
                    n_exact_duplicates=n_exact,
                    n_clusters=len({c for _, _, c in semantic_counts}))
-    return write_json(outputs.summary_file(config.output), summary)
+    from beam_curator.ownership import finish_output
+
+    return finish_output(config.output, summary, claim_token)

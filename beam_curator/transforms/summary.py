@@ -7,11 +7,12 @@ broken invariant fails the run loudly instead of shipping a dataset that lost sa
 from __future__ import annotations
 
 import collections
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
+from beam_curator import outputs
+from beam_curator.ownership import finish_output
 from beam_curator.schema import STATUSES
 from beam_curator.transforms.write import write_json
 
@@ -50,9 +51,11 @@ def build_summary(samples_read: int, status_rows: List[tuple], shard_errors: Lis
 
 
 class WriteSummaryFn(beam.DoFn):
-    def __init__(self, path: str, extra: dict):
-        self._path = path
+    def __init__(self, out: str, extra: dict, claim_token: Optional[str], report: bool):
+        self._out = out
         self._extra = extra
+        self._claim_token = claim_token
+        self._report = report
 
     def process(self, _, samples_read, status_rows, shard_errors, curated_counts, *written):
         extra = dict(self._extra)
@@ -68,29 +71,29 @@ class WriteSummaryFn(beam.DoFn):
                 f"{summary['counts'].get('kept', 0)} kept")
         if not summary["accounting"]["ok"]:
             # Leave the evidence beside the output, but never as summary.json (a finished run).
-            write_json(FileSystems.join(self._path.rsplit("/", 1)[0], "summary.FAILED.json"),
-                       summary)
+            write_json(outputs.failed_summary_file(self._out), summary)
             raise AccountingError(
                 f"accounting failed: {summary['accounting']} — see summary.FAILED.json")
-        # Every other output is complete (side inputs): clear temp files that failed or
-        # retried attempts left, then mark the run finished.
-        from beam_curator.outputs import remove_temp_files
-
-        remove_temp_files(self._path.rsplit("/", 1)[0])
-        yield write_json(self._path, summary)
+        # Every other output is complete (side inputs): the report, then summary.json last.
+        yield finish_output(self._out, summary, self._claim_token, report=self._report)
 
 
 class WriteSummary(beam.PTransform):
     """results -> OUTPUT/summary.json: counts per status and shard + the accounting check.
 
-    `written` are PCollections whose completion must come first (the other outputs).
+    `written` are PCollections whose completion must come first (the other outputs); with
+    `report`, report.html is written just before summary.json; `claim_token` names the run
+    record (beam_curator.ownership) that is removed once summary.json is there.
     """
 
-    def __init__(self, path: str, extra: dict, *, samples_read, shard_errors,
-                 curated_counts=None, written=()):
+    def __init__(self, out: str, extra: dict, *, samples_read, shard_errors,
+                 curated_counts=None, written=(), claim_token: Optional[str] = None,
+                 report: bool = False):
         super().__init__()
-        self._path = path
+        self._out = out
         self._extra = extra
+        self._claim_token = claim_token
+        self._report = report
         self._samples_read = samples_read
         self._shard_errors = shard_errors
         self._curated_counts = curated_counts
@@ -107,7 +110,7 @@ class WriteSummary(beam.PTransform):
         return (pipeline
                 | "Once" >> beam.Create([None])
                 | "WriteSummaryJson" >> beam.ParDo(
-                    WriteSummaryFn(self._path, self._extra),
+                    WriteSummaryFn(self._out, self._extra, self._claim_token, self._report),
                     beam.pvalue.AsSingleton(samples_read),
                     beam.pvalue.AsList(status_rows),
                     beam.pvalue.AsList(error_rows),

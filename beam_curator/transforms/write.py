@@ -6,8 +6,10 @@ leaves a file that looks complete. summary.json is written last: it marks a fini
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import tarfile
 import uuid
 from typing import Callable, Iterable, List, Optional
@@ -41,14 +43,28 @@ def write_atomically(path: str, write: Callable[[object], None],
         if FileSystems.exists(path):
             FileSystems.delete([path])
         FileSystems.rename([tmp], [path])
-    except BaseException:
+    except BaseException as exc:
         try:
             if FileSystems.exists(tmp):
                 FileSystems.delete([tmp])
         except Exception:   # noqa: BLE001 - the original error is the one to report
             pass
+        if _is_disk_full(exc):
+            # Name the file: through Beam's wrapping the message is all that reaches the
+            # user, and pyarrow's own message does not say which file it was writing.
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from exc
         raise
     return path
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "[Errno 28]" in str(exc) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _mkdirs(directory: str) -> None:
