@@ -12,6 +12,8 @@ from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from beam_curator.dedup.blocks import DEFAULT_BLOCK_ROWS
+
 # Runners that execute in this process: they never download anything (Beam 2.77's plain
 # DirectRunner first tries to fetch the Prism binary from the web).
 LOCAL_RUNNERS = ("fnapirunner", "directrunner", "bundlebaseddirectrunner", "switchingdirectrunner")
@@ -29,6 +31,13 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
 
 class OptionError(ValueError):
     """A bad option: the message names the fix."""
+
+
+def _auto_int(value):
+    """A positive integer, or 'auto' (None): derived from the data at run time."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    return int(value)
 
 
 def _threshold(value: str):
@@ -141,28 +150,36 @@ class CuratorOptions(PipelineOptions):
         # ---- dedup ----------------------------------------------------------------------
         _flag(parser, "dedup", type=_bool, default=True,
               help="run: exact + semantic dedup after the filters.")
-        _flag(parser, "n_clusters", type=int, default=100, help="k of the k-means.")
+        _flag(parser, "n_clusters", type=_auto_int, default=None,
+              help="k of the k-means. Default: auto = one cluster per 10,000 candidates "
+                   "(at least 1), as SemDeDup and NeMo Curator run at scale; a number "
+                   "(e.g. NeMo's documented 100) wins.")
         _flag(parser, "kmeans_iterations", type=int, default=20, help="k-means iterations.")
         _flag(parser, "kmeans_seed", type=int, default=0, help="k-means and ranking seed.")
-        _flag(parser, "kmeans_sample_size", type=int, default=100_000,
-              help="About how many embeddings train the centroids (hash-sampled by id).")
+        _flag(parser, "kmeans_sample_size", type=_auto_int, default=None,
+              help="About how many embeddings train the centroids (hash-sampled by id). "
+                   "Default: auto = 64 per centroid (faiss trains well on 39-256), so it "
+                   "grows with k, never with the number of candidates.")
         _flag(parser, "centroids", default=None,
               help="Use these centroids (.npy, k x d) instead of training them.")
         _flag(parser, "eps", type=float, default=0.01,
               help="Duplicate when max cosine similarity to an earlier-ranked member >= 1 - eps.")
         _flag(parser, "which_to_keep", default="hard", choices=WHICH_TO_KEEP,
               help="hard: keep farthest from centroid; easy: nearest; random: seeded.")
-        _flag(parser, "pairwise_block_size", type=int, default=4096,
-              help="Rows per block of the pairwise step; clusters larger than this are "
-                   "split into (block i, block j) keys.")
+        _flag(parser, "pairwise_block_size", type=int, default=DEFAULT_BLOCK_ROWS,
+              help="The most members of one cluster that one pairwise work item holds per "
+                   "side: a larger cluster is cut into ceil(n / this) hash blocks and every "
+                   "pair of blocks runs as its own work item (on different workers), so no "
+                   "key grows with the data. Default: %(default)s (~50 MB of 768-d vectors).")
         _flag(parser, "border_margin", type=float, default=None,
               help="Also place a point in its second-nearest cluster when that centroid is "
                    "within this cosine distance of the nearest (raises recall; default off = "
                    "SemDeDup).")
         _flag(parser, "dedup_vector_transport", default="auto", choices=VECTOR_TRANSPORTS,
               help="How each cluster's vectors reach the pairwise step: staged (random-access "
-                   "files, best on one machine), shuffle (bytes through the GroupByKey, best "
-                   "distributed); auto picks staged on local runners.")
+                   "files under --output, one machine only: a local runner and a local "
+                   "--output), shuffle (float32 bytes through the GroupByKey, once; for "
+                   "distributed runners); auto picks staged where it can.")
 
         # ---- output ---------------------------------------------------------------------
         _flag(parser, "write_report", type=_bool, default=True,
@@ -193,6 +210,20 @@ def is_local_runner(options: PipelineOptions) -> bool:
     return runner_name(options).lower().split(".")[-1] in LOCAL_RUNNERS
 
 
+def _one_machine(options: PipelineOptions, output: Optional[str]) -> bool:
+    """A local runner writing a local --output: every worker sees the same files."""
+    local_output = not output or output.startswith("file://") or "://" not in output
+    return is_local_runner(options) and local_output
+
+
+def resolve_vector_transport(options: PipelineOptions) -> str:
+    """--dedup_vector_transport with auto resolved: staged on one machine, else shuffle."""
+    opts = options.view_as(CuratorOptions)
+    if opts.dedup_vector_transport != "auto":
+        return opts.dedup_vector_transport
+    return "staged" if _one_machine(options, opts.output) else "shuffle"
+
+
 def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
     """Check values, fail fast with the fix. `needs` names the options the command requires."""
     opts = options.view_as(CuratorOptions)
@@ -212,12 +243,13 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
     if not (math.isfinite(opts.eps) and 0.0 <= opts.eps < 1.0):
         raise OptionError(f"--eps {opts.eps} must be in [0, 1): duplicates are pairs with "
                           "cosine similarity >= 1 - eps (SemDeDup uses 0.01 … 0.1).")
-    if opts.n_clusters < 1:
-        raise OptionError(f"--n_clusters {opts.n_clusters} must be >= 1.")
+    if opts.n_clusters is not None and opts.n_clusters < 1:
+        raise OptionError(f"--n_clusters {opts.n_clusters} must be >= 1, or auto.")
     if opts.kmeans_iterations < 1:
         raise OptionError(f"--kmeans_iterations {opts.kmeans_iterations} must be >= 1.")
-    if opts.kmeans_sample_size < 1:
-        raise OptionError(f"--kmeans_sample_size {opts.kmeans_sample_size} must be >= 1.")
+    if opts.kmeans_sample_size is not None and opts.kmeans_sample_size < 1:
+        raise OptionError(f"--kmeans_sample_size {opts.kmeans_sample_size} must be >= 1, "
+                          "or auto.")
     if opts.pairwise_block_size < 1:
         raise OptionError(f"--pairwise_block_size {opts.pairwise_block_size} must be >= 1.")
     if opts.border_margin is not None and opts.which_to_keep == "random":
@@ -239,6 +271,13 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
             f"--forward_batch_size {opts.forward_batch_size} must be between 1 and "
             f"--inference_batch_size ({opts.inference_batch_size}): a larger forward would "
             "only add padding rows. Lower it, or raise --inference_batch_size.")
+    if (opts.dedup_vector_transport == "staged"
+            and not _one_machine(options, opts.output)):
+        raise OptionError(
+            "--dedup_vector_transport staged reads each cluster's vectors from files under "
+            "--output/dedup/_staging that every worker must see and read at random: it needs "
+            f"a local runner and a local --output (here: {runner_name(options)}, "
+            f"{opts.output}). Use --dedup_vector_transport shuffle (or auto).")
     if opts.max_image_pixels < 1:
         raise OptionError(f"--max_image_pixels {opts.max_image_pixels} must be >= 1.")
     if opts.model_copies is not None and opts.model_copies < 1:

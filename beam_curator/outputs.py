@@ -1,7 +1,8 @@
 """The output layout (README documents it; tests and users rely on it) and output hygiene.
 
-OUTPUT/curated/*.tar, samples/*.parquet, embeddings/*.parquet, errors/errors.parquet,
-rejected/rejected.parquet (embed), dedup/..., summary.json, report.html.
+OUTPUT/curated/*.tar, samples/*.parquet, embeddings/*.parquet, errors/*.parquet,
+rejected/*.parquet (embed), dedup/..., summary.json, report.html: every writer writes one
+file per shard (or per cluster / chunk), never one file of the whole run.
 """
 from __future__ import annotations
 
@@ -37,12 +38,12 @@ def embeddings_dir(out: str) -> str:
     return FileSystems.join(out, "embeddings")
 
 
-def errors_file(out: str) -> str:
-    return FileSystems.join(out, "errors", "errors.parquet")
+def errors_dir(out: str) -> str:
+    return FileSystems.join(out, "errors")
 
 
-def rejected_file(out: str) -> str:
-    return FileSystems.join(out, "rejected", "rejected.parquet")
+def rejected_dir(out: str) -> str:
+    return FileSystems.join(out, "rejected")
 
 
 def dedup_dir(out: str) -> str:

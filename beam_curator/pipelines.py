@@ -27,7 +27,7 @@ from beam_curator.transforms.read import (ReadShardSamples, list_shards, match_g
 from beam_curator.transforms.remove import KEEP, REMOVE, RewriteShards
 from beam_curator.transforms.scores import ScoreImages
 from beam_curator.transforms.summary import WriteSummary
-from beam_curator.transforms.write import WriteParquetByShard, WriteSingleParquet
+from beam_curator.transforms.write import WriteParquetByShard
 
 _LOG = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _embedding_row(info, embedding, passed: bool) -> dict:
 
 
 def _write_results(results, front: Front, opts: CuratorOptions, claim: OutputClaim, *,
-                   curated: bool, extra: dict, more_written=()):
+                   curated: bool, extra: dict, more_written=(), dedup_info=None):
     """samples/, errors/, curated/ (optional) and finally summary.json."""
     samples_written = (results
                        | "SampleRows" >> beam.Map(lambda r: (r.info.shard, r.to_row()))
@@ -114,8 +114,11 @@ def _write_results(results, front: Front, opts: CuratorOptions, claim: OutputCla
                    ).to_row()),
                    front.shard_errors | "ShardErrorRows" >> beam.Map(lambda e: e.to_row()))
                   | "AllErrors" >> beam.Flatten())
-    errors_written = error_rows | "WriteErrors" >> WriteSingleParquet(
-        outputs.errors_file(opts.output), ERRORS_SCHEMA, sort_key="shard,id,member,reason")
+    errors_written = (error_rows
+                      | "ErrorsByShard" >> beam.Map(lambda row: (row["shard"], row))
+                      | "WriteErrors" >> WriteParquetByShard(
+                          outputs.errors_dir(opts.output), ERRORS_SCHEMA,
+                          sort_key=_error_order))
 
     curated_counts = None
     if curated:
@@ -128,7 +131,11 @@ def _write_results(results, front: Front, opts: CuratorOptions, claim: OutputCla
     return results | "Summary" >> WriteSummary(
         opts.output, extra, samples_read=front.samples_read,
         shard_errors=front.shard_errors, curated_counts=curated_counts, written=written,
-        claim_token=claim.token, report=curated and opts.write_report)
+        claim_token=claim.token, report=curated and opts.write_report, dedup_info=dedup_info)
+
+
+def _error_order(row: dict) -> tuple:
+    return (row["id"] or "", row["member"] or "", row["reason"])
 
 
 def _run_extra(opts: CuratorOptions, manifest, command: str) -> dict:
@@ -168,9 +175,10 @@ def build_embed(p: beam.Pipeline, options) -> OutputClaim:
         lambda info, _: SampleResult(info=info, status=KEPT))
     results = (front.rejected, passed) | "AllResults" >> beam.Flatten()
     rejected_written = (front.rejected
-                        | "RejectedRows" >> beam.Map(lambda r: {"id": r.id, "status": r.status})
-                        | "WriteRejected" >> WriteSingleParquet(
-                            outputs.rejected_file(opts.output), REJECTED_SCHEMA))
+                        | "RejectedRows" >> beam.Map(
+                            lambda r: (r.info.shard, {"id": r.id, "status": r.status}))
+                        | "WriteRejected" >> WriteParquetByShard(
+                            outputs.rejected_dir(opts.output), REJECTED_SCHEMA))
     _write_results(results, front, opts, claim, curated=False,
                    extra=_run_extra(opts, manifest, "embed"), more_written=[rejected_written])
     return claim
@@ -183,19 +191,21 @@ def build_run(p: beam.Pipeline, options) -> OutputClaim:
     shard_list = list_shards(opts.input)
     claim = _claim_for_shards(opts, "run", shard_list)
     front = build_front(p, opts, shard_list)
-    more_written = []
+    more_written, dedup_info = [], None
     if opts.dedup:
         from beam_curator.transforms.semdedup import Deduplicate, DedupConfig
 
-        dedup = front.passed | "Dedup" >> Deduplicate(DedupConfig.from_options(options),
-                                                      manifest.embed_dim)
-        deduped, more_written = dedup.results, dedup.written
+        candidates = front.passed | "CandidateInfos" >> beam.Keys()
+        dedup = candidates | "Dedup" >> Deduplicate(
+            DedupConfig.from_options(options), manifest.embed_dim, front.embeddings_written)
+        deduped, more_written, dedup_info = dedup.decisions, [dedup.written], dedup.info
     else:
         deduped = front.passed | "NoDedup" >> beam.MapTuple(
             lambda info, _: SampleResult(info=info, status=KEPT))
     results = (front.rejected, deduped) | "AllResults" >> beam.Flatten()
     _write_results(results, front, opts, claim, curated=True,
-                   extra=_run_extra(opts, manifest, "run"), more_written=more_written)
+                   extra=_run_extra(opts, manifest, "run"), more_written=more_written,
+                   dedup_info=dedup_info)
     return claim
 
 
@@ -211,7 +221,7 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
             "parquet files, e.g. 'OUTPUT/embeddings/*.parquet' of an `embed` run.")
     claim = claim_output(opts, "dedup",
                          inputs_of("--embeddings", files) + _centroids_input(opts))
-    p | "Dedup" >> DedupFromParquet(opts.embeddings, DedupConfig.from_options(options),
+    p | "Dedup" >> DedupFromParquet(files, DedupConfig.from_options(options),
                                     outputs.recorded_options(opts), claim.token)
     return claim
 

@@ -380,9 +380,9 @@ def final_summary_lines(summary: dict, output_dir: str) -> List[str]:
             lines.append(f"  accounting: input {acc.get('input'):,} = sum of statuses "
                          f"{acc.get('sum_of_statuses'):,} -> "
                          f"{'OK' if acc.get('ok') else 'FAILED'}")
-        if summary.get("shard_errors"):
-            lines.append(f"  shard-level errors: {len(summary['shard_errors'])} "
-                         "(see errors/errors.parquet)")
+        n_errors = summary.get("n_shard_errors", len(summary.get("shard_errors") or ()))
+        if n_errors:
+            lines.append(f"  shard-level errors: {n_errors} (see errors/*.parquet)")
     for key in ("curated_samples_written", "curated_shards_written", "n_embeddings",
                 "n_duplicates", "n_clusters"):
         if key in summary:

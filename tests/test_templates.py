@@ -69,16 +69,16 @@ GOOD = {
     "aesthetic_threshold": ["5.0", "5", "4.5", "6.25", "0", "10", "10.0", ".5", "none", "off"],
     "nsfw_threshold": ["0.5", "0", "1", "1.0", "0.05", ".9", "none", "disabled"],
     "dedup": ["true", "false"],
-    "n_clusters": ["100", "1", "50000"],
+    "n_clusters": ["100", "1", "50000", "auto"],
     "kmeans_iterations": ["20", "1", "100"],
     "kmeans_seed": ["0", "42", "123456789"],
-    "kmeans_sample_size": ["100000", "1", "2000000"],
+    "kmeans_sample_size": ["100000", "1", "2000000", "auto"],
     "centroids": ["gs://my-bucket/run-1/dedup/centroids.npy", "/models/centroids.npy"],
     "eps": ["0.01", "0.1", "0", "0.05", ".02"],
     "which_to_keep": ["hard", "easy", "random"],
     "pairwise_block_size": ["4096", "1", "16384"],
     "border_margin": ["0.02", "0", "2", "1.5", ".1"],
-    "dedup_vector_transport": ["auto", "staged", "shuffle"],
+    "dedup_vector_transport": ["auto", "shuffle"],
     "write_report": ["true", "false"],
     "verify_weights": ["true", "false"],
 }
@@ -113,7 +113,7 @@ BAD = {
     "which_to_keep": ["HARD", "first", "farthest", ""],
     "pairwise_block_size": ["0", "4k", ""],
     "border_margin": ["2.5", "3", "-0.1", ""],
-    "dedup_vector_transport": ["gcs", "Shuffle", ""],
+    "dedup_vector_transport": ["gcs", "Shuffle", "staged", ""],
     "write_report": ["no", ""],
     "verify_weights": ["no", "1", ""],
 }
@@ -226,13 +226,20 @@ def test_help_text_states_the_current_default():
             f"{name}: helpText should say 'Default: {shown}' (the CuratorOptions default)")
 
 
+# Choices a template (always Dataflow) must not offer, with the reason.
+NOT_ON_DATAFLOW = {"dedup_vector_transport": {"staged"}}   # needs one machine's files
+
+
 def test_choices_of_the_options_are_exactly_what_the_regex_accepts():
     options = _option_actions()
     for name, action in options.items():
         if name in _params() and action.choices:
-            for choice in action.choices:
+            offered = set(action.choices) - NOT_ON_DATAFLOW.get(name, set())
+            for choice in offered:
                 assert _accepts(name, choice), (name, choice)
-            assert sorted(GOOD[name]) == sorted(action.choices), name
+            for choice in NOT_ON_DATAFLOW.get(name, ()):
+                assert not _accepts(name, choice), (name, choice)
+            assert sorted(GOOD[name]) == sorted(offered), name
 
 
 # ---- (b) regexes -----------------------------------------------------------------------------
@@ -276,6 +283,8 @@ def test_documented_values_are_valid_curator_options():
                 expected = None
             elif name == "torch_compile":
                 expected = {"true": "default", "false": None}.get(value, value)
+            elif value == "auto" and name in ("n_clusters", "kmeans_sample_size"):
+                expected = None
             elif isinstance(got, bool):
                 expected = value == "true"
             elif isinstance(got, (int, float)):
@@ -560,7 +569,7 @@ def test_run_template_on_the_local_runner(template_run):
     assert sorted(p.name for p in (out / "samples").glob("*.parquet")) == [
         "00000.parquet", "00001.parquet"]
     assert list((out / "embeddings").glob("*.parquet"))
-    assert (out / "errors" / "errors.parquet").exists()
+    assert list((out / "errors").glob("*.parquet"))   # one file per shard with errors
     assert (out / "dedup" / "centroids.npy").exists()
     for sub in ("kmeans", "pairwise_results", "duplicates"):
         assert list((out / "dedup" / sub).glob("*.parquet")), sub

@@ -250,9 +250,9 @@ def _per_shard(data: RunData) -> str:
                     f'<td class="id">{esc(url)}</td></tr>')
     more = (f'<p class="note">Showing the first {len(shown)} of {len(shards)} shards '
             "(summary.json has them all).</p>" if len(shards) > len(shown) else "")
-    shard_errors = data.summary.get("shard_errors") or []
-    errs = (f'<p class="note">Shard-level errors: {len(shard_errors)} (see Errors).</p>'
-            if shard_errors else "")
+    n_errors = data.summary.get("n_shard_errors", len(data.summary.get("shard_errors") or []))
+    errs = (f'<p class="note">Shard-level errors: {n_errors:,} (see Errors).</p>'
+            if n_errors else "")
     return ("<details open><summary>Per shard "
             f"({len(shards)})</summary>"
             f'<table id="per-shard-table"><tr><th>shard</th><th class="num">input</th>{head}'

@@ -1,12 +1,15 @@
 """The columnar data carried through the dedup graph, and its staging I/O (no DoFns here).
 
-Dedup elements are columnar: a `Chunk` is a batch of candidate rows (a parquet row group of
-the `dedup` command's input, or a batch staged by `run`), and `Members` holds the columns of
-one cluster's members from one chunk, so the GroupByKey per cluster moves one element per
-chunk x cluster instead of one pickled object per sample. Vectors are either *staged* (written
-once as raw float32 files under `dedup/_staging/`; members carry (file, row) references) or
-*inline* (float32 arrays in the element, the `shuffle` transport). `Decisions` is the pairwise
-step's answer for some members of one cluster.
+Dedup elements are columnar: a `Chunk` is a reference to a batch of candidate rows (a parquet
+row group of the embeddings: the `dedup` command's input, or what `run` has just written),
+`Assigned` is a chunk's rows with their clusters, and `Members` holds the columns of one
+cluster's (or one block's) members from one chunk, so a GroupByKey moves one element per
+chunk x cluster x block instead of one pickled object per sample. Vectors are read from the
+parquet where they are needed and are either *staged* (written once as raw float32 files under
+`dedup/_staging/`; members carry (file, row) references) or *inline* (float32 arrays in the
+element, the `shuffle` transport: the one time they cross a shuffle). `Decisions` is the
+pairwise step's answer for the members of one cluster or block, `BlockPartial` one block
+pair's contribution to it.
 
 Kept apart from `beam_curator.transforms.semdedup` (the DoFns and PTransforms that move these
 objects around) so the representation and its file formats can be read, tested and changed
@@ -15,7 +18,7 @@ on their own. Everything here is a module-level class or function: Beam pickles 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,43 +36,33 @@ STAGED, SHUFFLE = "staged", "shuffle"   # --dedup_vector_transport: staged files
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """Rows of candidates. Vectors live in a parquet row group, a staged file, or inline."""
+    """A parquet row group of embeddings; `excluded`: its exact duplicates (not candidates
+    of the semantic pass)."""
 
     name: str
-    ids: Tuple[str, ...] = ()
-    payloads: Optional[Tuple[Any, ...]] = None      # SampleInfo in `run`; None in `dedup`
-    parquet: Optional[Tuple[str, int]] = None       # (path, row group)
-    staged_path: Optional[str] = None
-    inline: Optional[np.ndarray] = None             # (n, d) float32, shuffle transport
-    dim: int = 0
+    parquet: Tuple[str, int]                        # (path, row group)
+    dim: int
+    excluded: FrozenSet[str] = frozenset()
 
-    def load(self, config: DedupConfig) -> Tuple[List[str], Optional[list], np.ndarray]:
-        """(ids, payloads, vectors float32 (n, d)) of the candidate rows of this chunk.
+    def load(self, config: DedupConfig) -> Tuple[List[str], np.ndarray]:
+        """(ids, vectors float32 (n, d)) of the candidate rows of this chunk, exact
+        duplicates included (callers drop `excluded`, keeping row numbers stable).
 
-        A parquet row group is decoded once: in the staged transport its vectors are written
-        to the staging dir on first load, and later loads (assignment after training) read
-        that raw file instead of decoding the parquet again.
+        A parquet row group is decoded once in the staged transport: its vectors are
+        written to the staging dir on first load, and later loads read that raw file.
         """
-        if self.parquet is not None:
-            staged = self.staged_copy(config)
-            if staged and FileSystems.exists(staged):
-                ids = [i for i, _ in read_candidate_ids(self.parquet, config, with_hash=False)]
-                return ids, None, read_staged_rows(staged, self.dim, None)
-            ids, payloads, vectors = read_parquet_chunk(self.parquet, config)
-            if staged:
-                write_staged(staged, vectors)
-            return ids, payloads, vectors
-        if self.staged_path is not None:
-            vectors = read_staged_rows(self.staged_path, self.dim, None)
-        else:
-            vectors = self.inline
-        return list(self.ids), list(self.payloads) if self.payloads else None, vectors
+        staged = self.staged_copy(config)
+        if staged and FileSystems.exists(staged):
+            ids = [i for i, _ in read_candidate_ids(self.parquet, config, with_hash=False)]
+            return ids, read_staged_rows(staged, self.dim, None)
+        ids, vectors = read_parquet_chunk(self.parquet, config)
+        if staged:
+            write_staged(staged, vectors)
+        return ids, vectors
 
     def staged_copy(self, config: DedupConfig) -> Optional[str]:
-        """Where this chunk's vectors are (or will be) staged; None when not staging here."""
-        if self.staged_path is not None:
-            return self.staged_path
-        if config.transport != STAGED or self.parquet is None or not self.dim:
+        """Where this chunk's vectors are (or will be) staged; None when not staging."""
+        if config.transport != STAGED:
             return None
         return FileSystems.join(config.staging_dir, f"chunk-{self.name}.f32")
 
@@ -89,7 +82,7 @@ def read_parquet_chunk(ref: Tuple[str, int], config: DedupConfig):
         table = table.filter(table.column("passed_filters"))
     ids = table.column(config.id_column).to_pylist()
     vectors = list_column_to_numpy(table.column(config.embedding_column))
-    return ids, None, vectors
+    return ids, vectors
 
 
 def list_column_to_numpy(column) -> np.ndarray:
@@ -142,44 +135,56 @@ def read_candidate_ids(ref: Tuple[str, int], config: DedupConfig, with_hash: boo
 
 
 def count_candidates(chunk: Chunk, config: DedupConfig) -> int:
-    if chunk.parquet is None:
-        return len(chunk.ids)
+    """Candidates of the semantic pass in this chunk (exact duplicates not counted)."""
     path, row_group = chunk.parquet
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
         if "passed_filters" not in parquet.schema_arrow.names:   # every row is a candidate
-            return parquet.metadata.row_group(row_group).num_rows
-    return sum(1 for _ in read_candidate_ids(chunk.parquet, config, with_hash=False))
+            return parquet.metadata.row_group(row_group).num_rows - len(chunk.excluded)
+    return sum(1 for _ in read_candidate_ids(chunk.parquet, config, with_hash=False)) - len(
+        chunk.excluded)
 
 
-# ---- the `dedup` command's input: parquet row groups as chunks ----------------------------
+# ---- the input: parquet files -> row-group chunks -------------------------------------------
 
-def parquet_chunks(pattern: str, config: DedupConfig) -> Tuple[List[Chunk], int, bool]:
-    """Row-group chunks of every matching file (+ the dim, + whether content_hash exists)."""
+def embeddings_schema(path: str, config: DedupConfig) -> Tuple[int, bool]:
+    """(dim, has content_hash) of one embeddings file; refuses missing columns with the fix."""
     from beam_curator.options import OptionError
-    from beam_curator.transforms.read import match_globs
 
-    paths = match_globs(pattern)
-    if not paths:
-        raise OptionError(f"--embeddings {pattern!r} matches no file: point it at parquet "
-                          "files with an id and an embedding column (e.g. OUTPUT/embeddings/*.parquet).")
-    chunks, dim, has_hash = [], 0, True
-    for f, path in enumerate(paths):
-        with FileSystems.open(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            names = parquet.schema_arrow.names
-            for column in (config.id_column, config.embedding_column):
-                if column not in names:
-                    raise OptionError(
-                        f"{path} has no column {column!r} (columns: {names}): set --id_column "
-                        "/ --embedding_column to the names your file uses.")
-            has_hash = has_hash and "content_hash" in names
-            if not dim and parquet.metadata.num_rows:
-                first = parquet.read_row_group(0, columns=[config.embedding_column])
+    with FileSystems.open(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        names = parquet.schema_arrow.names
+        for column in (config.id_column, config.embedding_column):
+            if column not in names:
+                raise OptionError(
+                    f"{path} has no column {column!r} (columns: {names}): set --id_column "
+                    "/ --embedding_column to the names your file uses.")
+        dim = 0
+        for rg in range(parquet.metadata.num_row_groups):
+            if parquet.metadata.row_group(rg).num_rows:
+                first = parquet.read_row_group(rg, columns=[config.embedding_column])
                 dim = len(first.column(0)[0])
-            for rg in range(parquet.metadata.num_row_groups):
-                chunks.append(Chunk(name=f"{f:05d}-{rg:05d}", parquet=(path, rg)))
-    return [dataclasses.replace(c, dim=dim) for c in chunks], dim, has_hash
+                break
+    return dim, "content_hash" in names
+
+
+def chunk_names(paths: Sequence[str]) -> dict:
+    """A short, unique, stable name per embeddings file: its stem (the shard name for `run`'s
+    own embeddings), or its position in the sorted list when two stems collide."""
+    import posixpath
+
+    stems = [posixpath.basename(p).rsplit(".", 1)[0] for p in paths]
+    if len(set(stems)) == len(stems):
+        return dict(zip(paths, stems))
+    return {p: f"{i:06d}" for i, p in enumerate(sorted(paths))}
+
+
+def row_group_chunks(path: str, name: str, dim: int) -> List[Chunk]:
+    """One Chunk per row group of one file (the footer is the only thing read)."""
+    with FileSystems.open(path) as handle:
+        n_groups = pq.ParquetFile(handle).metadata.num_row_groups
+    return [Chunk(name=f"{name}-{rg:05d}", parquet=(path, rg), dim=dim)
+            for rg in range(n_groups)]
 
 
 # ---- members: what the GroupByKey per cluster carries -------------------------------------
@@ -197,7 +202,6 @@ class Members:
     cos_dist: np.ndarray                  # float32, to the HOME centroid (the rank priority)
     l2_dist: np.ndarray                   # float32
     border: np.ndarray                    # bool: a second membership (--border_margin)
-    payloads: Optional[Tuple[Any, ...]] = None
     vectors: Optional[np.ndarray] = None
     paths: Tuple[str, ...] = ()
     path_index: Optional[np.ndarray] = None
@@ -212,7 +216,6 @@ class Members:
         return Members(
             ids=tuple(self.ids[i] for i in index), cos_dist=self.cos_dist[index],
             l2_dist=self.l2_dist[index], border=self.border[index],
-            payloads=None if self.payloads is None else tuple(self.payloads[i] for i in index),
             vectors=pick(self.vectors), paths=self.paths, path_index=pick(self.path_index),
             rows=pick(self.rows))
 
@@ -232,8 +235,6 @@ class Members:
         return Members(
             ids=tuple(i for p in parts for i in p.ids), cos_dist=cat("cos_dist"),
             l2_dist=cat("l2_dist"), border=cat("border"),
-            payloads=(None if parts[0].payloads is None
-                      else tuple(x for p in parts for x in p.payloads)),
             vectors=cat("vectors") if parts[0].vectors is not None else None,
             paths=paths, path_index=path_index,
             rows=cat("rows") if parts[0].rows is not None else None)
@@ -263,12 +264,51 @@ class Decisions:
         return len(self.members)
 
     def rows(self):
-        """(id, payload, max_id, cosine_sim, is_duplicate) per member."""
-        m = self.members
-        payloads = m.payloads or (None,) * len(m)
-        return zip(m.ids, payloads, self.max_ids, self.cosine_sim.tolist(),
+        """(id, max_id, cosine_sim, is_duplicate) per member."""
+        return zip(self.members.ids, self.max_ids, self.cosine_sim.tolist(),
                    self.is_duplicate.tolist())
 
 
-def _without_vectors(members: Members) -> Members:
+def without_vectors(members: Members) -> Members:
     return dataclasses.replace(members, vectors=None, paths=(), path_index=None, rows=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Assigned:
+    """A chunk's candidate rows and their cluster memberships (no vectors: they are read
+    again where they are routed, so they never wait behind the cluster-size side input).
+
+    `members` holds every candidate row (`rows`: its row in the chunk's candidates, which is
+    also its row in the staged file); `memberships` are (clusters, member indices, border):
+    the home clusters, and with --border_margin the second ones.
+    """
+
+    chunk: Chunk
+    members: Members
+    memberships: Tuple[Tuple[np.ndarray, np.ndarray, bool], ...]
+
+    def cluster_counts(self):
+        for clusters, _, _ in self.memberships:
+            values, counts = np.unique(clusters, return_counts=True)
+            yield from zip(values.tolist(), counts.tolist())
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPartial:
+    """One block pair's answer for the members of one block of a cluster: per member (in the
+    block's rank order) the best earlier-ranked member found there. The diagonal pair also
+    carries the block's members (without vectors), which the decisions are written from."""
+
+    members: Optional[Members]
+    sim: np.ndarray                       # float32, -inf = no earlier member seen
+    source_primary: np.ndarray            # the best member's primary rank key
+    source_id: np.ndarray                 # object array of str
+
+    def merged(self, other: "BlockPartial") -> "BlockPartial":
+        from beam_curator.dedup.blocks import merge_partials
+
+        sim, primary, source = merge_partials(
+            (self.sim, self.source_primary, self.source_id),
+            (other.sim, other.source_primary, other.source_id))
+        return BlockPartial(self.members if self.members is not None else other.members,
+                            sim, primary, source)

@@ -1,31 +1,32 @@
-"""Semantic dedup in Beam: exact pre-pass, centroids as a side input, GroupByKey per cluster.
+"""Semantic dedup in Beam: exact pre-pass, centroids as a side input, a GroupByKey per cluster
+(or per block pair of a large cluster), SemDeDup's keep rule.
 
-    candidates ─► chunks (ids + a way to load their vectors, never float lists in elements)
-               ├─► ExactPrePass: GroupByKey(content hash) -> exact_duplicate, survivor = min id
-               ├─► centroids: LoadCentroids(path) | TrainCentroids(hash-sampled rows, faiss)
-               └─► Assign(AsSingleton(centroids), AsDict(exact dups))
-                   -> (cluster, Members): one columnar element per chunk x cluster
-                   -> GroupByKey(cluster) -> rank (hard/easy/random, ties by id)
-                   -> pairwise: small cluster in one step; large cluster fanned out as
-                      (cluster, block j) keys that each receive blocks i <= j, combined exactly
-                   -> kmeans/, pairwise_results/, duplicates/, centroids.npy
+    embeddings parquet ─► chunks (row-group references; vectors are read where needed)
+      ├─► exact pre-pass: GroupByKey(content hash), the smallest id survives; the copies
+      │   reach their chunk by a keyed join (never a broadcast)
+      ├─► plan: candidates counted by a combiner -> n_clusters (~1 per 10,000 when not given)
+      │   and the k-means sample (sized by k) -> centroids: LoadCentroids | TrainCentroids
+      ├─► Assign(AsSingleton(centroids)) -> cluster sizes (a combiner: O(k))
+      └─► Route: a cluster of n <= block_rows members is one key; a larger one is cut into
+          ceil(n / block_rows) hash blocks and every block pair {a, b} is its own key
+          -> GroupByKey -> pairwise -> (block pairs: partials combined per block, exactly)
+          -> kmeans/, pairwise_results/, duplicates/, centroids.npy
 
-How a cluster's vectors reach its pairwise step (DESIGN: never ship float lists):
-* `staged`: each chunk's vectors are written once to a raw float32 file under the output's
-  `dedup/_staging/`; members carry (file, row) and the pairwise step reads just those rows.
-  Best on one machine (the local runners), where files are shared and random access is cheap.
-* `shuffle`: members carry their vectors as float32 arrays through the GroupByKey. Best on
-  distributed runners, where a shuffle of bytes is cheap and shared random access is not.
-The pure algorithms live in `beam_curator.dedup`; this module is only plumbing. The data it
-moves (Chunk, Members, Decisions) and the staging/parquet I/O behind them live in
-`beam_curator.transforms.dedup_data`; this module holds the config, DoFns and PTransforms.
+No step holds more than O(k) (centroids, cluster sizes) or one key's members (at most about
+2 x block_rows) in one process. Vectors cross a shuffle at most once: `staged` (local
+runners) moves (file, row) references through the GroupByKey and reads the rows from raw
+files under `dedup/_staging/`; `shuffle` moves float32 arrays once. A member of a cluster cut
+into nb blocks takes part in nb block pairs (that is the price of spreading one cluster over
+workers; at the default sizes most clusters are one block).
+
+The pure algorithms live in `beam_curator.dedup`; the elements this module moves and their
+I/O live in `beam_curator.transforms.dedup_data`.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import uuid
-from typing import Dict, List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -33,39 +34,38 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator import outputs
+from beam_curator.dedup import blocks
 from beam_curator.dedup import kmeans as km
 from beam_curator.dedup.assign import (assign_to_centroids, assign_with_runner_up,
                                       border_assignments)
-from beam_curator.dedup.pairwise import (block_range, combine_partials, is_duplicate,
-                                         local_to_global, partial_max)
-from beam_curator.dedup.ranking import rank_cluster
+from beam_curator.dedup.pairwise import is_duplicate, max_sim_to_earlier
 from beam_curator.schema import (DUPLICATES_SCHEMA, EXACT_DUPLICATE, KEPT, KMEANS_SCHEMA,
-                                 PAIRWISE_SCHEMA, SEMANTIC_DUPLICATE, SampleResult)
-from beam_curator.transforms.dedup_data import (SHUFFLE, STAGED, Chunk, Decisions, Members,
-                                                _without_vectors, count_candidates,
-                                                parquet_chunks, read_candidate_ids,
-                                                read_staged_rows, write_staged)
+                                 PAIRWISE_SCHEMA, SEMANTIC_DUPLICATE, SampleResult, shard_of_id)
+from beam_curator.transforms.dedup_data import (STAGED, SHUFFLE, Assigned, BlockPartial, Chunk,
+                                                Decisions, Members, chunk_names,
+                                                count_candidates, embeddings_schema,
+                                                read_candidate_ids, read_staged_rows,
+                                                row_group_chunks, without_vectors)
 from beam_curator.transforms.write import write_parquet
 
 _LOG = logging.getLogger(__name__)
 
 
-# ---- configuration ------------------------------------------------------------------------
+# ---- configuration and the plan -----------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class DedupConfig:
     output: str
-    n_clusters: int = 100
+    n_clusters: Optional[int] = None          # None: from the data (blocks.auto_n_clusters)
     kmeans_iterations: int = 20
     seed: int = 0
-    sample_size: int = 100_000
+    sample_size: Optional[int] = None         # None: sized by k (blocks.auto_sample_size)
     centroids_path: Optional[str] = None
     eps: float = 0.01
     which_to_keep: str = "hard"
-    block_size: int = 4096
+    block_rows: int = blocks.DEFAULT_BLOCK_ROWS
     border_margin: Optional[float] = None
     transport: str = STAGED
-    chunk_rows: int = 8192
     id_column: str = "id"
     embedding_column: str = "embedding"
 
@@ -79,35 +79,86 @@ class DedupConfig:
 
     @classmethod
     def from_options(cls, options) -> "DedupConfig":
-        from beam_curator.options import CuratorOptions, is_local_runner
+        from beam_curator.options import CuratorOptions, resolve_vector_transport
 
         opts = options.view_as(CuratorOptions)
-        transport = opts.dedup_vector_transport
-        if transport == "auto":
-            transport = STAGED if is_local_runner(options) else SHUFFLE
         return cls(output=opts.output, n_clusters=opts.n_clusters,
                    kmeans_iterations=opts.kmeans_iterations, seed=opts.kmeans_seed,
                    sample_size=opts.kmeans_sample_size, centroids_path=opts.centroids,
                    eps=opts.eps, which_to_keep=opts.which_to_keep,
-                   block_size=opts.pairwise_block_size, border_margin=opts.border_margin,
-                   transport=transport, id_column=opts.id_column,
+                   block_rows=opts.pairwise_block_size, border_margin=opts.border_margin,
+                   transport=resolve_vector_transport(options), id_column=opts.id_column,
                    embedding_column=opts.embedding_column)
 
 
-# ---- decisions from per-member maxima ---------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DedupPlan:
+    """What the data decided: written into summary.json and shown in the report."""
 
-def _decide(cluster: int, members: Members, max_sim: np.ndarray, argmax: np.ndarray, eps: float,
-            id_of_rank) -> Decisions:
-    """Turn per-member maxima into decisions; argmax -1 = first-ranked (own id, 0.0, as NeMo)."""
-    first = argmax < 0
-    sims = np.where(first, np.float32(0.0), max_sim).astype(np.float32)
-    dup = is_duplicate(max_sim, eps) & ~first
-    max_ids = tuple(own if a < 0 else id_of_rank(int(a))
-                    for own, a in zip(members.ids, argmax.tolist()))
-    return Decisions(cluster, _without_vectors(members), max_ids, sims, dup)
+    n_candidates: int
+    n_clusters: int
+    n_clusters_from: str       # "--n_clusters", "auto (1 per 10,000 candidates)", ...
+    sample_size: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
-# ---- DoFns ------------------------------------------------------------------------------
+def make_plan(n_candidates: int, config: DedupConfig) -> DedupPlan:
+    if config.n_clusters is None:
+        k = blocks.auto_n_clusters(n_candidates)
+        source = f"auto: 1 per {blocks.ROWS_PER_CLUSTER:,} candidates"
+    else:
+        k, source = config.n_clusters, "--n_clusters"
+    if 0 < n_candidates < k:
+        _LOG.warning("only %d candidates: using %d clusters instead of --n_clusters %d",
+                     n_candidates, n_candidates, k)
+        k, source = n_candidates, f"--n_clusters {config.n_clusters}, lowered to the candidates"
+    if config.centroids_path:
+        source = "--centroids"
+    sample = (config.sample_size if config.sample_size is not None
+              else blocks.auto_sample_size(k))
+    return DedupPlan(n_candidates=n_candidates, n_clusters=k, n_clusters_from=source,
+                     sample_size=min(sample, n_candidates))
+
+
+class ExactDuplicate(NamedTuple):
+    id: str
+    survivor: str
+    chunk: str            # the chunk the copy was read from: where its outputs are written
+
+
+# ---- exact pre-pass ---------------------------------------------------------------------
+
+class HashPairsFn(beam.DoFn):
+    """Chunk -> (content hash, (id, chunk name)) of its candidate rows (no vectors read)."""
+
+    def __init__(self, config: DedupConfig):
+        self._config = config
+
+    def process(self, chunk: Chunk):
+        for id_, digest in read_candidate_ids(chunk.parquet, self._config, with_hash=True):
+            yield (digest or id_), (id_, chunk.name)
+
+
+def _exact_duplicates(element):
+    """(hash, [(id, chunk)]) -> ExactDuplicate for all but the smallest id."""
+    _, members = element
+    members = sorted(members)
+    survivor = members[0][0]
+    if len(members) > 1:   # the live progress line shows it (progress.FIELDS)
+        beam.metrics.Metrics.counter("curator", "exact_duplicates").inc(len(members) - 1)
+    for dup_id, chunk in members[1:]:
+        yield ExactDuplicate(dup_id, survivor, chunk)
+
+
+def _with_exclusions(element) -> Chunk:
+    _, grouped = element
+    (chunk,) = grouped["chunk"]
+    return dataclasses.replace(chunk, excluded=frozenset(grouped["excluded"]))
+
+
+# ---- centroids --------------------------------------------------------------------------
 
 class SampleForTrainingFn(beam.DoFn):
     """Chunk -> (ids, float32 rows or (staged file, dim, rows)) of its training-sample rows."""
@@ -115,11 +166,11 @@ class SampleForTrainingFn(beam.DoFn):
     def __init__(self, config: DedupConfig):
         self._config = config
 
-    def process(self, chunk: Chunk, n_total: int, exact_dups: Dict[str, str]):
-        ids, _, vectors = chunk.load(self._config)
-        fraction = km.sample_fraction(n_total, self._config.sample_size)
+    def process(self, chunk: Chunk, plan: DedupPlan):
+        ids, vectors = chunk.load(self._config)
+        fraction = km.sample_fraction(plan.n_candidates, plan.sample_size)
         rows = [r for r in np.flatnonzero(km.sample_mask(ids, fraction, self._config.seed))
-                if ids[r] not in exact_dups]
+                if ids[r] not in chunk.excluded]
         if not rows:
             return
         staged = chunk.staged_copy(self._config)
@@ -128,37 +179,42 @@ class SampleForTrainingFn(beam.DoFn):
                                        else vectors[rows])
 
 
-def train_centroids(sample: List[Tuple[List[str], np.ndarray]], config: DedupConfig
-                    ) -> np.ndarray:
+def train_centroids(sample: List[Tuple[List[str], np.ndarray]], config: DedupConfig,
+                    plan: DedupPlan) -> np.ndarray:
     """Sorted by id first, so every runner and chunking trains on the same matrix."""
     ids = [i for part_ids, _ in sample for i in part_ids]
     if not ids:
         return np.zeros((0, 0), dtype=np.float32)
     parts = [v if isinstance(v, np.ndarray) else read_staged_rows(*v) for _, v in sample]
     vectors = np.concatenate(parts)[np.argsort(np.array(ids), kind="stable")]
-    k = min(config.n_clusters, len(ids))
-    if k < config.n_clusters:
-        _LOG.warning("only %d embeddings to train on: using %d clusters instead of "
-                     "--n_clusters %d", len(ids), k, config.n_clusters)
+    k = min(plan.n_clusters, len(ids))
+    _LOG.info("k-means: %d clusters (%s) trained on %d embeddings", k, plan.n_clusters_from,
+              len(ids))
     return km.train_kmeans(vectors, k, n_iter=config.kmeans_iterations, seed=config.seed,
                            spherical=True)
 
 
+def _write_centroids(centroids: np.ndarray, path: str) -> str:
+    if centroids.size:
+        km.save_centroids(path, centroids)
+    return path
+
+
+# ---- assignment and routing -------------------------------------------------------------
+
 class AssignFn(beam.DoFn):
-    """Chunk -> (cluster, Members) per cluster present in it; stages vectors when asked."""
+    """Chunk -> Assigned: each candidate's nearest centroid (and runner-up with a margin)."""
 
     def __init__(self, config: DedupConfig):
         self._config = config
         self.assigned = beam.metrics.Metrics.counter("curator", "dedup_assigned")
 
-    def process(self, chunk: Chunk, centroids: np.ndarray, exact_dups: Dict[str, str]):
-        ids, payloads, vectors = chunk.load(self._config)
-        keep = np.array([r for r, i in enumerate(ids) if i not in exact_dups], dtype=np.int64)
+    def process(self, chunk: Chunk, centroids: np.ndarray):
+        ids, vectors = chunk.load(self._config)
+        keep = np.array([r for r, i in enumerate(ids) if i not in chunk.excluded],
+                        dtype=np.int64)
         if not keep.size or centroids.size == 0:
             return
-        # Staged transport: members point into the chunk's staged file (written by `run`'s
-        # batching, or by Chunk.load for a parquet row group) instead of carrying vectors.
-        staged_path = chunk.staged_copy(self._config)
         vectors = vectors[keep]
         with_border = self._config.border_margin is not None and centroids.shape[0] > 1
         if with_border:   # one similarity pass gives the nearest and the runner-up
@@ -166,15 +222,11 @@ class AssignFn(beam.DoFn):
                                                                               centroids)
         else:
             labels, cos_dist, l2_dist = assign_to_centroids(vectors, centroids)
-        all_members = Members(
+        staged = chunk.staged_copy(self._config)
+        members = Members(
             ids=tuple(ids[r] for r in keep), cos_dist=cos_dist, l2_dist=l2_dist,
-            border=np.zeros(keep.size, dtype=bool),
-            payloads=tuple(payloads[r] for r in keep) if payloads else None,
-            vectors=None if staged_path else vectors,
-            paths=(staged_path,) if staged_path else (),
-            path_index=np.zeros(keep.size, dtype=np.int32) if staged_path else None,
-            rows=keep if staged_path else None)
-        self.assigned.inc(keep.size)
+            border=np.zeros(keep.size, dtype=bool), paths=(staged,) if staged else (),
+            path_index=np.zeros(keep.size, dtype=np.int32) if staged else None, rows=keep)
         memberships = [(labels, np.arange(keep.size), False)]
         if with_border:
             extra = border_assignments(labels2, dists2, self._config.border_margin)
@@ -184,197 +236,173 @@ class AssignFn(beam.DoFn):
                 # in every cluster it joins keeps any two points in the same order
                 # everywhere, so a near-duplicate pair can never lose both members.
                 memberships.append((clusters, rows, True))
-        for clusters, rows, border in memberships:
-            for cluster in np.unique(clusters):
-                group = all_members.take(rows[clusters == cluster])
+        self.assigned.inc(keep.size)
+        yield Assigned(chunk=chunk, members=members, memberships=tuple(memberships))
+
+
+class RouteFn(beam.DoFn):
+    """Assigned -> ((cluster, nb, lo, hi), (block, Members)): one key per cluster of at most
+    block_rows members; for larger ones one key per block pair, each member in nb of them."""
+
+    def __init__(self, config: DedupConfig):
+        self._config = config
+
+    def process(self, assigned: Assigned, sizes: dict):
+        members = assigned.members
+        if self._config.transport == SHUFFLE:   # vectors travel inline: read them once more
+            _, vectors = assigned.chunk.load(self._config)
+            members = dataclasses.replace(members, vectors=vectors[members.rows], paths=(),
+                                          path_index=None, rows=None)
+        for clusters, index, border in assigned.memberships:
+            for cluster in np.unique(clusters).tolist():
+                group = members.take(index[clusters == cluster])
                 if border:
                     group = dataclasses.replace(group, border=np.ones(len(group), dtype=bool))
-                yield int(cluster), group
+                nb = blocks.n_blocks(sizes[cluster], self._config.block_rows)
+                if nb == 1:
+                    yield (cluster, 1, 0, 0), (0, group)
+                    continue
+                block = blocks.block_of(group.ids, nb, cluster)
+                for b in np.unique(block).tolist():
+                    part = group.take(np.flatnonzero(block == b))
+                    for lo, hi in blocks.pair_keys(b, nb):
+                        yield (cluster, nb, lo, hi), (b, part)
 
 
-def _ranked(cluster: int, members: Members, config: DedupConfig) -> Members:
-    return members.take(rank_cluster(list(members.ids), members.cos_dist,
-                                     config.which_to_keep, config.seed, cluster))
+def _cluster_file(cluster: int, nb: int = 1, block: int = 0) -> str:
+    return f"cluster-{cluster:06d}" if nb == 1 else f"cluster-{cluster:06d}-block-{block:04d}"
 
 
-class PairwiseClusterFn(beam.DoFn):
-    """(cluster, [Members]) -> (file key, Decisions); large clusters go to `blocks`."""
+def _rank_sorted(cluster: int, members: Members, config: DedupConfig, dim: int):
+    """(members in rank order with vectors, their vectors, their primary rank keys)."""
+    primary = blocks.rank_primary(members.ids, members.cos_dist, config.which_to_keep,
+                                  config.seed, cluster)
+    order = blocks.rank_order(members.ids, primary)
+    ranked = members.take(order)
+    return ranked, ranked.load_vectors(dim), primary[order]
 
-    BLOCKS = "blocks"
+
+def _decide(cluster: int, members: Members, max_sim: np.ndarray, has_earlier: np.ndarray,
+            max_ids, eps: float) -> Decisions:
+    """First-ranked (nothing earlier): its own id and 0.0, as NeMo writes."""
+    sims = np.where(has_earlier, max_sim, np.float32(0.0)).astype(np.float32)
+    dup = is_duplicate(sims, eps) & has_earlier
+    max_ids = tuple(m if h else own for own, m, h in zip(members.ids, max_ids,
+                                                         has_earlier.tolist()))
+    return Decisions(cluster, without_vectors(members), max_ids, sims, dup)
+
+
+class PairwiseFn(beam.DoFn):
+    """One key's members -> (file key, Decisions) for a one-block cluster; for a block pair,
+    a BlockPartial per block to the `partials` output."""
+
+    PARTIALS = "partials"
 
     def __init__(self, config: DedupConfig, dim: int):
         self._config = config
         self._dim = dim
 
     def process(self, element):
-        cluster, parts = element
-        ranked = _ranked(cluster, Members.concat(list(parts)), self._config)
-        n, size = len(ranked), self._config.block_size
-        if n <= size:
-            vectors = ranked.load_vectors(self._dim)
-            max_sim, argmax = partial_max(vectors, vectors, True)
-            yield _cluster_file(cluster), _decide(cluster, ranked, max_sim, argmax,
-                                                  self._config.eps, lambda a: ranked.ids[a])
+        (cluster, nb, lo, hi), parts = element
+        by_block = {}
+        for b, members in parts:
+            by_block.setdefault(b, []).append(members)
+        ranked = {b: _rank_sorted(cluster, Members.concat(ms), self._config, self._dim)
+                  for b, ms in by_block.items()}
+        if nb == 1:
+            members, vectors, _ = ranked[0]
+            max_sim, argmax = max_sim_to_earlier(vectors, blocks.TILE_ROWS)
+            max_ids = [members.ids[a] if a >= 0 else None for a in argmax.tolist()]
+            yield _cluster_file(cluster), _decide(cluster, members, max_sim, argmax >= 0,
+                                                  max_ids, self._config.eps)
             return
-        # Too large for one step: block j of ranked rows meets every block i <= j on its own key.
-        for j in range(-(-n // size)):
-            j0, j1 = block_range(n, size, j)
-            block_j = ranked.take(np.arange(j0, j1))
-            for i in range(j + 1):
-                i0, i1 = block_range(n, size, i)
-                block_i = block_j if i == j else ranked.take(np.arange(i0, i1))
-                yield beam.pvalue.TaggedOutput(self.BLOCKS, ((cluster, j), (i0, block_i, j0,
-                                                                            block_j)))
+        if lo == hi:
+            members, vectors, primary = ranked[lo]
+            sim, source_primary, source_id = blocks.diagonal_partial(vectors, members.ids,
+                                                                     primary)
+            yield beam.pvalue.TaggedOutput(self.PARTIALS, ((cluster, nb, lo), BlockPartial(
+                without_vectors(members), sim, source_primary, source_id)))
+            return
+        for target, source in ((hi, lo), (lo, hi)):
+            if target not in ranked or source not in ranked:
+                continue   # an empty block: nothing to compare
+            t_members, t_vectors, t_primary = ranked[target]
+            s_members, s_vectors, s_primary = ranked[source]
+            sim, source_primary, source_id = blocks.cross_partial(
+                t_vectors, t_primary, t_members.ids, s_vectors, s_primary, s_members.ids)
+            yield beam.pvalue.TaggedOutput(self.PARTIALS, ((cluster, nb, target), BlockPartial(
+                None, sim, source_primary, source_id)))
 
 
-class BlockPartialFn(beam.DoFn):
-    """((cluster, j), (i0, block i, j0, block j)) -> ((cluster, j), partial for block j)."""
+class CombineBlockPartialsFn(beam.CombineFn):
+    """Per member, the best of its block's partials: order-free, so runners may combine
+    partials before the shuffle and a key never holds more than one block's arrays."""
 
-    def __init__(self, dim: int):
-        self._dim = dim
+    def create_accumulator(self):
+        return None
 
-    def process(self, element):
-        key, (i0, block_i, j0, block_j) = element
-        same = i0 == j0
-        vi = block_i.load_vectors(self._dim)
-        vj = vi if same else block_j.load_vectors(self._dim)
-        max_sim, argmax_local = partial_max(vi, vj, same)
-        yield key, (i0, max_sim, local_to_global(argmax_local, i0),
-                    _without_vectors(block_j) if same else None, block_i.ids)
+    def add_input(self, accumulator, partial):
+        return partial if accumulator is None else accumulator.merged(partial)
+
+    def merge_accumulators(self, accumulators):
+        result = None
+        for acc in accumulators:
+            if acc is not None:
+                result = acc if result is None else result.merged(acc)
+        return result
+
+    def extract_output(self, accumulator):
+        return accumulator
 
 
-class CombineBlocksFn(beam.DoFn):
-    """All partials of (cluster, block j) -> (file key, Decisions of block j), exactly."""
+def _block_decisions(element, eps: float):
+    (cluster, nb, block), partial = element
+    has = partial.sim > -np.inf
+    return _cluster_file(cluster, nb, block), _decide(
+        cluster, partial.members, partial.sim, has, list(partial.source_id), eps)
 
-    def __init__(self, eps: float):
-        self._eps = eps
 
-    def process(self, element):
-        (cluster, j), partials = element
-        partials = sorted(partials, key=lambda p: p[0])   # by i: ties go to earlier rows
-        block_j = next(p[3] for p in partials if p[3] is not None)
-        id_of = {}
-        for i0, _, _, _, ids_i in partials:
-            for offset, id_ in enumerate(ids_i):
-                id_of[i0 + offset] = id_
-        max_sim, argmax = combine_partials([(p[1], p[2]) for p in partials])
-        yield (f"{_cluster_file(cluster)}-block-{j:04d}",
-               _decide(cluster, block_j, max_sim, argmax, self._eps, id_of.__getitem__))
-
+# ---- --border_margin: a point in two clusters gets one answer ------------------------------
 
 def merge_memberships(rows) -> tuple:
     """A border point's memberships -> one row: a duplicate if either membership says so.
 
-    rows: (cluster, border, id, payload, cos, l2, max_id, sim, dup) per membership.
+    rows: (cluster, border, id, cos, l2, max_id, sim, dup) per membership.
     """
     rows = sorted(rows, key=lambda r: (r[1], r[0]))   # the home membership first
-    home, dups = rows[0], [r for r in rows if r[8]]
-    best = max(dups or rows, key=lambda r: r[7])
-    return home[:6] + (best[6], best[7], bool(dups))
+    home, dups = rows[0], [r for r in rows if r[7]]
+    best = max(dups or rows, key=lambda r: r[6])
+    return home[:5] + (best[5], best[6], bool(dups))
 
 
 def _membership_rows(element):
     _, decisions = element
     m = decisions.members
-    for k, (id_, payload, max_id, sim, dup) in enumerate(decisions.rows()):
-        yield id_, (decisions.cluster, bool(m.border[k]), id_, payload,
-                    float(m.cos_dist[k]), float(m.l2_dist[k]), max_id, sim, dup)
+    for k, (id_, max_id, sim, dup) in enumerate(decisions.rows()):
+        yield id_, (decisions.cluster, bool(m.border[k]), id_, float(m.cos_dist[k]),
+                    float(m.l2_dist[k]), max_id, sim, dup)
+
+
+def _home_file(row, sizes: dict, block_rows: int) -> tuple:
+    cluster = row[0]
+    nb = blocks.n_blocks(sizes[cluster], block_rows)
+    block = int(blocks.block_of([row[2]], nb, cluster)[0])
+    return _cluster_file(cluster, nb, block), row
 
 
 def _decisions_from_rows(element):
-    cluster, rows = element
+    key, rows = element
     rows = sorted(rows, key=lambda r: r[2])
     members = Members(ids=tuple(r[2] for r in rows),
-                      cos_dist=np.array([r[4] for r in rows], np.float32),
-                      l2_dist=np.array([r[5] for r in rows], np.float32),
-                      border=np.zeros(len(rows), bool),
-                      payloads=tuple(r[3] for r in rows))
-    return _cluster_file(cluster), Decisions(
-        cluster, members, tuple(r[6] for r in rows), np.array([r[7] for r in rows], np.float32),
-        np.array([r[8] for r in rows], bool))
+                      cos_dist=np.array([r[3] for r in rows], np.float32),
+                      l2_dist=np.array([r[4] for r in rows], np.float32),
+                      border=np.zeros(len(rows), bool))
+    return key, Decisions(
+        rows[0][0], members, tuple(r[5] for r in rows), np.array([r[6] for r in rows], np.float32),
+        np.array([r[7] for r in rows], bool))
 
 
-# ---- the transforms ---------------------------------------------------------------------
-
-@dataclasses.dataclass
-class DedupOutputs:
-    decisions: beam.PCollection  # Decisions per cluster (or block); exact dups not in them
-    exact: beam.PCollection      # (dup id, payload, survivor id)
-    written: list                # PCollections whose completion means dedup/ is written
-
-
-@dataclasses.dataclass
-class RunDedupOutputs:
-    results: beam.PCollection    # SampleResult per candidate: kept / exact / semantic duplicate
-    written: list                # completion of OUTPUT/dedup/ and of the staging cleanup
-
-
-class SemanticDedupCore(beam.PTransform):
-    """(chunks, exact-hash pairs) -> DedupOutputs, writing OUTPUT/dedup/."""
-
-    def __init__(self, config: DedupConfig, dim: int):
-        super().__init__()
-        self._config = config
-        self._dim = dim
-
-    def expand(self, inputs):
-        chunks, hash_pairs = inputs
-        config, p = self._config, chunks.pipeline
-
-        # Exact pre-pass: identical bytes -> the smallest id survives.
-        exact = (hash_pairs
-                 | "GroupByHash" >> beam.GroupByKey()
-                 | "ExactDuplicates" >> beam.FlatMap(_exact_duplicates))
-        exact_map = beam.pvalue.AsDict(exact | "DupToSurvivor" >> beam.Map(lambda d: (d[0], d[2])))
-
-        if config.centroids_path:
-            path, dim = config.centroids_path, self._dim
-            centroids = (p | "CentroidsPath" >> beam.Create([path])
-                         | "LoadCentroids" >> beam.Map(lambda f: km.load_centroids(f, dim or None)))
-        else:
-            n_total = (chunks
-                       | "ChunkSizes" >> beam.Map(count_candidates, config)
-                       | "CountCandidates" >> beam.CombineGlobally(sum))
-            centroids = (chunks
-                         | "SampleForKMeans" >> beam.ParDo(SampleForTrainingFn(config),
-                                                           beam.pvalue.AsSingleton(n_total),
-                                                           exact_map)
-                         | "GatherSample" >> beam.combiners.ToList()
-                         | "TrainKMeans" >> beam.Map(train_centroids, config))
-        centroids_written = centroids | "WriteCentroids" >> beam.Map(
-            _write_centroids, FileSystems.join(config.dedup_dir, "centroids.npy"))
-
-        members = chunks | "Assign" >> beam.ParDo(
-            AssignFn(config), beam.pvalue.AsSingleton(centroids), exact_map)
-        pairwise = (members
-                    | "GroupByCluster" >> beam.GroupByKey()
-                    | "Pairwise" >> beam.ParDo(PairwiseClusterFn(config, self._dim)).with_outputs(
-                        PairwiseClusterFn.BLOCKS, main="results"))
-        block_results = (pairwise[PairwiseClusterFn.BLOCKS]
-                         | "BlockPartials" >> beam.ParDo(BlockPartialFn(self._dim))
-                         | "GroupByBlock" >> beam.GroupByKey()
-                         | "CombineBlocks" >> beam.ParDo(CombineBlocksFn(config.eps)))
-        # Each element: (file key, Decisions of one cluster or one block of it).
-        decisions = (pairwise.results, block_results) | "AllDecisions" >> beam.Flatten()
-        if config.border_margin is not None:
-            decisions = (decisions
-                         | "Memberships" >> beam.FlatMap(_membership_rows)
-                         | "GroupMemberships" >> beam.GroupByKey()
-                         | "MergeMemberships" >> beam.MapTuple(
-                             lambda _, rows: merge_memberships(rows))
-                         | "ByHomeCluster" >> beam.Map(lambda r: (r[0], r))
-                         | "GroupByHome" >> beam.GroupByKey()
-                         | "AsDecisions" >> beam.Map(_decisions_from_rows))
-        # Outputs are written where the decisions are made: no further shuffle of rows.
-        written_decisions = decisions | "WriteClusterOutputs" >> beam.ParDo(
-            WriteClusterOutputsFn(config.dedup_dir))
-        results = decisions | "Decisions" >> beam.Values()
-        exact_written = (exact
-                         | "GatherExact" >> beam.combiners.ToList()
-                         | "WriteExact" >> beam.Map(write_exact_outputs, config.dedup_dir))
-        written = [centroids_written, written_decisions, exact_written]
-        return DedupOutputs(decisions=results, exact=exact, written=written)
-
+# ---- writers ----------------------------------------------------------------------------
 
 class WriteClusterOutputsFn(beam.DoFn):
     """(file key, Decisions) -> kmeans/, pairwise_results/ and duplicates/ files."""
@@ -403,95 +431,147 @@ class WriteClusterOutputsFn(beam.DoFn):
         yield write_parquet(FileSystems.join(self._dir, "duplicates", name), dups)
 
 
-def write_exact_outputs(exact: list, dedup_dir: str) -> str:
-    """Exact duplicates: pairwise rows (max_id = survivor, score 1.0) and removal ids."""
-    exact = sorted(exact, key=lambda e: e[0])
-    ids = [e[0] for e in exact]
-    write_parquet(FileSystems.join(dedup_dir, "pairwise_results", "exact.parquet"), pa.table({
-        "id": ids, "max_id": [e[2] for e in exact],
+def write_exact_outputs(element, dedup_dir: str):
+    """(chunk, [ExactDuplicate]) -> pairwise rows (max_id = survivor, score 1.0) and removal
+    ids, one file per chunk that holds copies."""
+    chunk, exact = element
+    exact = sorted(exact)
+    ids = [e.id for e in exact]
+    name = f"exact-{chunk}.parquet"
+    yield write_parquet(FileSystems.join(dedup_dir, "pairwise_results", name), pa.table({
+        "id": ids, "max_id": [e.survivor for e in exact],
         "cosine_sim_score": pa.array([1.0] * len(ids), pa.float32())}, schema=PAIRWISE_SCHEMA))
-    return write_parquet(FileSystems.join(dedup_dir, "duplicates", "exact.parquet"),
-                         pa.table({"id": ids}, schema=DUPLICATES_SCHEMA))
+    yield write_parquet(FileSystems.join(dedup_dir, "duplicates", name),
+                        pa.table({"id": ids}, schema=DUPLICATES_SCHEMA))
 
 
-def _cluster_file(cluster: int) -> str:
-    return f"cluster-{cluster:06d}"
+# ---- the transforms ---------------------------------------------------------------------
+
+class _SizeStats(beam.CombineFn):
+    """(clusters, largest, clusters cut into blocks) from the cluster sizes."""
+
+    def __init__(self, block_rows: int):
+        self._block_rows = block_rows
+
+    def create_accumulator(self):
+        return (0, 0, 0)
+
+    def add_input(self, acc, size):
+        return (acc[0] + 1, max(acc[1], size), acc[2] + (size > self._block_rows))
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        return (sum(a[0] for a in accs), max(a[1] for a in accs), sum(a[2] for a in accs))
+
+    def extract_output(self, acc):
+        return {"clusters_with_members": acc[0], "largest_cluster": acc[1],
+                "clusters_split_into_blocks": acc[2]}
 
 
-def _exact_duplicates(element):
-    """(hash, [(id, payload)]) -> (dup id, payload, survivor id) for all but the smallest id."""
-    _, members = element
-    members = sorted(members, key=lambda m: m[0])
-    survivor = members[0][0]
-    if len(members) > 1:   # the live progress line shows it (progress.FIELDS)
-        beam.metrics.Metrics.counter("curator", "exact_duplicates").inc(len(members) - 1)
-    for dup_id, payload in members[1:]:
-        yield dup_id, payload, survivor
+@dataclasses.dataclass
+class DedupOutputs:
+    decisions: beam.PCollection  # Decisions per cluster (or block); exact copies not in them
+    exact: beam.PCollection      # ExactDuplicate
+    written: beam.PCollection    # one count: dedup/ is written and the staging is gone
+    info: beam.PCollection       # one dict: the plan and the cluster sizes (summary.json)
 
 
-def _write_centroids(centroids: np.ndarray, path: str) -> str:
-    if centroids.size:
-        km.save_centroids(path, centroids)
-    return path
+def _count_done(pcoll, label: str):
+    return beam.pvalue.AsSingleton(pcoll | label >> beam.combiners.Count.Globally())
 
 
-class StageCandidatesFn(beam.DoFn):
-    """A batch of (SampleInfo, embedding) -> a Chunk (vectors staged to a file or inline)."""
+class SemanticDedupCore(beam.PTransform):
+    """Chunks of embeddings -> DedupOutputs, writing OUTPUT/dedup/."""
 
-    def __init__(self, config: DedupConfig):
-        self._config = config
-
-    def process(self, batch):
-        infos = tuple(info for info, _ in batch)
-        vectors = np.stack([np.asarray(e, dtype=np.float32) for _, e in batch])
-        name = uuid.uuid4().hex   # a file name only: results never depend on it
-        common = dict(name=name, ids=tuple(i.id for i in infos), payloads=infos,
-                      dim=vectors.shape[1])
-        if self._config.transport == STAGED:
-            path = write_staged(FileSystems.join(self._config.staging_dir, f"{name}.f32"),
-                                vectors)
-            yield Chunk(staged_path=path, **common)
-        else:
-            yield Chunk(inline=vectors, **common)
-
-
-class Deduplicate(beam.PTransform):
-    """`run`'s dedup: (SampleInfo, embedding) that passed the filters -> SampleResults.
-
-    Returns an object with `.results` (SampleResult per input: kept / exact_duplicate /
-    semantic_duplicate) and `.written` (completion of OUTPUT/dedup/ and staging cleanup).
-    """
-
-    def __init__(self, config: DedupConfig, dim: int):
+    def __init__(self, config: DedupConfig, dim: int, has_hash: bool):
         super().__init__()
         self._config = config
         self._dim = dim
+        self._has_hash = has_hash
 
-    def expand(self, passed):
-        config = self._config
-        chunks = (passed
-                  | "Batch" >> beam.BatchElements(min_batch_size=1,
-                                                  max_batch_size=config.chunk_rows)
-                  | "Stage" >> beam.ParDo(StageCandidatesFn(config)))
-        hash_pairs = passed | "HashPairs" >> beam.MapTuple(
-            lambda info, _: (info.content_hash or info.id, (info.id, info)))
-        core = (chunks, hash_pairs) | "SemDeDup" >> SemanticDedupCore(config, self._dim)
-        semantic = core.decisions | "ToSampleResults" >> beam.FlatMap(_sample_results)
-        exact = core.exact | "ExactResults" >> beam.Map(lambda e: SampleResult(
-            info=e[1], status=EXACT_DUPLICATE, duplicate_of=e[2], cosine_sim=1.0))
-        results = (semantic, exact) | "DedupResults" >> beam.Flatten()
-        written = _cleanup_after(config, core.written)
-        return RunDedupOutputs(results=results, written=[written])
+    def expand(self, chunks):
+        config, p, dim = self._config, chunks.pipeline, self._dim
 
+        # Exact pre-pass: identical bytes -> the smallest id survives; the copies reach the
+        # chunk they were read from by a join on its name.
+        if self._has_hash:
+            exact = (chunks
+                     | "HashPairs" >> beam.ParDo(HashPairsFn(config))
+                     | "GroupByHash" >> beam.GroupByKey()
+                     | "ExactDuplicates" >> beam.FlatMap(_exact_duplicates))
+        else:
+            exact = p | "NoHashes" >> beam.Create([])
+        chunks = ({"chunk": chunks | "ByName" >> beam.Map(lambda c: (c.name, c)),
+                   "excluded": exact | "CopyByChunk" >> beam.Map(lambda e: (e.chunk, e.id))}
+                  | "JoinCopiesToChunks" >> beam.CoGroupByKey()
+                  | "WithExclusions" >> beam.Map(_with_exclusions))
 
-def _sample_results(decisions: Decisions):
-    n_dups = int(np.count_nonzero(decisions.is_duplicate))   # counters for the live progress line
-    beam.metrics.Metrics.counter("curator", "semantic_duplicates").inc(n_dups)
-    beam.metrics.Metrics.counter("curator", "kept").inc(len(decisions.is_duplicate) - n_dups)
-    for _, info, max_id, sim, dup in decisions.rows():
-        yield SampleResult(info=info, status=SEMANTIC_DUPLICATE if dup else KEPT,
-                           cluster=decisions.cluster, duplicate_of=max_id if dup else None,
-                           cosine_sim=sim)
+        n_candidates = (chunks
+                        | "ChunkSizes" >> beam.Map(count_candidates, config)
+                        | "CountCandidates" >> beam.CombineGlobally(sum))
+        plan = n_candidates | "Plan" >> beam.Map(make_plan, config)
+        if config.centroids_path:
+            path = config.centroids_path
+            centroids = (p | "CentroidsPath" >> beam.Create([path])
+                         | "LoadCentroids" >> beam.Map(lambda f: km.load_centroids(f, dim or None)))
+        else:
+            centroids = (chunks
+                         | "SampleForKMeans" >> beam.ParDo(SampleForTrainingFn(config),
+                                                           beam.pvalue.AsSingleton(plan))
+                         # bounded by the plan: ~64 rows per centroid, never by N
+                         | "GatherSample" >> beam.combiners.ToList()
+                         | "TrainKMeans" >> beam.Map(train_centroids, config,
+                                                     beam.pvalue.AsSingleton(plan)))
+        centroids_written = centroids | "WriteCentroids" >> beam.Map(
+            _write_centroids, FileSystems.join(config.dedup_dir, "centroids.npy"))
+
+        assigned = chunks | "Assign" >> beam.ParDo(AssignFn(config),
+                                                   beam.pvalue.AsSingleton(centroids))
+        sizes = (assigned
+                 | "ClusterCounts" >> beam.FlatMap(lambda a: a.cluster_counts())
+                 | "ClusterSizes" >> beam.CombinePerKey(sum))
+        sizes_dict = beam.pvalue.AsDict(sizes)   # O(k)
+        pairwise = (assigned
+                    | "Route" >> beam.ParDo(RouteFn(config), sizes_dict)
+                    | "GroupByClusterBlocks" >> beam.GroupByKey()
+                    | "Pairwise" >> beam.ParDo(PairwiseFn(config, dim)).with_outputs(
+                        PairwiseFn.PARTIALS, main="decisions"))
+        eps = config.eps
+        block_results = (pairwise[PairwiseFn.PARTIALS]
+                         | "CombinePartials" >> beam.CombinePerKey(CombineBlockPartialsFn())
+                         | "BlockDecisions" >> beam.Map(_block_decisions, eps))
+        # Each element: (file key, Decisions of one cluster or one block of it).
+        decisions = (pairwise.decisions, block_results) | "AllDecisions" >> beam.Flatten()
+        if config.border_margin is not None:
+            decisions = (decisions
+                         | "Memberships" >> beam.FlatMap(_membership_rows)
+                         | "GroupMemberships" >> beam.GroupByKey()
+                         | "MergeMemberships" >> beam.MapTuple(
+                             lambda _, rows: merge_memberships(rows))
+                         | "ByHomeFile" >> beam.Map(_home_file, sizes_dict, config.block_rows)
+                         | "GroupByHomeFile" >> beam.GroupByKey()
+                         | "AsDecisions" >> beam.Map(_decisions_from_rows))
+        # Outputs are written where the decisions are made: no further shuffle of rows.
+        written_decisions = decisions | "WriteClusterOutputs" >> beam.ParDo(
+            WriteClusterOutputsFn(config.dedup_dir))
+        exact_written = (exact
+                         | "ExactByChunk" >> beam.Map(lambda e: (e.chunk, e))
+                         | "GroupExactByChunk" >> beam.GroupByKey()
+                         | "WriteExact" >> beam.FlatMap(write_exact_outputs, config.dedup_dir))
+        written = _cleanup_after(config, [centroids_written, written_decisions, exact_written])
+
+        k = centroids | "K" >> beam.Map(lambda c: int(c.shape[0]) if c.size else 0)
+        stats = (sizes
+                 | "SizeValues" >> beam.Values()
+                 | "SizeStats" >> beam.CombineGlobally(_SizeStats(config.block_rows)))
+        info = (plan
+                | "Info" >> beam.Map(
+                    lambda pl, k_, st, rows: dict(pl.as_dict(), n_clusters=k_,
+                                                  pairwise_block_size=rows, **st),
+                    beam.pvalue.AsSingleton(k), beam.pvalue.AsSingleton(stats),
+                    config.block_rows))
+        return DedupOutputs(decisions=decisions | "Decisions" >> beam.Values(), exact=exact,
+                            written=written, info=info)
 
 
 def _cleanup_after(config: DedupConfig, written: list):
@@ -501,71 +581,132 @@ def _cleanup_after(config: DedupConfig, written: list):
     def cleanup(_, *done):
         if FileSystems.exists(staging):
             FileSystems.delete([staging])
-        return staging
+        return 1
 
     p = written[0].pipeline
     return (p
             | "CleanupOnce" >> beam.Create([None])
-            | "DeleteStaging" >> beam.Map(cleanup, *[beam.pvalue.AsList(w) for w in written]))
+            | "DeleteStaging" >> beam.Map(cleanup, *[_count_done(w, f"Written{i}")
+                                                     for i, w in enumerate(written)]))
+
+
+def decision_rows(decisions: Decisions):
+    """(shard, ("semantic", id, cluster, max_id, sim, dup)) per member, for `run`'s join."""
+    n_dups = int(np.count_nonzero(decisions.is_duplicate))   # counters for the live progress line
+    beam.metrics.Metrics.counter("curator", "semantic_duplicates").inc(n_dups)
+    beam.metrics.Metrics.counter("curator", "kept").inc(len(decisions.is_duplicate) - n_dups)
+    for id_, max_id, sim, dup in decisions.rows():
+        yield shard_of_id(id_), ("semantic", id_, decisions.cluster, max_id, sim, dup)
+
+
+def _results_of_shard(element):
+    """One shard's candidates joined with their dedup answers -> SampleResult each."""
+    shard, grouped = element
+    infos = {info.id: info for info in grouped["info"]}
+    answered = 0
+    for row in grouped["answer"]:
+        answered += 1
+        info = infos.pop(row[1])
+        if row[0] == "exact":
+            yield SampleResult(info=info, status=EXACT_DUPLICATE, duplicate_of=row[2],
+                               cosine_sim=1.0)
+        else:
+            _, _, cluster, max_id, sim, dup = row
+            yield SampleResult(info=info, status=SEMANTIC_DUPLICATE if dup else KEPT,
+                               cluster=cluster, duplicate_of=max_id if dup else None,
+                               cosine_sim=sim)
+    if infos:   # a bug, never a silent loss: the accounting check would fail anyway
+        raise RuntimeError(f"dedup gave no answer for {len(infos)} candidate(s) of shard "
+                           f"{shard}, e.g. {sorted(infos)[0]}")
+
+
+class Deduplicate(beam.PTransform):
+    """`run`'s dedup: the candidates' SampleInfo and the embeddings files `run` has written
+    -> SampleResult per candidate (kept / exact_duplicate / semantic_duplicate).
+
+    Dedup reads the vectors from the written embeddings (passed_filters = true), so they
+    are never staged or shuffled a second time; answers reach their samples by a join on the
+    shard. Returns DedupOutputs with `decisions` replaced by the SampleResults.
+    """
+
+    def __init__(self, config: DedupConfig, dim: int, embeddings_written):
+        super().__init__()
+        self._config = config
+        self._dim = dim
+        self._embeddings_written = embeddings_written
+
+    def expand(self, candidates):
+        dim = self._dim
+        chunks = (self._embeddings_written
+                  | "RowGroups" >> beam.FlatMap(
+                      lambda path: row_group_chunks(path, chunk_names([path])[path], dim)))
+        core = chunks | "SemDeDup" >> SemanticDedupCore(self._config, dim, has_hash=True)
+        answers = ((core.decisions | "DecisionRows" >> beam.FlatMap(decision_rows),
+                    core.exact | "ExactRows" >> beam.Map(
+                        lambda e: (shard_of_id(e.id), ("exact", e.id, e.survivor))))
+                   | "AllAnswers" >> beam.Flatten())
+        results = ({"info": candidates | "InfoByShard" >> beam.Map(lambda i: (i.shard, i)),
+                    "answer": answers}
+                   | "JoinAnswersToShard" >> beam.CoGroupByKey()
+                   | "Results" >> beam.FlatMap(_results_of_shard))
+        return dataclasses.replace(core, decisions=results)
 
 
 # ---- the `dedup` command: from an embeddings parquet --------------------------------------
 
-class HashPairsFn(beam.DoFn):
-    """Parquet chunk -> (content_hash, (id, None)) of its candidate rows."""
-
-    def __init__(self, config: DedupConfig):
-        self._config = config
-
-    def process(self, chunk: Chunk):
-        for id_, digest in read_candidate_ids(chunk.parquet, self._config, with_hash=True):
-            yield (digest or id_), (id_, None)
-
-
 class DedupFromParquet(beam.PTransform):
     """Step 2 of the three-step flow: embeddings parquet -> OUTPUT/dedup/ + summary.json."""
 
-    def __init__(self, pattern: str, config: DedupConfig, recorded_options: Optional[dict] = None,
-                 claim_token: Optional[str] = None):
+    def __init__(self, paths: List[str], config: DedupConfig,
+                 recorded_options: Optional[dict] = None, claim_token: Optional[str] = None):
         super().__init__()
-        self._pattern = pattern
+        self._paths = sorted(paths)
         self._config = config
         self._recorded = recorded_options
         self._claim_token = claim_token
 
     def expand(self, pbegin):
         config = self._config
-        chunk_list, dim, has_hash = parquet_chunks(self._pattern, config)
+        dim, has_hash = 0, True
+        for path in self._paths:   # the dim from the first file with a row
+            file_dim, file_hash = embeddings_schema(path, config)
+            has_hash = has_hash and file_hash
+            if file_dim:
+                dim = file_dim
+                break
         if config.transport == SHUFFLE:
             _LOG.info("dedup: vectors travel through the shuffle as float32 bytes")
-        chunks = pbegin | "RowGroups" >> beam.Create(chunk_list)
-        if has_hash:
-            hash_pairs = chunks | "HashPairs" >> beam.ParDo(HashPairsFn(config))
-        else:
-            hash_pairs = pbegin | "NoHashes" >> beam.Create([])
-        core = (chunks, hash_pairs) | "SemDeDup" >> SemanticDedupCore(config, dim)
-        done = _cleanup_after(config, core.written)
+        names = chunk_names(self._paths)
+        chunks = (pbegin
+                  | "Files" >> beam.Create([(p, names[p]) for p in self._paths])
+                  | "OneFilePerWorkItem" >> beam.Reshuffle()
+                  | "RowGroups" >> beam.FlatMapTuple(
+                      lambda path, name: row_group_chunks(path, name, dim)))
+        core = chunks | "SemDeDup" >> SemanticDedupCore(config, dim, has_hash)
         n_exact = core.exact | "CountExact" >> beam.combiners.Count.Globally()
-        n_semantic = (core.decisions
-                      | "DecisionCounts" >> beam.Map(
-                          lambda d: (len(d), int(d.is_duplicate.sum()), d.cluster))
-                      | "Gather" >> beam.combiners.ToList())
+        counts = (core.decisions
+                  | "DecisionCounts" >> beam.Map(
+                      lambda d: (len(d), int(d.is_duplicate.sum())))
+                  | "SumCounts" >> beam.CombineGlobally(
+                      lambda pairs: tuple(map(sum, zip((0, 0), *pairs)))))
         summary = {"command": "dedup", "options": self._recorded, "eps": config.eps,
                    "which_to_keep": config.which_to_keep}
         return (pbegin
                 | "SummaryOnce" >> beam.Create([None])
                 | "WriteDedupSummary" >> beam.Map(
                     _write_dedup_summary, config, summary, self._claim_token,
-                    beam.pvalue.AsSingleton(n_exact),
-                    beam.pvalue.AsSingleton(n_semantic), beam.pvalue.AsList(done)))
+                    beam.pvalue.AsSingleton(n_exact), beam.pvalue.AsSingleton(counts),
+                    beam.pvalue.AsSingleton(core.info), beam.pvalue.AsSingleton(core.written)))
 
 
-def _write_dedup_summary(_, config, summary, claim_token, n_exact, semantic_counts, done):
-    summary = dict(summary,
-                   n_embeddings=n_exact + sum(n for n, _, _ in semantic_counts),
-                   n_duplicates=n_exact + sum(d for _, d, _ in semantic_counts),
-                   n_exact_duplicates=n_exact,
-                   n_clusters=len({c for _, _, c in semantic_counts}))
+def _write_dedup_summary(_, config, summary, claim_token, n_exact, counts, info, done):
     from beam_curator.ownership import finish_output
 
+    n_semantic, n_semantic_dups = counts
+    summary = dict(summary,
+                   n_embeddings=n_exact + n_semantic,
+                   n_duplicates=n_exact + n_semantic_dups,
+                   n_exact_duplicates=n_exact,
+                   n_clusters=info["n_clusters"],
+                   dedup=info)
     return finish_output(config.output, summary, claim_token)

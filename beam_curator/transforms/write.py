@@ -106,17 +106,23 @@ def rows_to_table(rows: List[dict], schema: pa.Schema, vector_column: Optional[s
     return pa.table(columns, schema=schema)
 
 
-class WriteParquetByShardFn(beam.DoFn):
-    """(shard, rows) -> DIR/<shard>.parquet, rows sorted by id; emits the written path."""
+def _by_id(row: dict):
+    return row["id"]
 
-    def __init__(self, directory: str, schema: pa.Schema, vector_column: Optional[str] = None):
+
+class WriteParquetByShardFn(beam.DoFn):
+    """(shard, rows) -> DIR/<shard>.parquet, rows sorted (by id); emits the written path."""
+
+    def __init__(self, directory: str, schema: pa.Schema, vector_column: Optional[str] = None,
+                 sort_key: Callable[[dict], object] = _by_id):
         self._directory = directory
         self._schema = schema
         self._vector_column = vector_column
+        self._sort_key = sort_key
 
     def process(self, shard_rows):
         shard, rows = shard_rows
-        rows = sorted(rows, key=lambda r: r["id"])
+        rows = sorted(rows, key=self._sort_key)
         table = rows_to_table(rows, self._schema, self._vector_column)
         yield write_parquet(FileSystems.join(self._directory, f"{shard}.parquet"), table)
 
@@ -124,38 +130,19 @@ class WriteParquetByShardFn(beam.DoFn):
 class WriteParquetByShard(beam.PTransform):
     """(shard, row dict) -> one parquet file per shard under `directory`."""
 
-    def __init__(self, directory: str, schema: pa.Schema, vector_column: Optional[str] = None):
+    def __init__(self, directory: str, schema: pa.Schema, vector_column: Optional[str] = None,
+                 sort_key: Callable[[dict], object] = _by_id):
         super().__init__()
         self._directory = directory
         self._schema = schema
         self._vector_column = vector_column
+        self._sort_key = sort_key
 
     def expand(self, keyed_rows):
         return (keyed_rows
                 | "GroupByShard" >> beam.GroupByKey()
                 | "WriteParquet" >> beam.ParDo(WriteParquetByShardFn(
-                    self._directory, self._schema, self._vector_column)))
-
-
-class WriteSingleParquet(beam.PTransform):
-    """All rows -> one parquet file (small outputs such as errors/ of a whole run)."""
-
-    def __init__(self, path: str, schema: pa.Schema, sort_key: str = "id"):
-        super().__init__()
-        self._path = path
-        self._schema = schema
-        self._sort_key = sort_key
-
-    def expand(self, rows):
-        path, schema, key = self._path, self._schema, self._sort_key
-
-        def write(all_rows):
-            ordered = sorted(all_rows, key=lambda r: tuple((r.get(k) or "") for k in key.split(",")))
-            return write_parquet(path, rows_to_table(ordered, schema))
-
-        return (rows
-                | "Gather" >> beam.combiners.ToList()
-                | "Write" >> beam.Map(write))
+                    self._directory, self._schema, self._vector_column, self._sort_key)))
 
 
 # ---- curated webdataset shards --------------------------------------------------------------

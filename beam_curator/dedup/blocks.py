@@ -1,0 +1,159 @@
+"""Scale-out of the pairwise step: clusters cut into hash blocks whose pairs run anywhere.
+
+A cluster of n members with n <= block_rows is one piece of work, exactly as in
+`pairwise.max_sim_to_earlier`. A larger cluster is cut into nb = ceil(n / block_rows) blocks
+by a hash of each member's id (no global sort, so no step needs the whole cluster). Every
+unordered pair of blocks {a, b} is its own piece of work, holding at most ~2 x block_rows
+members; for each member it finds the best earlier-ranked member of the other block
+(`cross_partials`), and the diagonal {a, a} the best earlier one inside the block. A member's
+answer is the best of its nb partials (`merge_partials`): the highest similarity, ties to the
+earliest-ranked member -- exactly what one pass over the whole ranked cluster gives, because
+the rank order (`rank_primary`, then the id) is global and every similarity is the same
+float64-accumulated dot product rounded once to float32 (`pairwise._block_similarities`).
+
+Plan defaults (`auto_n_clusters`, `auto_sample_size`) follow SemDeDup and NeMo Curator at
+scale: about 10,000 rows per cluster, and faiss's rule of thumb of tens to hundreds of
+training points per centroid.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Sequence, Tuple
+
+import numpy as np
+
+from beam_curator.dedup.pairwise import _block_similarities, max_sim_to_earlier
+from beam_curator.dedup.ranking import WHICH_TO_KEEP, _random_keys
+
+ROWS_PER_CLUSTER = 10_000       # SemDeDup: 50k clusters on LAION-440M; NeMo: ~10k rows each
+POINTS_PER_CENTROID = 64        # faiss trains well on 39-256 points per centroid
+DEFAULT_BLOCK_ROWS = 16_384     # members per block: ~50 MB of 768-d vectors per side
+TILE_ROWS = 4096                # rows per similarity tile: bounds one matmul's memory
+
+
+# ---- the plan: how many clusters, how large a training sample, how many blocks -------------
+
+def auto_n_clusters(n_candidates: int, rows_per_cluster: int = ROWS_PER_CLUSTER) -> int:
+    """About one cluster per `rows_per_cluster` candidates, at least one."""
+    return max(1, int(round(n_candidates / rows_per_cluster)))
+
+
+def auto_sample_size(n_clusters: int, points_per_centroid: int = POINTS_PER_CENTROID) -> int:
+    """The k-means training sample: sized by k, never by the number of candidates."""
+    return max(1, n_clusters) * points_per_centroid
+
+
+def n_blocks(cluster_size: int, block_rows: int) -> int:
+    return max(1, math.ceil(cluster_size / block_rows))
+
+
+def block_of(ids: Sequence[str], nb: int, cluster: int) -> np.ndarray:
+    """Each member's block in [0, nb): blake2b of (cluster, id), the same on every worker."""
+    if nb <= 1:
+        return np.zeros(len(ids), dtype=np.int64)
+    prefix = f"block:{cluster}:"
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b((prefix + i).encode("utf-8"), digest_size=8).digest(),
+                        "big") % nb for i in ids), dtype=np.int64, count=len(ids))
+
+
+def pair_keys(block: int, nb: int) -> list:
+    """The unordered block pairs (lo, hi) a member of `block` takes part in: nb of them."""
+    return [(min(block, j), max(block, j)) for j in range(nb)]
+
+
+# ---- the rank order --------------------------------------------------------------------
+
+def rank_primary(ids: Sequence[str], cos_dist: np.ndarray, which_to_keep: str, seed: int,
+                 cluster: int) -> np.ndarray:
+    """The primary rank key of each member (ties broken by id): `ranking.rank_cluster`'s order
+    is `lexsort((ids, rank_primary(...)))`. float64 for hard/easy, uint64 for random."""
+    if which_to_keep not in WHICH_TO_KEEP:
+        raise ValueError(f"which_to_keep must be one of {', '.join(WHICH_TO_KEEP)}; "
+                         f"got {which_to_keep!r}")
+    if which_to_keep == "random":
+        return _random_keys(list(ids), int(seed), int(cluster))
+    dist = np.asarray(cos_dist, dtype=np.float32).astype(np.float64)
+    return -dist if which_to_keep == "hard" else dist
+
+
+def rank_order(ids: Sequence[str], primary: np.ndarray) -> np.ndarray:
+    id_arr = np.asarray(list(ids), dtype=str) if len(ids) else np.empty(0, dtype="U1")
+    return np.lexsort((id_arr, primary)).astype(np.int64)
+
+
+# ---- partials: (similarity, the source's rank key, the source's id) per member ---------------
+
+def _earlier(p_a, id_a, p_b, id_b) -> np.ndarray:
+    """Elementwise (p_a, id_a) < (p_b, id_b): the rank order."""
+    return (p_a < p_b) | ((p_a == p_b) & (id_a < id_b))
+
+
+def diagonal_partial(vectors_ranked: np.ndarray, ids_ranked: Sequence[str],
+                     primary_ranked: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inside one rank-sorted block: each member's best earlier member of the same block.
+
+    Returns `(sim float32, source primary, source id object array)`; a member with no earlier
+    member gets -inf and its own key (never preferred: -inf loses to any real similarity).
+    """
+    sim, arg = max_sim_to_earlier(vectors_ranked, TILE_ROWS)
+    ids = np.asarray(list(ids_ranked), dtype=object)
+    none = arg < 0
+    src = np.where(none, 0, arg)
+    sim = np.where(none, np.float32(-np.inf), sim).astype(np.float32)
+    return sim, np.asarray(primary_ranked)[src], ids[src]
+
+
+def cross_partial(target_vectors: np.ndarray, target_primary: np.ndarray, target_ids,
+                  source_vectors: np.ndarray, source_primary: np.ndarray, source_ids
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each target: its best source ranked before it (sources rank-sorted).
+
+    Both sides come from different blocks of one cluster. Returns (sim, source primary,
+    source id) like `diagonal_partial`; -inf when no source ranks before the target.
+    """
+    n_t, n_s = target_vectors.shape[0], source_vectors.shape[0]
+    best = np.full(n_t, -np.inf, np.float32)
+    arg = np.full(n_t, -1, np.int64)
+    s_ids = np.asarray(list(source_ids), dtype=object)
+    if n_t and n_s:
+        # Sources are rank-sorted, so those before target t are a prefix of length count[t]:
+        # the number of sources ahead of t in the rank order of sources and targets together.
+        primary = np.concatenate([np.asarray(source_primary), np.asarray(target_primary)])
+        ids = np.asarray(list(source_ids) + list(target_ids), dtype=str)
+        order = np.lexsort((ids, primary))
+        sources_so_far = np.cumsum(order < n_s)
+        count = np.empty(n_t, dtype=np.int64)
+        is_target = order >= n_s
+        count[order[is_target] - n_s] = sources_so_far[is_target]
+        for t0 in range(0, n_t, TILE_ROWS):
+            t1 = min(n_t, t0 + TILE_ROWS)
+            reach = int(count[t0:t1].max())
+            for s0 in range(0, reach, TILE_ROWS):
+                s1 = min(reach, s0 + TILE_ROWS)
+                sims = _block_similarities(target_vectors[t0:t1], source_vectors[s0:s1])
+                sims[np.arange(s0, s1)[None, :] >= count[t0:t1, None]] = -np.inf
+                a = np.argmax(sims, axis=1)                # first max = earliest-ranked
+                m = sims[np.arange(t1 - t0), a]
+                better = m > best[t0:t1]                   # equal: keep the earlier tile
+                best[t0:t1][better] = m[better]
+                arg[t0:t1][better] = (a + s0)[better]
+    if not n_s:
+        return best, np.zeros(n_t, dtype=np.asarray(source_primary).dtype), \
+            np.full(n_t, "", dtype=object)
+    src = np.where(arg < 0, 0, arg)
+    return best, np.asarray(source_primary)[src], s_ids[src]
+
+
+def merge_partials(a: Tuple[np.ndarray, np.ndarray, np.ndarray],
+                   b: Tuple[np.ndarray, np.ndarray, np.ndarray]
+                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The better of two partials per member: higher similarity, ties to the earlier source.
+    Order-independent (associative and commutative), so any combining tree agrees."""
+    sim_a, p_a, id_a = a
+    sim_b, p_b, id_b = b
+    take_b = (sim_b > sim_a) | ((sim_b == sim_a) & (sim_b > -np.inf)
+                                & _earlier(p_b, id_b, p_a, id_a))
+    return (np.where(take_b, sim_b, sim_a).astype(np.float32), np.where(take_b, p_b, p_a),
+            np.where(take_b, id_b, id_a))
