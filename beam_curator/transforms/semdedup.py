@@ -46,6 +46,7 @@ from beam_curator.transforms.dedup_data import (STAGED, SHUFFLE, Assigned, Block
                                                 count_candidates, embeddings_schema,
                                                 read_candidate_ids, read_staged_rows,
                                                 row_group_chunks, without_vectors)
+from beam_curator.transforms.summary import sum_pairs
 from beam_curator.transforms.write import write_parquet
 
 _LOG = logging.getLogger(__name__)
@@ -687,8 +688,7 @@ class DedupFromParquet(beam.PTransform):
         counts = (core.decisions
                   | "DecisionCounts" >> beam.Map(
                       lambda d: (len(d), int(d.is_duplicate.sum())))
-                  | "SumCounts" >> beam.CombineGlobally(
-                      lambda pairs: tuple(map(sum, zip((0, 0), *pairs)))))
+                  | "SumCounts" >> beam.CombineGlobally(sum_pairs))
         summary = {"command": "dedup", "options": self._recorded, "eps": config.eps,
                    "which_to_keep": config.which_to_keep}
         return (pbegin

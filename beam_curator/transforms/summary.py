@@ -100,11 +100,12 @@ class WriteSummaryFn(beam.DoFn):
         yield finish_output(self._out, summary, self._claim_token, report=self._report)
 
 
-def _sum_pairs(pairs):
-    samples, shards = 0, 0
-    for n, s in pairs:
-        samples, shards = samples + n, shards + s
-    return samples, shards
+def sum_pairs(pairs) -> Tuple[int, int]:
+    """A CombineGlobally function: element-wise sum of (a, b) pairs."""
+    first, second = 0, 0
+    for a, b in pairs:
+        first, second = first + a, second + b
+    return first, second
 
 
 class WriteSummary(beam.PTransform):
@@ -152,7 +153,7 @@ class WriteSummary(beam.PTransform):
             sides.append(_singleton(
                 self._curated_counts
                 | "CuratedPairs" >> beam.MapTuple(lambda _, n: (n, int(n > 0)))
-                | "SumCurated" >> beam.CombineGlobally(_sum_pairs)))
+                | "SumCurated" >> beam.CombineGlobally(sum_pairs)))
         else:
             sides.append(None)
         sides.append(beam.pvalue.AsSingleton(self._dedup_info)
