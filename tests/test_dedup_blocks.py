@@ -97,3 +97,16 @@ def test_plan_defaults_follow_the_data():
     assert blocks.auto_n_clusters(1_000_000) == 100
     assert blocks.auto_n_clusters(1_000_000_000) == 100_000
     assert blocks.auto_sample_size(100) == 6_400   # sized by k, not by N
+
+
+def test_the_plan_says_what_was_chosen():
+    from beam_curator.transforms.semdedup import DedupConfig, make_plan
+
+    auto = make_plan(2_500_000, DedupConfig(output="o"))
+    assert (auto.n_clusters, auto.sample_size) == (250, 16_000)
+    assert auto.n_clusters_from.startswith("auto")
+    given = make_plan(2_500_000, DedupConfig(output="o", n_clusters=100, sample_size=5000))
+    assert (given.n_clusters, given.sample_size, given.n_clusters_from) == (
+        100, 5000, "--n_clusters")
+    lowered = make_plan(25, DedupConfig(output="o", n_clusters=100))
+    assert lowered.n_clusters == 25 and "lowered" in lowered.n_clusters_from

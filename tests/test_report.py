@@ -217,6 +217,8 @@ def test_thresholds_drawn_and_options_listed(report):
     for name in ("--aesthetic_threshold", "--nsfw_threshold", "--n_clusters", "--eps",
                  "--which_to_keep"):
         assert name in options
+    stats = page.split('id="cluster-stats">', 1)[1].split("</p>", 1)[0]
+    assert "k chosen by --n_clusters" in stats and "k-means trained on" in stats
 
 
 def test_no_network_and_no_scripts(report):

@@ -153,3 +153,17 @@ def test_border_margin_refuses_random_order():
     with pytest.raises(OptionError, match="hard or easy"):
         validate_options(curator_options(["--border_margin", "0.05",
                                           "--which_to_keep", "random"]))
+
+
+def test_default_k_comes_from_the_data_and_small_inputs_still_dedup(planted, tmp_path):
+    """No --n_clusters: one cluster per 10,000 candidates, at least one, so 100 rows are one
+    cluster and every planted near-copy is found; summary.json says what was chosen."""
+    ids, _, plants, embeddings = planted
+    summary = dedup(embeddings, tmp_path)
+    assert summary["dedup"]["n_clusters"] == 1
+    assert summary["dedup"]["n_clusters_from"].startswith("auto")
+    assert summary["dedup"]["sample_size"] == 64              # 64 per centroid, not per row
+    dups = {r["id"] for r in read_dir(tmp_path / "dedup" / "duplicates")}
+    for copy, (source, cos) in plants.items():
+        if cos >= 1 - EPS:
+            assert (copy in dups) != (source in dups), copy

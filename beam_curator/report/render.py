@@ -337,10 +337,15 @@ def _dedup(data: RunData) -> str:
         empty = sum(1 for v in values if v == 0)
         median = sorted(values)[len(values) // 2]
         source = "dedup/centroids.npy" if data.n_centroids is not None else "from samples/"
+        plan = data.summary.get("dedup") or {}
+        chosen = (f" · k chosen by {esc(plan['n_clusters_from'])}, k-means trained on "
+                  f"{plan['sample_size']:,} embeddings · clusters cut into blocks of "
+                  f"≤ {plan['pairwise_block_size']:,}: {plan['clusters_split_into_blocks']}"
+                  if plan.get("n_clusters_from") else "")
         parts.append(f'<div class="chartbox"><h3>Cluster sizes</h3><p class="note" '
                      f'id="cluster-stats">k = {k} clusters ({source}) · {sum(values)} '
                      f"candidates · largest {values[0]} · median {median} · smallest "
-                     f"{values[-1]} · empty {empty}</p>")
+                     f"{values[-1]} · empty {empty}{chosen}</p>")
         colors = {KEPT: STATUS_COLORS[KEPT], SEMANTIC_DUPLICATE: STATUS_COLORS[SEMANTIC_DUPLICATE]}
         if any("assigned" in v for v in sizes.values()):     # from dedup/kmeans only
             colors = {"assigned": STATUS_COLORS[SEMANTIC_DUPLICATE]}

@@ -247,6 +247,15 @@ class RouteFn(beam.DoFn):
 
     def __init__(self, config: DedupConfig):
         self._config = config
+        # What crosses the cluster shuffle (docs/scaling.md checks its formulas with these).
+        self.routed_rows = beam.metrics.Metrics.counter("curator", "dedup_routed_rows")
+        self.routed_vector_bytes = beam.metrics.Metrics.counter("curator",
+                                                                "dedup_routed_vector_bytes")
+
+    def _count(self, members: Members) -> None:
+        self.routed_rows.inc(len(members))
+        if members.vectors is not None:
+            self.routed_vector_bytes.inc(int(members.vectors.nbytes))
 
     def process(self, assigned: Assigned, sizes: dict):
         members = assigned.members
@@ -261,12 +270,14 @@ class RouteFn(beam.DoFn):
                     group = dataclasses.replace(group, border=np.ones(len(group), dtype=bool))
                 nb = blocks.n_blocks(sizes[cluster], self._config.block_rows)
                 if nb == 1:
+                    self._count(group)
                     yield (cluster, 1, 0, 0), (0, group)
                     continue
                 block = blocks.block_of(group.ids, nb, cluster)
                 for b in np.unique(block).tolist():
                     part = group.take(np.flatnonzero(block == b))
                     for lo, hi in blocks.pair_keys(b, nb):
+                        self._count(part)
                         yield (cluster, nb, lo, hi), (b, part)
 
 
@@ -302,6 +313,9 @@ class PairwiseFn(beam.DoFn):
     def __init__(self, config: DedupConfig, dim: int):
         self._config = config
         self._dim = dim
+        self.key_rows = beam.metrics.Metrics.distribution("curator", "dedup_rows_per_key")
+        self.similarities = beam.metrics.Metrics.counter("curator",
+                                                         "dedup_pairwise_similarities")
 
     def process(self, element):
         (cluster, nb, lo, hi), parts = element
@@ -310,6 +324,11 @@ class PairwiseFn(beam.DoFn):
             by_block.setdefault(b, []).append(members)
         ranked = {b: _rank_sorted(cluster, Members.concat(ms), self._config, self._dim)
                   for b, ms in by_block.items()}
+        sizes = [len(r[0]) for r in ranked.values()]
+        self.key_rows.update(sum(sizes))
+        # similarities computed: n(n-1)/2 on a diagonal, n_a x n_b between two blocks
+        self.similarities.inc(sizes[0] * (sizes[0] - 1) // 2 if len(sizes) == 1 else
+                       sizes[0] * sizes[1])
         if nb == 1:
             members, vectors, _ = ranked[0]
             max_sim, argmax = max_sim_to_earlier(vectors, blocks.TILE_ROWS)
