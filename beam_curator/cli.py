@@ -14,7 +14,25 @@ import sys
 from typing import List, Optional
 
 PIPELINE_COMMANDS = ("run", "embed", "dedup", "remove")
-USAGE = __doc__
+USAGE = """usage: python -m beam_curator COMMAND [options]
+
+Curate webdataset image datasets with Apache Beam.
+
+pipelines (each takes every Beam pipeline option too: --runner, --temp_location, ...):
+  run      shards -> embeddings, scores, filters, dedup -> curated shards + parquet + report
+  embed    step 1: shards -> embeddings and scores (OUTPUT/embeddings, OUTPUT/rejected)
+  dedup    step 2: embeddings parquet (or clip-retrieval's img_emb/) -> OUTPUT/dedup
+  remove   step 3: shards minus removal ids -> curated shards
+
+tools:
+  report     redraw OUTPUT/report.html of a finished run
+  models     init-random | download | check  (model weights in --dir)
+  synthetic  write a small synthetic webdataset
+
+`python -m beam_curator COMMAND --help` lists a command's options with their defaults.
+Example:
+  python -m beam_curator run --input 'shards/*.tar' --output out --model_dir models
+"""
 
 
 def run_pipeline(command: str, argv: List[str]) -> dict:
@@ -108,7 +126,10 @@ def report_command(argv: List[str]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
@@ -145,9 +166,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _pipeline_help(command: str) -> int:
     from beam_curator.options import CuratorOptions
 
-    parser = argparse.ArgumentParser(prog=f"beam_curator {command}",
+    parser = argparse.ArgumentParser(prog=f"python -m beam_curator {command}",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      description="Plus every Beam pipeline option (--runner, "
-                                                 "--temp_location, --project, ...).")
+                                                 "--temp_location, --project, ...). Options "
+                                                 "are also spelled with hyphens (--model-dir).")
     CuratorOptions._add_argparse_args(parser)
     parser.print_help()
     return 0

@@ -192,13 +192,105 @@ class CuratorOptions(PipelineOptions):
               help="Seconds between progress lines on local runs (0 = off).")
 
 
+# Runners that hand the pipeline to a Java job server, which takes options this SDK does not
+# define (Flink's --max_bundle_time_mills, --checkpointing_interval, ...): unknown flags that
+# look like no known one are passed on to them.
+FORWARDING_RUNNERS = ("flinkrunner", "sparkrunner", "portablerunner", "prismrunner")
+
+
 def curator_options(argv=None, **overrides) -> PipelineOptions:
-    """PipelineOptions from argv, with a runner that works offline when none is named."""
-    options = PipelineOptions(argv or [], **overrides)
+    """PipelineOptions from argv, with a runner that works offline when none is named.
+
+    A flag that no options class defines is an error naming the closest known one (Beam
+    only logs "Discarding unparseable args" and runs on with the default): a mistyped
+    `--n_cluster 2` must not silently become k = auto. Unknown flags not close to any known
+    one pass through to runners that forward them to a job server (Flink, Spark, Portable).
+    """
+    argv = list(argv or [])
+    options = PipelineOptions(argv, **overrides)
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = DEFAULT_LOCAL_RUNNER
+    _check_runner(options)
+    _check_flags(argv, options)
     return options
+
+
+def check_job_endpoint(options: PipelineOptions, timeout_s: float = 5.0) -> None:
+    """PortableRunner against --job_endpoint: refuse at once when nothing listens there
+    (Beam would wait, silently, for a job service that never answers)."""
+    import socket
+
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    if runner_name(options).lower().split(".")[-1] != "portablerunner":
+        return
+    endpoint = options.view_as(PortableOptions).job_endpoint
+    if not endpoint or endpoint == "embed" or ":" not in endpoint:
+        return
+    host, port = endpoint.rsplit(":", 1)
+    try:
+        with socket.create_connection((host or "localhost", int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as exc:
+        raise OptionError(
+            f"--job_endpoint {endpoint}: no job service answers there ({exc}). Start one "
+            "(e.g. `python -m apache_beam.runners.portability.local_job_service_main --port "
+            f"{port}`, or Beam's Flink job server), or use --runner FlinkRunner, which starts "
+            "its own.") from None
+
+
+def _known_flags_parser():
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes = {}
+    for cls in PipelineOptions.__subclasses__():   # what Beam itself parses with
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)   # noqa: SLF001 - Beam's own registration hook
+    return parser
+
+
+def _check_flags(argv, options: PipelineOptions) -> None:
+    import difflib
+
+    parser = _known_flags_parser()
+    _, unknown = parser.parse_known_args(argv)
+    flags = [a.split("=", 1)[0] for a in unknown if a.startswith("--") and len(a) > 2]
+    if not flags:
+        return
+    known = sorted(k for k in parser._option_string_actions if k.startswith("--"))
+    forwarding = runner_name(options).lower().split(".")[-1] in FORWARDING_RUNNERS
+    for flag in flags:
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+        if close:
+            raise OptionError(f"unknown option {flag}: did you mean {close[0]}? (see "
+                              "`python -m beam_curator run --help`)")
+        if not forwarding:
+            raise OptionError(
+                f"unknown option {flag}: neither a beam-curator nor a Beam pipeline option "
+                f"for {runner_name(options)} (see `python -m beam_curator run --help`). "
+                "Options of a Java job server (Flink, Spark) pass through with those runners.")
+
+
+def _check_runner(options: PipelineOptions) -> None:
+    """A runner name Beam cannot create fails now, naming the closest one, not in a traceback
+    after the graph is built."""
+    import difflib
+
+    from apache_beam.runners.runner import _RUNNER_MAP
+
+    runner = options.view_as(StandardOptions).runner
+    if not isinstance(runner, str) or "." in runner:
+        return   # a runner object, or a class path Beam imports itself
+    name = runner.lower()
+    if name in _RUNNER_MAP or name + "runner" in _RUNNER_MAP:
+        return
+    names = sorted(path.rsplit(".", 1)[-1] for path in StandardOptions.ALL_KNOWN_RUNNERS)
+    close = difflib.get_close_matches(runner, names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise OptionError(f"unknown runner {runner!r}: {hint}Runners: {', '.join(names)}.")
 
 
 def runner_name(options: PipelineOptions) -> str:

@@ -103,12 +103,26 @@ def check_removal_dirs(globs: List[str]) -> None:
                 "OUTPUT/rejected from `embed`), comma-separated.")
 
 
-def remove_summary(shard_counts, options: dict) -> dict:
-    """summary.json of the `remove` step."""
-    return {
+def remove_summary(counts, options: dict) -> dict:
+    """summary.json of the `remove` step, from RemoveCounts of every shard that is an input
+    or is named by a removal id."""
+    listed = sum(c.listed for c in counts)
+    matched = sum(c.matched for c in counts)
+    examples = sorted(i for c in counts for i in c.unmatched)[:20]
+    summary = {
         "command": "remove",
         "options": options,
-        "curated_samples_written": sum(n for _, n in shard_counts),
-        "curated_shards_written": sum(1 for _, n in shard_counts if n),
-        "per_shard_written": {s: n for s, n in sorted(shard_counts)},
+        "curated_samples_written": sum(c.written for c in counts),
+        "curated_shards_written": sum(1 for c in counts if c.written),
+        "per_shard_written": {c.shard: c.written for c in sorted(counts) if c.in_input},
+        "removal_ids": {"listed": listed, "matched": matched, "unmatched": listed - matched,
+                        "unmatched_examples": examples},
+        "warnings": [],
     }
+    if listed and (listed - matched) * 2 > listed:
+        summary["warnings"].append(
+            f"{listed - matched:,} of {listed:,} removal ids match no sample of --input "
+            f"(e.g. {examples[:3]}): nothing was removed for them. Ids must be "
+            "'<shard file name>/<webdataset key>', as this project writes them; positional "
+            "ids (NeMo Curator's) or ids of other shards remove nothing.")
+    return summary

@@ -437,6 +437,8 @@ def finish_output(out: str, summary: dict, token: Optional[str], *, report: bool
     from beam_curator.transforms.write import write_json
 
     outputs.remove_temp_files(out)
+    for warning in summary.get("warnings") or ():
+        _LOG.warning("%s", warning)
     if report:
         from beam_curator.report import write_report
 

@@ -211,18 +211,22 @@ def build_run(p: beam.Pipeline, options) -> OutputClaim:
 
 def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
     """Step 2: semantic dedup of an embeddings parquet -> OUTPUT/dedup/."""
-    from beam_curator.transforms.semdedup import DedupConfig, DedupFromParquet
+    from beam_curator.transforms.dedup_data import resolve_embeddings
+    from beam_curator.transforms.semdedup import DedupConfig, DedupFromEmbeddings
 
     opts = validate_options(options, needs=("embeddings", "output"))
-    files = match_globs(opts.embeddings)
-    if not files:
+    files, npy_pairs = resolve_embeddings(opts.embeddings)
+    if not files and not npy_pairs:
         raise OptionError(
-            f"--embeddings {opts.embeddings!r} matches no file. Point it at the embeddings "
-            "parquet files, e.g. 'OUTPUT/embeddings/*.parquet' of an `embed` run.")
-    claim = claim_output(opts, "dedup",
-                         inputs_of("--embeddings", files) + _centroids_input(opts))
-    p | "Dedup" >> DedupFromParquet(files, DedupConfig.from_options(options),
-                                    outputs.recorded_options(opts), claim.token)
+            f"--embeddings {opts.embeddings!r} matches no file. Point it at embeddings "
+            "parquet files (e.g. 'OUTPUT/embeddings/*.parquet' of an `embed` run, or their "
+            "directory) or at a clip-retrieval output directory (img_emb/ + metadata/).")
+    inputs = files + [path for pair in npy_pairs for path in pair]
+    claim = claim_output(opts, "dedup", inputs_of("--embeddings", inputs)
+                         + _centroids_input(opts))
+    p | "Dedup" >> DedupFromEmbeddings(files, DedupConfig.from_options(options),
+                                       outputs.recorded_options(opts), claim.token,
+                                       npy_pairs=tuple(npy_pairs))
     return claim
 
 
@@ -278,6 +282,9 @@ def build_pipeline(command: str, options) -> PreparedRun:
     Beam makes a local temp dir per Pipeline and removes it only in run(); a graph that fails
     to build (a bad option, no matching input) would leave one in /tmp per failed command.
     """
+    from beam_curator.options import check_job_endpoint
+
+    check_job_endpoint(options)
     pipeline = beam.Pipeline(options=options)
     try:
         claim = BUILDERS[command](pipeline, options)

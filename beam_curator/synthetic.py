@@ -91,6 +91,11 @@ def make_dataset(directory: str, n_shards: int = 3, per_shard: int = 100, seed: 
     slots = [(s, i) for s in range(n_shards) for i in range(per_shard)]
     rng.shuffle(slots)
     sources = originals[: max(1, len(originals) // 4)]
+    # Small datasets plant what fits: every planted copy needs its own non-source slot.
+    free = len(originals) - len(sources)
+    n_exact = min(n_exact, free)
+    n_near = min(n_near, free - n_exact)
+    n_corrupt = min(n_corrupt, free - n_exact - n_near)
     take = iter(slots)
 
     def next_slot():
@@ -108,7 +113,7 @@ def make_dataset(directory: str, n_shards: int = 3, per_shard: int = 100, seed: 
         members.update({ext: data, "txt": b"an exact copy", "json": b"{}"})
         dataset.exact_duplicates[target_id] = src_id
     for n in range(n_near):
-        src_id, _, image, _ = sources[-1 - n]
+        src_id, _, image, _ = sources[-1 - n % len(sources)]
         s, i, target_id = next_slot()
         members = shards[s][i].members
         members.clear()

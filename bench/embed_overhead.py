@@ -30,7 +30,7 @@ def bare_loop(shards, model_dir: str, batch_size: int) -> int:
     from beam_curator.transforms.decode import (build_preprocess, normalization, open_rgb,
                                                 read_preprocess_cfg)
     from beam_curator.transforms.embed import LoadedClipModel, encode_pixels
-    from beam_curator.transforms.read import iter_shard
+    from beam_curator.webdataset import shard_samples
 
     clip = load_clip(os.path.join(model_dir, "clip"), device="cpu")
     preprocess_cfg = read_preprocess_cfg(model_dir)
@@ -38,7 +38,7 @@ def bare_loop(shards, model_dir: str, batch_size: int) -> int:
     preprocess = build_preprocess(preprocess_cfg)
     batch, n = [], 0
     for name, url in shards:
-        for sample in iter_shard(name, url):
+        for sample in shard_samples(name, url):
             if isinstance(sample, ShardSample) and sample.image_bytes:
                 batch.append(preprocess(open_rgb(sample.image_bytes, 89_478_485)))
                 if len(batch) == batch_size:

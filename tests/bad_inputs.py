@@ -416,10 +416,10 @@ def make_corpus(directory: str, seed: int = 7) -> Corpus:
     done(w, data + b"junk after the end" * 40)
 
     # a file matched by the glob that is not a tar at all (the run uses DIR/*)
-    stray = Case(kind="not_a_tar", description="a text file matched by the --input glob",
-                 shard="zz_notes.txt")
-    stray.shard_errors.append(ShardErrorExpect("zz_notes.txt", "not a readable tar archive"))
-    with open(os.path.join(directory, "zz_notes.txt"), "w") as handle:
+    stray = Case(kind="not_a_tar", description="a file of unknown type matched by the --input glob (clearly-not-tar names such as .txt are skipped)",
+                 shard="zz_notes.dat")
+    stray.shard_errors.append(ShardErrorExpect("zz_notes.dat", "not a readable tar archive"))
+    with open(os.path.join(directory, "zz_notes.dat"), "w") as handle:
         handle.write("These shards were scraped on a Tuesday.\n" * 20)
     cases[stray.kind] = stray
 

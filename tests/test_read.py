@@ -9,8 +9,8 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_curator.schema import ErrorRecord, ShardSample
-from beam_curator.transforms.read import (ReadShardSamples, ShardListError, iter_shard,
-                                          list_shards, split_member_name)
+from beam_curator.transforms.read import ReadShardSamples, ShardListError, list_shards
+from beam_curator.webdataset import shard_samples, split_member_name
 
 
 def write_tar(path, members):
@@ -23,7 +23,7 @@ def write_tar(path, members):
 
 
 def samples_and_errors(path, shard="s"):
-    items = list(iter_shard(shard, str(path)))
+    items = list(shard_samples(shard, str(path)))
     return ([i for i in items if isinstance(i, ShardSample)],
             [i for i in items if isinstance(i, ErrorRecord)])
 

@@ -2,7 +2,7 @@
 
 The images come from the source shards named by the samples' `shard_url` (the outputs never
 hold image bytes, and removed samples are not in curated/). Each needed shard is streamed with
-`iter_shard` and left as soon as every wanted id of it has been seen. A shard that moved or
+`shard_samples` and left as soon as every wanted id of it has been seen. A shard that moved or
 broke only costs its thumbnails: the report says "image unavailable" and still renders.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _sidecar_text(sample: ShardSample, ext: str) -> Optional[str]:
 def fetch_thumbnails(wanted: Iterable[str], shard_urls: Dict[str, str],
                      max_pixels: Optional[int] = None) -> Dict[str, Thumb]:
     """ids -> Thumb, reading each needed source shard once and only as far as needed."""
-    from beam_curator.transforms.read import iter_shard
+    from beam_curator.webdataset import shard_samples
 
     by_shard: Dict[str, set] = {}
     for sample_id in sorted(set(wanted)):
@@ -79,7 +79,7 @@ def fetch_thumbnails(wanted: Iterable[str], shard_urls: Dict[str, str],
             continue
         missing = set(ids)
         try:
-            for item in iter_shard(shard, url):
+            for item in shard_samples(shard, url):
                 if not isinstance(item, ShardSample):
                     continue   # shard-level damage: the ids not reached stay unavailable
                 if item.id not in missing:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator.transforms.write import write_atomically
@@ -35,27 +36,49 @@ STAGED, SHUFFLE = "staged", "shuffle"   # --dedup_vector_transport: staged files
 # ---- chunks: a handful of rows and the way to their vectors --------------------------------
 
 @dataclasses.dataclass(frozen=True)
+class NpyRows:
+    """Rows [start, stop) of a clip-retrieval `img_emb/img_emb_N.npy`; the ids are the same
+    rows of `metadata/metadata_N.parquet`."""
+
+    npy: str
+    metadata: str
+    start: int
+    stop: int
+    id_column: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Chunk:
-    """A parquet row group of embeddings; `excluded`: its exact duplicates (not candidates
-    of the semantic pass)."""
+    """A batch of embeddings: a parquet row group, or rows of a clip-retrieval .npy.
+    `excluded`: its exact duplicates (not candidates of the semantic pass)."""
 
     name: str
-    parquet: Tuple[str, int]                        # (path, row group)
-    dim: int
+    parquet: Optional[Tuple[str, int]] = None       # (path, row group)
+    dim: int = 0
     excluded: FrozenSet[str] = frozenset()
+    npy: Optional[NpyRows] = None
+
+    def ids(self, config: DedupConfig, with_hash: bool):
+        """(id, content_hash or None) of the candidate rows, without the vectors."""
+        if self.npy is not None:
+            return ((i, None) for i in read_npy_ids(self.npy))
+        return read_candidate_ids(self.parquet, config, with_hash)
 
     def load(self, config: DedupConfig) -> Tuple[List[str], np.ndarray]:
         """(ids, vectors float32 (n, d)) of the candidate rows of this chunk, exact
         duplicates included (callers drop `excluded`, keeping row numbers stable).
 
-        A parquet row group is decoded once in the staged transport: its vectors are
-        written to the staging dir on first load, and later loads read that raw file.
+        A chunk is decoded once in the staged transport: its vectors are written to the
+        staging dir on first load, and later loads read that raw file.
         """
         staged = self.staged_copy(config)
         if staged and FileSystems.exists(staged):
-            ids = [i for i, _ in read_candidate_ids(self.parquet, config, with_hash=False)]
+            ids = [i for i, _ in self.ids(config, with_hash=False)]
             return ids, read_staged_rows(staged, self.dim, None)
-        ids, vectors = read_parquet_chunk(self.parquet, config)
+        if self.npy is not None:
+            ids, vectors = read_npy_ids(self.npy), read_npy_rows(self.npy)
+        else:
+            ids, vectors = read_parquet_chunk(self.parquet, config)
         if staged:
             write_staged(staged, vectors)
         return ids, vectors
@@ -136,6 +159,8 @@ def read_candidate_ids(ref: Tuple[str, int], config: DedupConfig, with_hash: boo
 
 def count_candidates(chunk: Chunk, config: DedupConfig) -> int:
     """Candidates of the semantic pass in this chunk (exact duplicates not counted)."""
+    if chunk.npy is not None:
+        return chunk.npy.stop - chunk.npy.start - len(chunk.excluded)
     path, row_group = chunk.parquet
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
@@ -185,6 +210,114 @@ def row_group_chunks(path: str, name: str, dim: int) -> List[Chunk]:
         n_groups = pq.ParquetFile(handle).metadata.num_row_groups
     return [Chunk(name=f"{name}-{rg:05d}", parquet=(path, rg), dim=dim)
             for rg in range(n_groups)]
+
+
+# ---- clip-retrieval's layout: img_emb/img_emb_N.npy + metadata/metadata_N.parquet -------
+
+NPY_CHUNK_ROWS = 65_536   # rows of one .npy per chunk: ~200 MB of float32 at 768-d
+
+
+def clip_retrieval_pairs(directory: str) -> List[Tuple[str, str]]:
+    """(npy, metadata parquet) pairs of a clip-retrieval `clip inference` output, matched by
+    their number; [] when `directory` is not laid out that way."""
+    from beam_curator.transforms.read import match_globs
+
+    npys = match_globs(FileSystems.join(directory, "img_emb", "img_emb_*.npy"))
+    if not npys:
+        return []
+    pairs, missing = [], []
+    for npy in npys:
+        number = npy.rsplit("img_emb_", 1)[1][: -len(".npy")]
+        metadata = FileSystems.join(directory, "metadata", f"metadata_{number}.parquet")
+        (pairs if FileSystems.exists(metadata) else missing).append((npy, metadata))
+    if missing:
+        from beam_curator.options import OptionError
+
+        raise OptionError(f"{missing[0][0]} has no {missing[0][1]}: clip-retrieval writes "
+                          "the ids of img_emb_N.npy in metadata/metadata_N.parquet.")
+    return pairs
+
+
+def resolve_embeddings(pattern: str) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """--embeddings -> (parquet files, clip-retrieval (npy, metadata) pairs).
+
+    Comma-separated parts; a part that is a directory means its clip-retrieval layout when it
+    has `img_emb/`, else its `*.parquet` files.
+    """
+    from beam_curator.transforms.read import is_directory, match_globs, split_globs
+
+    files, pairs = set(), []
+    for part in split_globs(pattern):
+        if is_directory(part):
+            found = clip_retrieval_pairs(part)
+            if found:
+                pairs += found
+                continue
+            part = FileSystems.join(part, "*.parquet")
+        files.update(match_globs(part))
+    return sorted(files), sorted(set(pairs))
+
+
+def _npy_header(handle) -> Tuple[np.dtype, Tuple[int, ...], int]:
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+    if fortran or len(shape) != 2:
+        raise ValueError(f"expected a C-ordered 2-d array, got shape {shape}")
+    return dtype, shape, handle.tell()
+
+
+def npy_shape(path: str) -> Tuple[int, int]:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        _, shape, _ = _npy_header(handle)
+    return shape
+
+
+def npy_id_column(metadata: str, id_column: str) -> str:
+    """The id column of a clip-retrieval metadata file: the one asked for, or (the default
+    `id` being absent) `key`, then `image_path`, which clip-retrieval always writes."""
+    from beam_curator.options import OptionError
+
+    with FileSystems.open(metadata) as handle:
+        names = pq.ParquetFile(handle).schema_arrow.names
+    for candidate in ([id_column] + (["key", "image_path"] if id_column == "id" else [])):
+        if candidate in names:
+            return candidate
+    raise OptionError(f"{metadata} has no column {id_column!r} (columns: {names}): set "
+                      "--id_column to the one that holds your sample ids.")
+
+
+def npy_chunks(npy: str, metadata: str, name: str, id_column: str) -> List[Chunk]:
+    """One Chunk per NPY_CHUNK_ROWS rows of a clip-retrieval embeddings file."""
+    n, dim = npy_shape(npy)
+    with FileSystems.open(metadata) as handle:
+        rows = pq.ParquetFile(handle).metadata.num_rows
+    if rows != n:
+        raise ValueError(f"{npy} has {n} rows but {metadata} has {rows}: they must match "
+                         "row for row")
+    return [Chunk(name=f"{name}-{start:09d}", dim=dim,
+                  npy=NpyRows(npy, metadata, start, min(n, start + NPY_CHUNK_ROWS), id_column))
+            for start in range(0, n, NPY_CHUNK_ROWS)]
+
+
+def read_npy_rows(rows: NpyRows) -> np.ndarray:
+    """The rows as float32, re-normalised: clip-retrieval stores float16, whose rounding
+    leaves norms ~1e-3 away from 1."""
+    with FileSystems.open(rows.npy, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        dtype, (_, dim), offset = _npy_header(handle)
+        handle.seek(offset + rows.start * dim * dtype.itemsize)
+        data = handle.read((rows.stop - rows.start) * dim * dtype.itemsize)
+    vectors = np.frombuffer(data, dtype=dtype).reshape(-1, dim).astype(np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0).astype(np.float32)
+
+
+def read_npy_ids(rows: NpyRows) -> List[str]:
+    with FileSystems.open(rows.metadata) as handle:
+        column = pq.read_table(handle, columns=[rows.id_column]).column(0)
+    return [str(v) for v in column.slice(rows.start, rows.stop - rows.start).to_pylist()]
 
 
 # ---- members: what the GroupByKey per cluster carries -------------------------------------

@@ -6,20 +6,35 @@ holds the ids of the shard it is writing, never the whole removal set.
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator.schema import ShardSample
-from beam_curator.transforms.read import iter_shard
+from beam_curator.webdataset import shard_samples
 from beam_curator.transforms.write import write_curated_shard
+
+class RemoveCounts(NamedTuple):
+    shard: str
+    written: int
+    listed: int            # removal ids naming this shard
+    matched: int           # ... that are samples of it
+    unmatched: Tuple[str, ...]   # a few of the others
+    in_input: bool         # the shard is one of --input's
+
 
 KEEP = "keep"       # the ids listed are the ones written (the one-graph `run`)
 REMOVE = "remove"   # the ids listed are left out (the `remove` step, NeMo's removal ids)
 
 
 class RewriteShardFn(beam.DoFn):
-    """(shard, {'url': [url], 'ids': [...]}) -> (shard, samples written) after writing the tar."""
+    """(shard, {'url': [url], 'ids': [...]}) -> (shard, samples written) after writing the tar.
+
+    In REMOVE mode it yields RemoveCounts instead, with how many of the listed ids were
+    found, so a removal list that matches nothing (ids in another form, e.g. NeMo's
+    positional ones) is reported instead of passing silently.
+    """
 
     def __init__(self, curated_dir: str, mode: str):
         assert mode in (KEEP, REMOVE)
@@ -28,36 +43,53 @@ class RewriteShardFn(beam.DoFn):
         self.written = beam.metrics.Metrics.counter("curator", "curated_samples_written")
         self.unknown = beam.metrics.Metrics.counter("curator", "ids_of_unknown_shards")
 
+    def _result(self, shard, written, ids, seen, in_input=True):
+        if self._mode == KEEP:
+            return shard, written
+        unmatched = sorted(ids - seen)
+        return RemoveCounts(shard, written, len(ids), len(ids) - len(unmatched),
+                            tuple(unmatched[:5]), in_input)
+
     def process(self, element):
         shard, grouped = element
         urls, ids = list(grouped["url"]), set(grouped["ids"])
         if not urls:
             self.unknown.inc(len(ids))   # ids naming a shard that is not in --input
+            if self._mode == REMOVE:
+                yield self._result(shard, 0, ids, set(), in_input=False)
             return
         if self._mode == KEEP and not ids:
             yield shard, 0
             return
+        seen = set()
 
         def chosen():
-            for item in iter_shard(shard, urls[0]):
-                if not isinstance(item, ShardSample) or item.error:
-                    continue   # damaged samples and shard errors are never curated
+            for item in shard_samples(shard, urls[0]):
+                if not isinstance(item, ShardSample):
+                    continue
+                if item.id in ids:
+                    seen.add(item.id)
+                if item.error:
+                    continue   # damaged samples are never curated
                 if (item.id in ids) == (self._mode == KEEP):
                     yield item
 
         samples = chosen()
         first = next(samples, None)
         if first is None:
-            yield shard, 0   # nothing to write: no empty tar
+            for _ in samples:   # drain: the count of matched ids needs the whole shard
+                pass
+            yield self._result(shard, 0, ids, seen)   # nothing to write: no empty tar
             return
         path = FileSystems.join(self._curated_dir, f"{shard}.tar")
         count = write_curated_shard(path, itertools.chain([first], samples))
         self.written.inc(count)
-        yield shard, count
+        yield self._result(shard, count, ids, seen)
 
 
 class RewriteShards(beam.PTransform):
-    """shards: (name, url); ids: (shard, id) -> (shard, count) after writing CURATED/<shard>.tar."""
+    """shards: (name, url); ids: (shard, id) -> (shard, count) after writing CURATED/<shard>.tar
+    (REMOVE mode: see RewriteShardFn for the extra counts)."""
 
     def __init__(self, curated_dir: str, mode: str):
         super().__init__()

@@ -44,7 +44,8 @@ from beam_curator.schema import (DUPLICATES_SCHEMA, EXACT_DUPLICATE, KEPT, KMEAN
 from beam_curator.transforms.dedup_data import (STAGED, SHUFFLE, Assigned, BlockPartial, Chunk,
                                                 Decisions, Members, chunk_names,
                                                 count_candidates, embeddings_schema,
-                                                read_candidate_ids, read_staged_rows,
+                                                npy_chunks, npy_id_column, npy_shape,
+                                                read_staged_rows,
                                                 row_group_chunks, without_vectors)
 from beam_curator.transforms.summary import sum_pairs
 from beam_curator.transforms.write import write_parquet
@@ -138,7 +139,7 @@ class HashPairsFn(beam.DoFn):
         self._config = config
 
     def process(self, chunk: Chunk):
-        for id_, digest in read_candidate_ids(chunk.parquet, self._config, with_hash=True):
+        for id_, digest in chunk.ids(self._config, with_hash=True):
             yield (digest or id_), (id_, chunk.name)
 
 
@@ -674,34 +675,52 @@ class Deduplicate(beam.PTransform):
 
 # ---- the `dedup` command: from an embeddings parquet --------------------------------------
 
-class DedupFromParquet(beam.PTransform):
-    """Step 2 of the three-step flow: embeddings parquet -> OUTPUT/dedup/ + summary.json."""
+class DedupFromEmbeddings(beam.PTransform):
+    """Step 2 of the three-step flow: embeddings -> OUTPUT/dedup/ + summary.json.
+
+    `paths`: parquet files (an id and a list<float32> embedding column); `npy_pairs`:
+    clip-retrieval's (img_emb_N.npy, metadata_N.parquet) pairs, read as they are.
+    """
 
     def __init__(self, paths: List[str], config: DedupConfig,
-                 recorded_options: Optional[dict] = None, claim_token: Optional[str] = None):
+                 recorded_options: Optional[dict] = None, claim_token: Optional[str] = None,
+                 npy_pairs: Tuple[Tuple[str, str], ...] = ()):
         super().__init__()
         self._paths = sorted(paths)
+        self._npy_pairs = sorted(npy_pairs)
         self._config = config
         self._recorded = recorded_options
         self._claim_token = claim_token
 
-    def expand(self, pbegin):
-        config = self._config
-        dim, has_hash = 0, True
+    def _dim_and_hash(self) -> Tuple[int, bool]:
+        dim, has_hash = 0, not self._npy_pairs   # clip-retrieval writes no content hash
+        for npy, _ in self._npy_pairs[:1]:
+            dim = npy_shape(npy)[1]
         for path in self._paths:   # the dim from the first file with a row
-            file_dim, file_hash = embeddings_schema(path, config)
+            file_dim, file_hash = embeddings_schema(path, self._config)
             has_hash = has_hash and file_hash
             if file_dim:
-                dim = file_dim
+                dim = dim or file_dim
                 break
+        return dim, has_hash
+
+    def expand(self, pbegin):
+        config = self._config
+        dim, has_hash = self._dim_and_hash()
         if config.transport == SHUFFLE:
             _LOG.info("dedup: vectors travel through the shuffle as float32 bytes")
-        names = chunk_names(self._paths)
+        names = chunk_names(self._paths + [npy for npy, _ in self._npy_pairs])
+        sources = [("parquet", p, None, names[p], None) for p in self._paths]
+        if self._npy_pairs:
+            id_column = npy_id_column(self._npy_pairs[0][1], config.id_column)
+            _LOG.info("dedup: clip-retrieval layout, %d img_emb files, ids from column %r",
+                      len(self._npy_pairs), id_column)
+            sources += [("npy", npy, meta, names[npy], id_column)
+                        for npy, meta in self._npy_pairs]
         chunks = (pbegin
-                  | "Files" >> beam.Create([(p, names[p]) for p in self._paths])
+                  | "Files" >> beam.Create(sources)
                   | "OneFilePerWorkItem" >> beam.Reshuffle()
-                  | "RowGroups" >> beam.FlatMapTuple(
-                      lambda path, name: row_group_chunks(path, name, dim)))
+                  | "Chunks" >> beam.FlatMap(_source_chunks, dim))
         core = chunks | "SemDeDup" >> SemanticDedupCore(config, dim, has_hash)
         n_exact = core.exact | "CountExact" >> beam.combiners.Count.Globally()
         counts = (core.decisions
@@ -716,6 +735,13 @@ class DedupFromParquet(beam.PTransform):
                     _write_dedup_summary, config, summary, self._claim_token,
                     beam.pvalue.AsSingleton(n_exact), beam.pvalue.AsSingleton(counts),
                     beam.pvalue.AsSingleton(core.info), beam.pvalue.AsSingleton(core.written)))
+
+
+def _source_chunks(source, dim: int) -> List[Chunk]:
+    kind, path, metadata, name, id_column = source
+    if kind == "npy":
+        return npy_chunks(path, metadata, name, id_column)
+    return row_group_chunks(path, name, dim)
 
 
 def _write_dedup_summary(_, config, summary, claim_token, n_exact, counts, info, done):
