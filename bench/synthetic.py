@@ -64,3 +64,26 @@ def make_planted_embeddings(n: int, d: int, n_dups: int, seed: int, n_centers: i
         cos = rng.uniform(min_sim, max_sim, size=(len(src), 1))
         vectors[dst] = (cos * u + np.sqrt(1.0 - cos * cos) * g).astype(np.float32)
     return synthetic_ids(n), vectors, pairs
+
+
+def textured_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90,
+                  gray: bool = False, subsampling: int = 2) -> bytes:
+    """A JPEG with about the entropy of a photo (smooth colour fields, blotches, grain), so
+    decoding it costs what a real one of that size costs (flat shapes decode much faster).
+    A 512 x 512 one is ~90 kB at quality 90."""
+    import io
+
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    fields = np.stack([np.sin(6 * x + rng.uniform(0, 6)), np.cos(5 * y + rng.uniform(0, 6)),
+                       2 * x * y - 1], axis=-1) * 100 + 128
+    blotches = np.kron(rng.standard_normal((height // 16 + 1, width // 16 + 1, 3)),
+                       np.ones((16, 16, 1)))[:height, :width] * 25
+    grain = rng.standard_normal((height, width, 3)) * 12
+    image = Image.fromarray(np.clip(fields + blotches + grain, 0, 255).astype(np.uint8))
+    if gray:
+        image = image.convert("L")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
+    return buffer.getvalue()
