@@ -1,4 +1,5 @@
-"""Synthetic CLIP-like embeddings with planted near-duplicates, for the dedup benchmarks.
+"""Synthetic data for the benchmarks: CLIP-like embeddings with planted near-duplicates (dedup),
+and photo-like JPEG shards (`textured_jpeg`, `write_jpeg_shards`: decode and embed throughput).
 
 Rows are unit vectors scattered around random centre directions (cosine to a same-centre
 neighbour ~0.5, far below any dedup threshold); `n_dups` disjoint pairs are then planted by
@@ -87,3 +88,25 @@ def textured_jpeg(rng: np.random.Generator, width: int, height: int, quality: in
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
     return buffer.getvalue()
+
+
+def write_jpeg_shards(directory: str, n_shards: int, per_shard: int, size: int, seed: int = 0,
+                      distinct: int = 64) -> List[str]:
+    """Webdataset shards of `size` x `size` photo-like JPEGs (+ a .txt caption each), for
+    throughput benchmarks: `distinct` images are drawn and reused under new keys (decoding
+    costs the same; embedding does not deduplicate). Returns the tar paths, in order."""
+    import os
+
+    from beam_curator.synthetic import SyntheticSample, write_shard
+
+    rng = np.random.default_rng(seed)
+    pool = [textured_jpeg(rng, size, size) for _ in range(distinct)]
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        samples = [SyntheticSample(key=f"{s:05d}{i:05d}", members={
+            "jpg": pool[(s * per_shard + i) % distinct], "txt": f"image {s}-{i}".encode()})
+            for i in range(per_shard)]
+        paths.append(os.path.join(directory, f"bench-{s:05d}.tar"))
+        write_shard(paths[-1], samples)
+    return paths
