@@ -43,7 +43,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
@@ -191,43 +191,54 @@ def bench_handler(model_dir: str, args, limit: Optional[float]) -> Dict:
     if at_forward:
         out["model_alone_at_pipeline_forward"] = max(at_forward, key=lambda t: t[0])[1][
             "model_images_per_s"]
-    if loaded.device == "cuda":
-        bs = max(args.batch_sizes)
-        fs = min(args.forward_size, bs)
-        out["profile"] = _profile_handler(handler_for(bs, fs), _images(bs, size), loaded)
+    bs = max(args.batch_sizes)
+    out["profile"] = _profile_handler(handler_for(bs, min(args.forward_size, bs)),
+                                      _images(bs, size), loaded)
     return out
 
 
 def _profile_handler(handler, examples, loaded, batches: int = 2) -> Dict:
     """torch.profiler over a few handler batches: how much of the wall time the GPU ran
-    kernels, and the host operations that took the most time."""
-    import torch
+    kernels or copies, and the host operations that took the most time (on the CPU the GPU
+    fields are 0)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     handler.run_inference(examples, loaded)          # warm
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    _sync(loaded.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if loaded.device == "cuda" else [])
+    with profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(batches):
             handler.run_inference(examples, loaded)
-        torch.cuda.synchronize()
+        _sync(loaded.device)
         wall = time.perf_counter() - start
-    events = prof.key_averages()
 
-    def device_us(event):
-        return (getattr(event, "self_device_time_total", None)
-                or getattr(event, "self_cuda_time_total", 0) or 0)
-
-    kernel_s = sum(device_us(e) for e in events) / 1e6
-    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
-    gpu = sorted(events, key=device_us, reverse=True)[:10]
+    # GPU activity (kernels, copies) as time intervals; their union is when the GPU worked.
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    busy_us, reach = 0, None
+    for begin, end in spans:
+        if reach is None or begin > reach:
+            busy_us += end - begin
+            reach = end
+        elif end > reach:
+            busy_us += end - reach
+            reach = end
+    averages = prof.key_averages()
+    host = sorted((e for e in averages if e.device_type == DeviceType.CPU),
+                  key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    gpu = sorted((e for e in averages if e.device_type == DeviceType.CUDA),
+                 key=lambda e: e.self_device_time_total, reverse=True)[:10]
     out = {"batches": batches, "images_per_batch": len(examples),
            "wall_ms_per_batch": round(1e3 * wall / batches, 1),
-           "gpu_kernel_ms_per_batch": round(1e3 * kernel_s / batches, 1),
-           "gpu_busy_fraction": round(kernel_s / wall, 3),
+           "gpu_kernel_ms_per_batch": round(busy_us / 1e3 / batches, 1),
+           "gpu_busy_fraction": round(busy_us / 1e6 / wall, 3),
            "top_host_ops_ms_per_batch": [(e.key, round(e.self_cpu_time_total / 1e3 / batches, 2))
                                          for e in host],
-           "top_gpu_ops_ms_per_batch": [(e.key, round(device_us(e) / 1e3 / batches, 2))
+           "top_gpu_ops_ms_per_batch": [(e.key[:80],
+                                         round(e.self_device_time_total / 1e3 / batches, 2))
                                         for e in gpu]}
     print(f"(a) profile: {out['wall_ms_per_batch']} ms per {len(examples)}-image batch, GPU "
           f"kernels {out['gpu_kernel_ms_per_batch']} ms ({out['gpu_busy_fraction']:.0%} busy)",
@@ -342,7 +353,7 @@ def bench_decode(shard: str, model_dir: str, args, model_alone: Optional[float])
     jpegs = _shard_jpegs(shard)
     one = (jpegs * (args.decode_images // max(1, len(jpegs)) + 1))[:args.decode_images]
     cores = os.cpu_count() or 1
-    every = one * max(1, cores // 2)
+    every = one * cores
     exact, draft = _pillow_decoder(model_dir, False), _pillow_decoder(model_dir, True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -415,17 +426,26 @@ def _bench_device_decode(jpegs, model_dir, args, reference, sample, model_alone)
 
 # ---- (b) the pipeline -----------------------------------------------------------------------
 
-def _config_argv(config: str) -> List[str]:
-    """'multi_processing:16[:large_model][:key=value...]' -> FnApiRunner flags."""
+def _parse_config(config: str) -> Tuple[List[str], Dict[str, str]]:
+    """'MODE:WORKERS[:large_model][:option=value][:env.NAME=value]...' -> (pipeline flags,
+    environment of the run); e.g. 'multi_processing:16:env.OMP_NUM_THREADS=1'."""
     mode, workers, *extra = config.split(":") + ([] if ":" in config else ["1"])
-    argv = []
+    argv, env = [], {}
     if mode in ("multi_processing", "multi_threading"):
         argv += [f"--direct_num_workers={int(workers)}", f"--direct_running_mode={mode}"]
     elif mode != "in_process":
         raise ValueError(f"unknown pipeline mode {mode!r} in {config!r}")
     for item in extra:
-        argv.append("--large_model=true" if item == "large_model" else f"--{item}")
-    return argv
+        if item == "large_model":
+            argv.append("--large_model=true")
+        elif item.startswith("env.") and "=" in item:
+            name, value = item[4:].split("=", 1)
+            env[name] = value
+        elif "=" in item:
+            argv.append(f"--{item}")
+        else:
+            raise ValueError(f"unknown pipeline setting {item!r} in {config!r}")
+    return argv, env
 
 
 def _child_pipeline(spec_path: str) -> None:
@@ -442,17 +462,19 @@ def _run_pipeline_config(config: str, shards: List[str], model_dir: str, work: P
                          profile: bool) -> Dict:
     from bench.gpu_monitor import UtilisationSampler, record_stacks
 
-    out_dir = work / f"embed-out-{config.replace(':', '-')}"
+    name = "".join(c if c.isalnum() or c in "._" else "-" for c in config)
+    out_dir = work / f"embed-out-{name}"
+    extra_argv, extra_env = _parse_config(config)
     argv = [f"--input={','.join(shards)}", f"--output={out_dir}", f"--model_dir={model_dir}",
             f"--device={args.device}", f"--precision={args.precision}",
             f"--inference_batch_size={args.pipeline_batch_size}",
             f"--forward_batch_size={args.forward_size}", "--runner=FnApiRunner",
-            "--overwrite=true", "--progress_interval=0"] + _config_argv(config)
-    spec = work / f"spec-{config.replace(':', '-')}.json"
+            "--overwrite=true", "--progress_interval=0", *extra_argv]
+    spec = work / f"spec-{name}.json"
     spec.write_text(json.dumps({"argv": argv}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, **extra_env, "PYTHONPATH": os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    row: Dict = {"config": config, "argv_extra": _config_argv(config)}
+    row: Dict = {"config": config, "argv_extra": extra_argv, "env_extra": extra_env}
     with UtilisationSampler(args.sample_interval) as sampler:
         child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()),
                                   "--child-pipeline", str(spec)], stdout=subprocess.PIPE,
@@ -550,7 +572,8 @@ def parse_args(argv=None):
     p.add_argument("--pipeline-shards", type=int, default=None, help="(b) (24 CUDA, 2 CPU)")
     p.add_argument("--pipeline-configs", default=None,
                    help="(b) comma-separated FnApiRunner setups, each MODE:WORKERS[:large_model]"
-                        "[:option=value]; MODE in_process, multi_processing or multi_threading "
+                        "[:option=value][:env.NAME=value]; MODE in_process, multi_processing "
+                        "or multi_threading "
                         "(default on CUDA: multi_processing:CORES and "
                         "multi_processing:CORES:large_model; on CPU in_process:1)")
     p.add_argument("--pipeline-batch-size", type=int, default=None,
@@ -600,7 +623,7 @@ def parse_args(argv=None):
     args.pipeline_configs = [c.strip() for c in args.pipeline_configs.split(",") if c.strip()]
     for config in args.pipeline_configs:
         try:
-            _config_argv(config)
+            _parse_config(config)
         except ValueError as exc:
             p.error(str(exc))
     args.parts = {part.strip() for part in args.parts.split(",") if part.strip()}
@@ -616,8 +639,10 @@ def _cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
-def _part(results: Dict, name: str, fn) -> Dict:
-    """Run one part; an exception is reported in its place and the other parts still run."""
+def _part(results: Dict, name: str, fn, out: Optional[str]) -> Dict:
+    """Run one part; an exception is reported in its place and the other parts still run.
+    The results so far are written to `out` after every part (a run killed by a time limit
+    still leaves them)."""
     try:
         results[name] = fn()
     except Exception as exc:   # noqa: BLE001 - fail soft: every part reports
@@ -625,6 +650,8 @@ def _part(results: Dict, name: str, fn) -> Dict:
 
         traceback.print_exc()
         results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    if out:
+        Path(out).write_text(json.dumps(results, sort_keys=True) + "\n")
     return results[name]
 
 
@@ -696,23 +723,28 @@ def main(argv=None) -> Dict:
               f"{results['model_limit_images_per_s']} images/s at {peak} TFLOP/s", flush=True)
 
         per_shard = max(1, args.pipeline_images // args.pipeline_shards)
-        t0 = time.perf_counter()
-        shards = write_jpeg_shards(str(work / "shards"), args.pipeline_shards, per_shard,
-                                   args.image_px)
-        results["make_shards_s"] = round(time.perf_counter() - t0, 2)
+        shard_dir = work / f"shards-{args.pipeline_shards}x{per_shard}-{args.image_px}px"
+        shards = sorted(str(p) for p in shard_dir.glob("*.tar"))
+        if len(shards) != args.pipeline_shards:    # else: made by an earlier run, same sizes
+            t0 = time.perf_counter()
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            shards = write_jpeg_shards(str(shard_dir), args.pipeline_shards, per_shard,
+                                       args.image_px)
+            results["make_shards_s"] = round(time.perf_counter() - t0, 2)
 
         if "handler" in args.parts:
-            _part(results, "handler", lambda: bench_handler(model_dir, args, limit))
+            _part(results, "handler", lambda: bench_handler(model_dir, args, limit), args.out)
             if on_cuda:
                 torch.cuda.empty_cache()
         alone = results.get("handler", {}).get("model_alone_at_pipeline_forward")
         if "decode" in args.parts:
-            _part(results, "decode", lambda: bench_decode(shards[0], model_dir, args, alone))
+            _part(results, "decode", lambda: bench_decode(shards[0], model_dir, args, alone),
+                  args.out)
         if "pipeline" in args.parts and args.pipeline_images > 0:
             _part(results, "pipeline", lambda: bench_pipeline(model_dir, shards, work, args,
-                                                              limit))
+                                                              limit), args.out)
         if "staging" in args.parts:
-            _part(results, "staging", lambda: bench_staging(args))
+            _part(results, "staging", lambda: bench_staging(args), args.out)
         results["summary"] = _summary(results, limit)
         print("summary: " + ", ".join(f"{k}={v}" for k, v in results["summary"].items()),
               flush=True)
