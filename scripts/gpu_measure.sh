@@ -25,6 +25,7 @@ PY=${PY:-python3}
 OUT=${OUT:-$PWD/gpu-measure-out}
 SITE=${SITE:-/tmp/gpu-measure-site}
 WORK=${WORK:-/tmp/gpu-measure-work}
+WHEELS=${WHEELS:-.gpuwheels}       # the carried wheels (scripts/gpu_wheels.sh)
 HARD_S=${HARD_S:-570}              # every step ends by then: the device allows 600 s a call
 TINY=0
 [ "${1:-}" = "--tiny" ] && TINY=1
@@ -67,12 +68,12 @@ step() {
 'gpu', torch.cuda.is_available())" 2>&1
 } > "$OUT/env.txt"
 cat "$OUT/env.txt" | tee -a "$LOG"
-if ls .gpuwheels/*.whl >/dev/null 2>&1; then
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   step install 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target "$SITE" .gpuwheels/*.whl
+    --upgrade --target "$SITE" "$WHEELS"/*.whl
   export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
-  echo "no .gpuwheels/*.whl: using $PY's own packages" | tee -a "$OUT/env.txt" "$LOG"
+  echo "no $WHEELS/*.whl: using $PY's own packages" | tee -a "$OUT/env.txt" "$LOG"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 PY_SPY=$(command -v py-spy || true)
