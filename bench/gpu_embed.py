@@ -475,19 +475,23 @@ def _run_pipeline_config(config: str, shards: List[str], model_dir: str, work: P
     env = {**os.environ, **extra_env, "PYTHONPATH": os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     row: Dict = {"config": config, "argv_extra": extra_argv, "env_extra": extra_env}
-    with UtilisationSampler(args.sample_interval) as sampler:
+    # Output to files, not pipes: the SDK workers inherit them, and a full pipe nobody reads
+    # while py-spy runs would stall the pipeline being measured.
+    stdout_path, stderr_path = work / f"stdout-{name}.txt", work / f"stderr-{name}.txt"
+    with UtilisationSampler(args.sample_interval) as sampler, \
+            open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
         child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()),
-                                  "--child-pipeline", str(spec)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env=env, cwd=work)
+                                  "--child-pipeline", str(spec)], stdout=stdout,
+                                 stderr=stderr, env=env, cwd=work)
         stacks = None
         if profile:
             stacks = _profile_when_busy(child, sampler, work, args, record_stacks)
-        stdout, stderr = child.communicate()
+        child.wait()
     if child.returncode != 0:
-        row["error"] = f"exit {child.returncode}: {stderr.strip()[-3000:]}"
+        row["error"] = f"exit {child.returncode}: {stderr_path.read_text()[-3000:]}"
         print(f"(b) pipeline {config}: FAILED {row['error'][-500:]}", flush=True)
         return row
-    result = json.loads(stdout.strip().splitlines()[-1])
+    result = json.loads(stdout_path.read_text().strip().splitlines()[-1])
     summary = result["summary"]
     embedded = summary.get("samples_read", 0) - summary.get("counts", {}).get("error", 0)
     usage = sampler.summary()
@@ -521,8 +525,9 @@ def _profile_when_busy(child, sampler, work: Path, args, record_stacks) -> Dict:
 
 
 def bench_pipeline(model_dir: str, shards: List[str], work: Path, args,
-                   limit: Optional[float]) -> Dict:
-    """(b): `embed` end to end on the local runner, one child process per config."""
+                   limit: Optional[float], checkpoint=None) -> Dict:
+    """(b): `embed` end to end on the local runner, one child process per config;
+    `checkpoint(partial results)` after each one."""
     out: Dict = {"image_px": args.image_px, "shards": len(shards),
                  "inference_batch_size": args.pipeline_batch_size,
                  "forward_batch_size": args.forward_size, "configs": {}}
@@ -535,6 +540,8 @@ def bench_pipeline(model_dir: str, shards: List[str], work: Path, args,
         if limit and row.get("images_per_s"):
             row["fraction_of_limit"] = round(row["images_per_s"] / limit, 4)
         out["configs"][config] = row
+        if checkpoint:
+            checkpoint(out)
     rates = [r.get("images_per_s_in_gpu_window") or r.get("images_per_s") or 0
              for r in out["configs"].values()]
     out["best_images_per_s"] = max(rates or [0])
@@ -741,8 +748,13 @@ def main(argv=None) -> Dict:
             _part(results, "decode", lambda: bench_decode(shards[0], model_dir, args, alone),
                   args.out)
         if "pipeline" in args.parts and args.pipeline_images > 0:
+            def checkpoint(partial):   # a time limit may end the run between configs
+                if args.out:
+                    Path(args.out).write_text(json.dumps({**results, "pipeline": partial},
+                                                         sort_keys=True) + "\n")
+
             _part(results, "pipeline", lambda: bench_pipeline(model_dir, shards, work, args,
-                                                              limit), args.out)
+                                                              limit, checkpoint), args.out)
         if "staging" in args.parts:
             _part(results, "staging", lambda: bench_staging(args), args.out)
         results["summary"] = _summary(results, limit)
