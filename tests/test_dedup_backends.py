@@ -259,7 +259,7 @@ def test_initial_rows_are_the_documented_hash():
     assert sorted(initial_rows(1000, 1000, 7).tolist()) == list(range(1000))
 
 
-def test_kmeans_engine_choices(caplog):
+def test_kmeans_engine_choices():
     x, _ = blobs()
     assert kmeans_engine() == ("faiss", "cpu")
     assert kmeans_engine(backend="torch") == ("torch", "cpu")
