@@ -50,26 +50,38 @@ class PlainResult:
 
 def plain_semdedup(embeddings: np.ndarray, ids: Sequence[str], n_clusters: int, n_iter: int,
                    eps: float, which_to_keep: str, seed: int, sample_size: Optional[int],
-                   block_size: int = DEFAULT_BLOCK_SIZE) -> PlainResult:
-    """SemDeDup over L2-normalised `embeddings` (n, d) float32 with ids aligned to the rows."""
+                   block_size: int = DEFAULT_BLOCK_SIZE, centroids: Optional[np.ndarray] = None,
+                   device: Optional[str] = None, backend: Optional[str] = None,
+                   kmeans_backend: Optional[str] = None) -> PlainResult:
+    """SemDeDup over L2-normalised `embeddings` (n, d) float32 with ids aligned to the rows.
+
+    `centroids` skips training (n_clusters is then their number); `device` and `backend`
+    choose where the math runs (`beam_curator.dedup.backend`), `kmeans_backend` faiss or
+    torch for the training."""
     n = embeddings.shape[0]
     if len(ids) != n:
         raise ValueError(f"{len(ids)} ids for {n} embeddings")
     t = {}
 
     t0 = time.perf_counter()
-    mask = sample_mask(ids, sample_fraction(n, sample_size), seed)
-    train_rows = np.nonzero(mask)[0]
-    train_rows = train_rows[np.argsort(np.asarray([ids[r] for r in train_rows], dtype=str),
-                                       kind="stable")]   # by id, like the Beam graph
-    centroids = train_kmeans(embeddings[train_rows], n_clusters, n_iter=n_iter, seed=seed)
+    train_rows = np.zeros(0, dtype=np.int64)
+    if centroids is None:
+        mask = sample_mask(ids, sample_fraction(n, sample_size), seed)
+        train_rows = np.nonzero(mask)[0]
+        train_rows = train_rows[np.argsort(np.asarray([ids[r] for r in train_rows], dtype=str),
+                                           kind="stable")]   # by id, like the Beam graph
+        centroids = train_kmeans(embeddings[train_rows], n_clusters, n_iter=n_iter, seed=seed,
+                                 device=device, backend=kmeans_backend)
+    n_clusters = centroids.shape[0]
     t["kmeans_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    labels, cos_dist, l2_dist = assign_to_centroids(embeddings, centroids)
+    labels, cos_dist, l2_dist = assign_to_centroids(embeddings, centroids, device=device,
+                                                    backend=backend)
     t["assign_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    rank_s = 0.0            # ranking inside pairwise_s: the same CPU work on every backend
     max_row = np.arange(n, dtype=np.int64)
     score = np.zeros(n, dtype=np.float32)
     dup = np.zeros(n, dtype=bool)
@@ -79,15 +91,18 @@ def plain_semdedup(embeddings: np.ndarray, ids: Sequence[str], n_clusters: int, 
         rows = by_cluster[bounds[c]:bounds[c + 1]]
         if rows.size == 0:
             continue
+        t_rank = time.perf_counter()
         ranked = rows[rank_cluster([ids[r] for r in rows], cos_dist[rows], which_to_keep,
                                    seed, c)]
-        ms, am = max_sim_to_earlier(embeddings[ranked], block_size)
+        rank_s += time.perf_counter() - t_rank
+        ms, am = max_sim_to_earlier(embeddings[ranked], block_size, device, backend)
         has = am >= 0
         max_row[ranked[has]] = ranked[am[has]]
         score[ranked] = ms
         dup[ranked] = is_duplicate(ms, eps) & has
     duplicates = sorted(ids[r] for r in np.nonzero(dup)[0])
     t["pairwise_s"] = time.perf_counter() - t0
+    t["rank_s"] = rank_s
     t["total_s"] = t["kmeans_s"] + t["assign_s"] + t["pairwise_s"]
     return PlainResult(centroids, labels, cos_dist, l2_dist, max_row, score, dup, duplicates,
                        n_train=int(train_rows.size), timings=t)

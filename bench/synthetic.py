@@ -1,4 +1,5 @@
-"""Synthetic CLIP-like embeddings with planted near-duplicates, for the dedup benchmarks.
+"""Synthetic data for the benchmarks: CLIP-like embeddings with planted near-duplicates (dedup),
+and photo-like JPEG shards (`textured_jpeg`, `write_jpeg_shards`: decode and embed throughput).
 
 Rows are unit vectors scattered around random centre directions (cosine to a same-centre
 neighbour ~0.5, far below any dedup threshold); `n_dups` disjoint pairs are then planted by
@@ -64,3 +65,48 @@ def make_planted_embeddings(n: int, d: int, n_dups: int, seed: int, n_centers: i
         cos = rng.uniform(min_sim, max_sim, size=(len(src), 1))
         vectors[dst] = (cos * u + np.sqrt(1.0 - cos * cos) * g).astype(np.float32)
     return synthetic_ids(n), vectors, pairs
+
+
+def textured_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90,
+                  gray: bool = False, subsampling: int = 2) -> bytes:
+    """A JPEG with about the entropy of a photo (smooth colour fields, blotches, grain), so
+    decoding it costs what a real one of that size costs (flat shapes decode much faster).
+    A 512 x 512 one is ~90 kB at quality 90."""
+    import io
+
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    fields = np.stack([np.sin(6 * x + rng.uniform(0, 6)), np.cos(5 * y + rng.uniform(0, 6)),
+                       2 * x * y - 1], axis=-1) * 100 + 128
+    blotches = np.kron(rng.standard_normal((height // 16 + 1, width // 16 + 1, 3)),
+                       np.ones((16, 16, 1)))[:height, :width] * 25
+    grain = rng.standard_normal((height, width, 3)) * 12
+    image = Image.fromarray(np.clip(fields + blotches + grain, 0, 255).astype(np.uint8))
+    if gray:
+        image = image.convert("L")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
+    return buffer.getvalue()
+
+
+def write_jpeg_shards(directory: str, n_shards: int, per_shard: int, size: int, seed: int = 0,
+                      distinct: int = 64) -> List[str]:
+    """Webdataset shards of `size` x `size` photo-like JPEGs (+ a .txt caption each), for
+    throughput benchmarks: `distinct` images are drawn and reused under new keys (decoding
+    costs the same; embedding does not deduplicate). Returns the tar paths, in order."""
+    import os
+
+    from beam_curator.synthetic import SyntheticSample, write_shard
+
+    rng = np.random.default_rng(seed)
+    pool = [textured_jpeg(rng, size, size) for _ in range(distinct)]
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        samples = [SyntheticSample(key=f"{s:05d}{i:05d}", members={
+            "jpg": pool[(s * per_shard + i) % distinct], "txt": f"image {s}-{i}".encode()})
+            for i in range(per_shard)]
+        paths.append(os.path.join(directory, f"bench-{s:05d}.tar"))
+        write_shard(paths[-1], samples)
+    return paths

@@ -9,6 +9,8 @@ The Beam transforms in `beam_curator.transforms.semdedup` are plumbing around th
                (block i, block j) partials that combine to the same bits.
 
 Every function is deterministic for its inputs; ties are broken by id or by lowest index.
+The dense math runs on numpy (the CPU reference) or torch on a GPU, with the same decisions:
+`backend` says how a `device=` / `backend=` keyword is resolved.
 """
 from beam_curator.dedup.assign import (assign_to_centroids, assign_top2,
                                       assign_with_runner_up, border_assignments)

@@ -10,6 +10,11 @@ differently depending on the block's shape. So the matmul only shortlists: every
 within a rounding-error bound of the best is re-scored row by row in float64, a computation
 that depends on nothing but the row and the centroid, and the best re-scored centroid wins
 (ties: lowest centroid index). The reported distances come from the same row-wise values.
+
+On a GPU (`device`, `backend`: see `dedup.backend`) the same rule runs in torch
+(`shortlist.exact_top_m`): the shortlist comes from a float32 (or TF32) matmul with a bound
+that covers it, the re-score is the same float64 row-by-row dot product, so the labels and
+distances equal the numpy path's (up to float64 summation order, see `dedup.shortlist`).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from beam_curator.dedup._checks import as_float32_matrix, check_dims_match
+from beam_curator.dedup.backend import TORCH, resolve
 from beam_curator.dedup.kmeans import validate_centroids
 
 # The (rows x k) similarity block is kept under this many floats (64 MiB of float32).
@@ -99,30 +105,71 @@ def _top_m(vectors: np.ndarray, centroids: np.ndarray, m: int,
     return labels, sims, c64
 
 
-def _prepare(vectors, centroids) -> Tuple[np.ndarray, np.ndarray]:
+# The torch path's (rows x k) step: larger than numpy's, a GPU wants big matrix products.
+_TORCH_BLOCK_FLOATS = 1 << 25
+
+
+def _top_m_torch(v: np.ndarray, centroids: np.ndarray, m: int, block_size: Optional[int],
+                 device: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_top_m` + `_l2_dists` of the nearest, in torch on `device`: the same shortlist rule
+    (with a bound that covers TF32) and the same float64 row-wise re-score."""
+    import torch
+
+    from beam_curator.dedup.shortlist import exact_top_m
+
+    n, k = v.shape[0], centroids.shape[0]
+    c64 = centroids.astype(np.float64)
+    cn64 = c64 / np.linalg.norm(c64, axis=1, keepdims=True)   # the numpy path's own values
+    c64_t = torch.from_numpy(c64).to(device)
+    cn64_t = torch.from_numpy(cn64).to(device)
+    cn32_t = cn64_t.float()
+    rows_per_block = block_size or max(1, _TORCH_BLOCK_FLOATS // k)
+    labels = np.empty((n, m), dtype=np.int64)
+    sims = np.empty((n, m), dtype=np.float64)
+    l2 = np.empty(n, dtype=np.float32)
+    for start in range(0, n, rows_per_block):
+        stop = min(n, start + rows_per_block)
+        vb = torch.from_numpy(v[start:stop]).to(device)
+        index, score = exact_top_m(vb, cn32_t, cn64_t, m, torch.float64)
+        diff = vb.double() - c64_t[index[:, 0]]
+        labels[start:stop] = index.cpu().numpy()
+        sims[start:stop] = score.cpu().numpy()
+        l2[start:stop] = (diff * diff).sum(dim=1).sqrt().float().cpu().numpy()
+    return labels, sims, l2
+
+
+def _assign(vectors, centroids, m: int, block_size: Optional[int], device: Optional[str],
+            backend: Optional[str]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels (n, m) int64, cosine similarities (n, m) float64 and the l2 distance of the
+    nearest (n,) float32, on the chosen backend."""
     v = as_float32_matrix(vectors, "embeddings")
     c = validate_centroids(centroids)
     check_dims_match(c, v)
-    return v, c
+    choice = resolve(device, backend)
+    if choice.name == TORCH:
+        return _top_m_torch(v, c, m, block_size, choice.device)
+    labels, sims, c64 = _top_m(v, c, m, block_size)
+    return labels, sims, _l2_dists(v, c64, labels[:, 0])
 
 
 def assign_to_centroids(vectors: np.ndarray, centroids: np.ndarray,
-                        block_size: Optional[int] = None
+                        block_size: Optional[int] = None, device: Optional[str] = None,
+                        backend: Optional[str] = None
                         ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest centroid of each L2-normalised embedding.
 
     Returns `(labels int32 (n,), cosine_dist float32 (n,), l2_dist float32 (n,))`. Memory is
-    bounded by `block_size` rows x k floats at a time (default: 64 MiB of similarities).
-    The result is identical whatever the chunking of the rows.
+    bounded by `block_size` rows x k floats at a time (default: 64 MiB of similarities on the
+    CPU, 128 MiB with torch). The result is identical whatever the chunking of the rows, and
+    on every backend (`device`, `backend`: see `dedup.backend`).
     """
-    v, c = _prepare(vectors, centroids)
-    labels, sims, c64 = _top_m(v, c, 1, block_size)
-    lab = labels[:, 0]
+    labels, sims, l2 = _assign(vectors, centroids, 1, block_size, device, backend)
     cos_dist = (1.0 - sims[:, 0]).astype(np.float32)
-    return lab.astype(np.int32), cos_dist, _l2_dists(v, c64, lab)
+    return labels[:, 0].astype(np.int32), cos_dist, l2
 
 
-def assign_top2(vectors: np.ndarray, centroids: np.ndarray, block_size: Optional[int] = None
+def assign_top2(vectors: np.ndarray, centroids: np.ndarray, block_size: Optional[int] = None,
+                device: Optional[str] = None, backend: Optional[str] = None
                 ) -> Tuple[np.ndarray, np.ndarray]:
     """The two nearest centroids of each embedding, nearest first.
 
@@ -130,20 +177,19 @@ def assign_top2(vectors: np.ndarray, centroids: np.ndarray, block_size: Optional
     second column is label -1 and distance +inf. Ties as in `assign_to_centroids`, whose
     labels and distances equal column 0 here.
     """
-    return assign_with_runner_up(vectors, centroids, block_size)[3:]
+    return assign_with_runner_up(vectors, centroids, block_size, device, backend)[3:]
 
 
 def assign_with_runner_up(vectors: np.ndarray, centroids: np.ndarray,
-                          block_size: Optional[int] = None) -> Tuple[np.ndarray, ...]:
+                          block_size: Optional[int] = None, device: Optional[str] = None,
+                          backend: Optional[str] = None) -> Tuple[np.ndarray, ...]:
     """`assign_to_centroids` + `assign_top2` from one similarity pass (for --border_margin):
     `(labels, cosine_dist, l2_dist, labels (n, 2), cosine_dist (n, 2))`."""
-    v, c = _prepare(vectors, centroids)
-    labels, sims, c64 = _top_m(v, c, 2, block_size)
+    labels, sims, l2 = _assign(vectors, centroids, 2, block_size, device, backend)
     with np.errstate(invalid="ignore"):
         dist = (1.0 - sims).astype(np.float32)   # 1 - (-inf) = +inf for the missing second
-    nearest = labels[:, 0]
-    return (nearest.astype(np.int32), dist[:, 0].copy(), _l2_dists(v, c64, nearest),
-            labels.astype(np.int32), dist)
+    return (labels[:, 0].astype(np.int32), dist[:, 0].copy(), l2, labels.astype(np.int32),
+            dist)
 
 
 def border_assignments(labels2: np.ndarray, dists2: np.ndarray, margin: float

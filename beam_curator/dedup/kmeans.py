@@ -14,11 +14,14 @@ import hashlib
 import io
 import logging
 import math
-from typing import Optional, Sequence
+from functools import lru_cache
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from beam_curator.dedup._checks import as_float32_matrix, check_positive_int
+from beam_curator.dedup.backend import FAISS, TORCH, check_device, resolve_device
+from beam_curator.dedup.torch_kmeans import train_spherical_kmeans
 
 _LOG = logging.getLogger(__name__)
 
@@ -27,23 +30,27 @@ _FEW_POINTS_PER_CENTROID = 39
 
 
 def train_kmeans(vectors: np.ndarray, n_clusters: int, n_iter: int = 20, seed: int = 0,
-                 spherical: bool = True, use_gpu: bool = False) -> np.ndarray:
+                 spherical: bool = True, use_gpu: bool = False, device: Optional[str] = None,
+                 backend: Optional[str] = None) -> np.ndarray:
     """Train k-means on `vectors` (n, d) and return the (n_clusters, d) float32 centroids.
 
-    Deterministic for a given input (row order included) and seed on a given machine: faiss
-    seeds its initial pick of centroids from `seed`, and sums each centroid in row order.
-    Callers sort the training sample by id first, so the result does not depend on how the
-    sample was read. Every row given is used: the sample size is the caller's choice
-    (`sample_mask`), so faiss is told not to subsample again.
-    """
-    import faiss  # imported here: the rest of the package (and Beam workers) may not need it
+    Deterministic for a given input (row order included), seed, backend and machine. Callers
+    sort the training sample by id first, so the result does not depend on how the sample was
+    read. Every row given is used: the sample size is the caller's choice (`sample_mask`).
 
+    Where it runs (`dedup.backend`): `backend` "faiss" (faiss-cpu, or faiss-gpu on a GPU) or
+    "torch" (`torch_kmeans`, spherical only); None picks faiss when it is installed and can
+    use the device (faiss-gpu on a GPU), torch otherwise, and says so once in the log.
+    `use_gpu=True` is the older spelling of device="cuda" with faiss: without a GPU faiss
+    sees, it trains on the CPU with a warning. The backends start from different initial
+    centroids, so their centroids differ; each writes and reuses centroids.npy the same way.
+    """
     x = as_float32_matrix(vectors, "training embeddings")
     k = check_positive_int(n_clusters, "n_clusters")
     n_iter = check_positive_int(n_iter, "n_iter")
     if isinstance(seed, bool) or int(seed) != seed or not 0 <= seed < 2**31:
         raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
-    n, d = x.shape
+    n = x.shape[0]
     if n < k:
         raise ValueError(f"--n-clusters {k} needs at least {k} embeddings, got {n}: "
                          f"lower --n-clusters")
@@ -52,28 +59,80 @@ def train_kmeans(vectors: np.ndarray, n_clusters: int, n_iter: int = 20, seed: i
                      "centroids will be noisy below ~%d per centroid", n, k, n / k,
                      _FEW_POINTS_PER_CENTROID)
 
-    gpu = False
-    if use_gpu:
-        n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-        if n_gpus > 0:
-            gpu = True
-        else:
-            _LOG.warning("k-means: use_gpu requested but faiss sees no GPU "
-                         "(faiss-cpu installed?); training on CPU")
+    engine, where = kmeans_engine(device, backend, use_gpu)
+    if engine == TORCH:
+        if not spherical:
+            raise ValueError("the torch k-means is spherical only (the k-means dedup uses); "
+                             "use backend='faiss' for Euclidean k-means")
+        centroids = train_spherical_kmeans(x, k, n_iter, int(seed), where)
+    else:
+        centroids = _train_faiss(x, k, n_iter, int(seed), spherical, gpu=where != "cpu")
+    if not np.isfinite(centroids).all():  # should not happen; never write a poisoned model
+        raise RuntimeError("k-means produced non-finite centroids")
+    return centroids.copy()
 
+
+def kmeans_engine(device: Optional[str] = None, backend: Optional[str] = None,
+                  use_gpu: bool = False) -> Tuple[str, str]:
+    """(FAISS or TORCH, "cpu" or the torch device) that `train_kmeans` will train with."""
+    if backend not in (None, FAISS, TORCH):
+        raise ValueError(f"k-means backend must be None, 'faiss' or 'torch'; got {backend!r}")
+    if use_gpu and device is None:
+        device, backend = "cuda", backend or FAISS
+    requested = check_device(device)
+    if backend == TORCH:
+        return TORCH, resolve_device(requested)
+    faiss = _faiss_or_none()
+    if backend == FAISS:
+        if faiss is None:
+            raise ImportError("k-means backend 'faiss' needs faiss-cpu or faiss-gpu installed")
+        if requested != "cpu" and _faiss_gpus(faiss) == 0:
+            _log_once(logging.WARNING, "k-means: a GPU was asked for but faiss sees none "
+                      "(faiss-cpu installed, or no GPU); training on the CPU")
+            return FAISS, "cpu"
+        return FAISS, "cpu" if requested == "cpu" else "cuda"
+    where = resolve_device(requested)
+    if faiss is not None and (where == "cpu" or _faiss_gpus(faiss) > 0):
+        return FAISS, where
+    _log_once(logging.INFO if where != "cpu" else logging.WARNING,
+              f"k-means: {'faiss is not installed' if faiss is None else 'faiss sees no GPU'}"
+              f"; training with torch on {where}")
+    return TORCH, where
+
+
+def _train_faiss(x: np.ndarray, k: int, n_iter: int, seed: int, spherical: bool, gpu: bool
+                 ) -> np.ndarray:
+    """faiss seeds its initial pick of centroids from `seed` and sums each centroid in row
+    order; it is told not to subsample again (every row given is used)."""
+    import faiss
+
+    n, d = x.shape
     km = faiss.Kmeans(
-        d, k, niter=n_iter, seed=int(seed), spherical=bool(spherical), gpu=gpu,
-        verbose=False,
+        d, k, niter=n_iter, seed=seed, spherical=bool(spherical), gpu=gpu, verbose=False,
         # Use all rows given (no second, hidden subsample) and don't let faiss print its own
-        # warning about few points per centroid (logged above instead).
+        # warning about few points per centroid (train_kmeans logs it instead).
         max_points_per_centroid=max(1, math.ceil(n / k)),
         min_points_per_centroid=1,
     )
     km.train(x)
-    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
-    if not np.isfinite(centroids).all():  # should not happen; never write a poisoned model
-        raise RuntimeError("k-means produced non-finite centroids")
-    return centroids.copy()
+    return np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
+
+
+def _faiss_or_none():
+    try:
+        import faiss  # imported here: the rest of the package (and Beam workers) may not need it
+    except ImportError:
+        return None
+    return faiss
+
+
+def _faiss_gpus(faiss) -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@lru_cache(maxsize=None)   # once per process and message
+def _log_once(level: int, message: str) -> None:
+    _LOG.log(level, message)
 
 
 # ---- the training sample -----------------------------------------------------------------

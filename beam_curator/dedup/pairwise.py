@@ -21,15 +21,22 @@ Conventions (NeMo Curator's pairwise output is `id, max_id, cosine_sim_score`):
 * the max is the true maximum, negative when every earlier member has negative cosine. (NeMo
   takes the max over a column whose later entries are zeroed, so it clamps such scores to
   0.0; the difference never changes a decision, since eps < 1.)
+
+On a GPU (`device`, `backend`: see `dedup.backend`) the blocks run in torch
+(`shortlist.exact_top_m`): a float32 (or TF32) matmul shortlists each row's candidates, and
+the candidates are re-scored exactly as `_block_similarities` scores them (float64, rounded
+once to float32), so the maxima, argmaxes and decisions equal the numpy path's (up to
+float64 summation order, see `dedup.shortlist`).
 """
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from beam_curator.dedup._checks import as_float32_matrix, check_positive_int
+from beam_curator.dedup.backend import NUMPY, Backend, resolve
 from beam_curator.dedup.ranking import rank_cluster
 
 DEFAULT_BLOCK_SIZE = 1024
@@ -92,14 +99,35 @@ def _partial_max(bi: np.ndarray, bj: np.ndarray, same_block: bool
     return best, arg
 
 
-def partial_max(block_i_vectors: np.ndarray, block_j_vectors: np.ndarray, same_block: bool
+def _partial_max_torch(bi, bj, same_block: bool, device) -> Tuple[np.ndarray, np.ndarray]:
+    """`_partial_max` in torch; `bi`, `bj` are numpy arrays or tensors already on `device`."""
+    import torch
+
+    from beam_curator.dedup.shortlist import exact_top_m
+
+    rows = torch.as_tensor(bj).to(device)
+    candidates = rows if same_block else torch.as_tensor(bi).to(device)
+    index, score = exact_top_m(rows, candidates, candidates.double(), 1, torch.float32,
+                               causal=same_block)
+    return score[:, 0].cpu().numpy(), index[:, 0].cpu().numpy()
+
+
+def _run_partial(choice: Backend, bi, bj, same_block: bool) -> Tuple[np.ndarray, np.ndarray]:
+    if choice.name == NUMPY:
+        return _partial_max(bi, bj, same_block)
+    return _partial_max_torch(bi, bj, same_block, choice.device)
+
+
+def partial_max(block_i_vectors: np.ndarray, block_j_vectors: np.ndarray, same_block: bool,
+                device: Optional[str] = None, backend: Optional[str] = None
                 ) -> Tuple[np.ndarray, np.ndarray]:
     """For each row of block j, its max similarity to a row of block i ranked before it.
 
     Every row of an earlier block i ranks before every row of j; when `same_block` (i == j)
     only rows above it in the block count. Returns `(max_sim float32 (len_j,), argmax_local
     int64 (len_j,))`, argmax indexing into block i (first = earliest on ties); a row with no
-    earlier row in block i (only possible when same_block) gets -inf and -1.
+    earlier row in block i (only possible when same_block) gets -inf and -1. The same answer
+    on every backend (`device`, `backend`: see `dedup.backend`).
     """
     bi = as_float32_matrix(block_i_vectors, "block i vectors")
     bj = as_float32_matrix(block_j_vectors, "block j vectors")
@@ -107,7 +135,7 @@ def partial_max(block_i_vectors: np.ndarray, block_j_vectors: np.ndarray, same_b
         raise ValueError(f"blocks have different dimensions: {bi.shape[1]} and {bj.shape[1]}")
     if same_block and bi.shape != bj.shape:
         raise ValueError("same_block=True needs the same block on both sides")
-    return _partial_max(bi, bj, bool(same_block))
+    return _run_partial(resolve(device, backend), bi, bj, bool(same_block))
 
 
 def local_to_global(argmax_local: np.ndarray, block_i_start: int) -> np.ndarray:
@@ -159,16 +187,22 @@ def combine_partials(partials: Iterable[Tuple[np.ndarray, np.ndarray]]
     return _finish(acc_max, acc_arg)
 
 
-def max_sim_to_earlier(vectors_ranked: np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE
+def max_sim_to_earlier(vectors_ranked: np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE,
+                       device: Optional[str] = None, backend: Optional[str] = None
                        ) -> Tuple[np.ndarray, np.ndarray]:
     """For each ranked row r: max over q < r of cos(v_r, v_q), and that q.
 
     Vectors are L2-normalised (cosine = dot product) and in ranked order. Returns
     `(max_sim float32 (n,), argmax int64 (n,))`; row 0 gets 0.0 and -1. Same calls, same
-    bits as combining every `partial_max` of `block_pairs(n, block_size)`.
+    bits as combining every `partial_max` of `block_pairs(n, block_size)`, on every backend.
     """
     v = as_float32_matrix(vectors_ranked, "ranked vectors")
     block_size = check_positive_int(block_size, "block_size")
+    choice = resolve(device, backend)
+    if choice.name != NUMPY and v.shape[0]:
+        import torch
+
+        v = torch.from_numpy(v).to(choice.device)   # moved once, sliced into blocks there
     n = v.shape[0]
     max_sim = np.empty(n, dtype=np.float32)
     argmax = np.empty(n, dtype=np.int64)
@@ -178,7 +212,7 @@ def max_sim_to_earlier(vectors_ranked: np.ndarray, block_size: int = DEFAULT_BLO
         acc_arg = np.full(j1 - j0, -1, np.int64)
         for i in range(j + 1):
             i0, i1 = block_range(n, block_size, i)
-            m, a = _partial_max(v[i0:i1], v[j0:j1], i == j)   # v is already checked
+            m, a = _run_partial(choice, v[i0:i1], v[j0:j1], i == j)   # v is checked
             _merge(acc_max, acc_arg, m, local_to_global(a, i0))
         max_sim[j0:j1], argmax[j0:j1] = _finish(acc_max, acc_arg)
     return max_sim, argmax
@@ -210,7 +244,8 @@ def is_duplicate(max_sim: np.ndarray, eps: float) -> np.ndarray:
 
 def semdedup_cluster(ids: Sequence[str], vectors: np.ndarray, cos_dist: np.ndarray,
                      which_to_keep: str, eps: float, seed: int, cluster: int,
-                     block_size: int = DEFAULT_BLOCK_SIZE
+                     block_size: int = DEFAULT_BLOCK_SIZE, device: Optional[str] = None,
+                     backend: Optional[str] = None
                      ) -> List[Tuple[str, str, float, bool]]:
     """Dedup one cluster that fits in memory: rank, pairwise, decide.
 
@@ -227,7 +262,7 @@ def semdedup_cluster(ids: Sequence[str], vectors: np.ndarray, cos_dist: np.ndarr
         return []
     order = rank_cluster(ids, cos_dist, which_to_keep, seed, cluster)
     ranked_ids = [ids[r] for r in order]
-    max_sim, argmax = max_sim_to_earlier(v[order], block_size)
+    max_sim, argmax = max_sim_to_earlier(v[order], block_size, device, backend)
     dup = is_duplicate(max_sim, eps)
     out = []
     for r, (id_, s, a, d) in enumerate(zip(ranked_ids, max_sim.tolist(), argmax.tolist(),

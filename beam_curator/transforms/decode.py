@@ -48,12 +48,8 @@ def build_preprocess(preprocess_cfg: dict):
     batch is a plain copy, and moving channels first costs nothing on the device.
     """
     import torch
-    from open_clip.transform import image_transform_v2
 
-    full = image_transform_v2(_open_clip_cfg(preprocess_cfg), is_train=False)
-    steps = list(full.transforms)
-    cut = next(i for i, step in enumerate(steps) if "ToTensor" in type(step).__name__)
-    geometric = steps[:cut]
+    geometric = geometric_steps(preprocess_cfg)
 
     def to_pixels(image):
         for step in geometric:
@@ -61,6 +57,17 @@ def build_preprocess(preprocess_cfg: dict):
         return torch.from_numpy(np.array(image, dtype=np.uint8))
 
     return to_pixels
+
+
+def geometric_steps(preprocess_cfg: dict) -> list:
+    """open_clip's eval transform steps before ToTensor (resize, crop, mode): torchvision
+    transforms that take a PIL image or a (3, H, W) uint8 tensor alike."""
+    from open_clip.transform import image_transform_v2
+
+    full = image_transform_v2(_open_clip_cfg(preprocess_cfg), is_train=False)
+    steps = list(full.transforms)
+    cut = next(i for i, step in enumerate(steps) if "ToTensor" in type(step).__name__)
+    return steps[:cut]
 
 
 def normalization(preprocess_cfg: dict):
