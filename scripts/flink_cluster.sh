@@ -258,6 +258,12 @@ env.stdout-err.redirect-to-file: true
 taskmanager.memory.network.min: 256m
 taskmanager.memory.network.max: 256m
 taskmanager.memory.segment-size: 8kb
+# Beam's gRPC to the SDK workers (netty) buffers data in direct memory, which Flink caps at
+# framework + task off-heap; with none for tasks, a stage shipping a few MB per element
+# (dedup's k-means sample) failed with "OutOfMemoryError: Direct buffer memory". Managed
+# memory (batch sorts) gives up the room.
+taskmanager.memory.task.off-heap.size: 384m
+taskmanager.memory.managed.fraction: 0.2
 # Recovery, chosen for batch. Beam's Flink batch translation takes no checkpoints: a failed
 # task is re-run from its inputs. Region failover re-runs only the pipelined region that
 # lost a task (with --execution_mode_for_batch BATCH_FORCED every exchange is blocking and a
