@@ -26,6 +26,7 @@ import concurrent.futures
 import logging
 import os
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from typing import Dict, List, Optional
 
 _LOGGER = logging.getLogger("beam_curator.worker_pool")
 DEVICES = ("auto", "cpu", "cuda")
+READY_FD_ENV = "BEAM_CURATOR_WORKER_READY_FD"   # pipe a worker writes "1" to once connected
+WORKER_CONNECT_TIMEOUT_S = 120
 
 
 class NoGpuError(RuntimeError):
@@ -80,15 +83,32 @@ class WorkerPool:
 
     # -- gRPC handlers (any thread) --
     def StartWorker(self, request, context):
+        """Reply only once the worker has connected to the TaskManager's control endpoint.
+
+        Beam's TaskManager waits without a timeout for a worker it was told is starting:
+        a worker that died during its start-up (a few seconds of imports) would hang the
+        task forever. Replying after the connection turns that death into a failed
+        StartWorker (or a broken control stream), which Flink's restart strategy handles."""
         from apache_beam.portability.api import beam_fn_api_pb2
 
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._requests.put((request.control_endpoint.url, request.worker_id, done))
         try:
-            done.result(timeout=60)
-            return beam_fn_api_pb2.StartWorkerResponse()
+            proc, ready_fd = done.result(timeout=60)
         except Exception as e:   # noqa: BLE001 - the runner shows the error to the user
             return beam_fn_api_pb2.StartWorkerResponse(error=f"worker pool: {e!r}")
+        try:
+            readable, _, _ = select.select([ready_fd], [], [], WORKER_CONNECT_TIMEOUT_S)
+            connected = bool(readable) and os.read(ready_fd, 1) == b"1"
+        finally:
+            os.close(ready_fd)
+        if connected:
+            return beam_fn_api_pb2.StartWorkerResponse()
+        proc.kill()
+        return beam_fn_api_pb2.StartWorkerResponse(
+            error=f"worker pool: worker {request.worker_id} (pid {proc.pid}) did not connect "
+                  f"to {request.control_endpoint.url} within {WORKER_CONNECT_TIMEOUT_S}s "
+                  f"(exit status {proc.poll()})")
 
     def StopWorker(self, request, context):
         from apache_beam.portability.api import beam_fn_api_pb2
@@ -107,14 +127,19 @@ class WorkerPool:
             except queue.Empty:
                 self._reap()
                 continue
+            ready_r, ready_w = os.pipe()
             try:
-                proc = subprocess.Popen(worker_command(url, worker_id), env=self._env,
-                                        stdin=subprocess.DEVNULL, close_fds=True)
+                env = dict(self._env, **{READY_FD_ENV: str(ready_w)})
+                proc = subprocess.Popen(worker_command(url, worker_id), env=env,
+                                        stdin=subprocess.DEVNULL, pass_fds=(ready_w,))
                 self._workers[worker_id] = proc
                 _LOGGER.info("started worker %s (pid %d) for %s", worker_id, proc.pid, url)
-                done.set_result(proc.pid)
+                done.set_result((proc, ready_r))
             except Exception as e:   # noqa: BLE001
+                os.close(ready_r)
                 done.set_exception(e)
+            finally:
+                os.close(ready_w)   # the worker holds the only write end: EOF if it dies
         for proc in list(self._workers.values()):
             _terminate(proc)
 
@@ -143,7 +168,7 @@ def serve(host: str, port: int, worker_env: Dict[str, str]) -> None:
     from apache_beam.portability.api import beam_fn_api_pb2_grpc
 
     pool = WorkerPool(worker_env)
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8))
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=32))
     beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(pool, server)
     address = f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
@@ -164,8 +189,17 @@ def run_worker(control_endpoint: str, worker_id: str) -> None:
     from apache_beam.runners.worker.sdk_worker import SdkHarness
 
     # Same settings as Beam's worker_pool_main: no state cache, default data buffering.
-    SdkHarness(control_endpoint, worker_id=worker_id, state_cache_size=0,
-               data_buffer_time_limit_ms=-1).run()
+    # The constructor returns once the control channel is connected: tell the pool.
+    harness = SdkHarness(control_endpoint, worker_id=worker_id, state_cache_size=0,
+                         data_buffer_time_limit_ms=-1)
+    ready_fd = os.environ.pop(READY_FD_ENV, None)
+    if ready_fd is not None:
+        try:
+            os.write(int(ready_fd), b"1")
+            os.close(int(ready_fd))
+        except OSError:   # the pool is gone: serve the TaskManager all the same
+            pass
+    harness.run()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
