@@ -15,6 +15,9 @@ production cluster needs it to:
   keeps its control stream open. A pool that crashes and is restarted by its supervisor
   costs the running job nothing (a worker killed with its pool, as a container's would be,
   is a lost SDK harness: Flink restarts the task; see README, Run on Flink).
+* It answers StartWorker only once the worker has connected: Beam's TaskManager waits
+  without a timeout for a worker it was told is starting, so a worker dying during its
+  start-up must show as a failed StartWorker, which Flink retries, not as a silent hang.
 * It listens on one address (default 127.0.0.1: only the TaskManager on this host may ask
   it to run code), and `--device cuda` refuses to start when no GPU is visible, instead of
   every worker falling back to the CPU hours into a job.

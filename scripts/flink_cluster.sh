@@ -291,7 +291,7 @@ EOF
   # config.yaml from fetch_flink.sh has flat keys, one per line: drop the keys we set (a
   # key twice is an error), then append ours.
   keys="$(grep -oE '^[a-z][a-zA-Z0-9._-]*:' "$ours" | sed 's/[.]/\\./g' | paste -sd'|')"
-  grep -vE "^($keys)" "$c" >"$c.tmp" || true
+  grep -vE "^($keys)|^# no restarts" "$c" >"$c.tmp" || true
   { cat "$c.tmp"; echo "# ---- scripts/flink_cluster.sh (this run dir)"; grep -v '^#' "$ours"; } >"$c"
   rm -f "$c.tmp" "$ours"
   grep -q "^rest.port: $REST_PORT\$" "$c" || { log "could not set rest.port in $c"; exit 1; }

@@ -79,11 +79,16 @@ def submit(cluster, command: str, args: list, output: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "beam_curator", command, *args, "--output", str(output),
          *cluster.pipeline_args(parallelism=2)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=str(output.parent))
+        stdout=log, stderr=subprocess.STDOUT, cwd=str(output.parent),
+        start_new_session=True)   # its own group: a failed test kills it with its job server
 
 
 def finish(proc: subprocess.Popen, output: Path, timeout=900) -> None:
-    rc = proc.wait(timeout=timeout)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     log = (output.parent / f"{output.name}.log").read_text(errors="replace")
     assert rc == 0, f"exit status {rc}:\n{log[-4000:]}"
 
@@ -145,7 +150,7 @@ def test_fault_survived_byte_identical(flink_cluster, fault_inputs, clean_runs, 
         finish(proc, out)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     t_done = time.monotonic()
     failures = flink_cluster.exceptions(jid)
     back = flink_cluster.wait_ready()
