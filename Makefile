@@ -26,8 +26,9 @@ demo: venv
 	$(PY) -m beam_curator run --input '$(DEMO_DATA)/*.tar' --output $(DEMO_OUTPUT) \
 	    --model_dir $(DEMO_MODELS) --n_clusters 8 --overwrite true
 
-# The browser test needs Debian's chromium; the Flink tests need Flink 1.19 and Beam's Flink
-# job server (fetched once into ~/.cache/beam-curator/flink, then reused with no network).
+# The browser test needs Debian's chromium; the Flink tests need Flink and Beam's Flink job
+# server (versions: scripts/flink-versions.env; fetched once into ~/.cache/beam-curator/flink,
+# then reused with no network). They start their own cluster on free ports.
 test: venv chromium flink-fetch
 	$(PY) -m pytest -q
 
@@ -37,6 +38,7 @@ chromium:
 flink-fetch:
 	PYTHON=$(PY) bash scripts/fetch_flink.sh
 
+# JobManager + 2 TaskManagers, each with its own SDK worker pool (run by .venv: make venv first)
 flink-up: flink-fetch
 	bash scripts/flink_cluster.sh up
 

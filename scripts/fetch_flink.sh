@@ -15,19 +15,19 @@
 # marked complete; a second run with everything cached does no network access and
 # takes well under a second.
 #
-# Why Flink 1.19 and Beam 2.62.0 for the job server (see also the module docstring of
-# tests/flink_support.py): the registries reachable here serve no
-# beam-runners-flink-*-job-server jar at all, and of the runner libraries only
-# org.apache.beam:beam-runners-flink-1.19 (2.62.0, 2.70.0); 2.70.0 does not resolve
-# (its beam-runners-java-job-service:2.70.0 is not served), 2.62.0 resolves fully.
+# Versions: scripts/flink-versions.env holds the Flink version and the Beam Java version of
+# the job server, and says which newer ones were tried and why each was refused. The
+# registries reachable here serve no beam-runners-flink-*-job-server jar, so the job server
+# is assembled from org.apache.beam:beam-runners-flink-<minor> + its Maven dependencies.
 # Beam's portability API lets the 2.77 Python SDK drive that job server.
 #
 # Environment overrides:
 #   BEAM_CURATOR_FLINK_CACHE       cache dir (default $HOME/.cache/beam-curator/flink)
-#   BEAM_CURATOR_FLINK_VERSION     Flink distribution version (default 1.19.3)
-#   BEAM_CURATOR_FLINK_BEAM_VERSION Beam Java version of the job server (default 2.62.0)
-#   BEAM_CURATOR_FLINK_REST_PORT   default REST port written to conf (default 18081)
-#   BEAM_CURATOR_FLINK_RPC_PORT    default JobManager RPC port (default 16123)
+#   BEAM_CURATOR_FLINK_VERSION     Flink distribution version (default: flink-versions.env)
+#   BEAM_CURATOR_FLINK_BEAM_VERSION Beam Java version of the job server (default: same file)
+#   BEAM_CURATOR_FLINK_REST_PORT   REST port written to the tree's conf (default 18081;
+#                                  scripts/flink_cluster.sh sets each cluster's own)
+#   BEAM_CURATOR_FLINK_RPC_PORT    JobManager RPC port, likewise (default 16123)
 #   PYTHON                         python with pip, for `pip download` (default: the active
 #                                  venv, else <repo>/.venv/bin/python, else python3)
 #   MVN                            maven executable (default: mvn)
@@ -39,9 +39,11 @@
 set -euo pipefail
 
 CACHE="${BEAM_CURATOR_FLINK_CACHE:-${HOME}/.cache/beam-curator/flink}"
-FLINK_VERSION="${BEAM_CURATOR_FLINK_VERSION:-1.19.3}"
+# shellcheck disable=SC1091
+. "$(dirname "${BASH_SOURCE[0]}")/flink-versions.env"   # FLINK_VERSION, BEAM_JAVA_VERSION
+FLINK_VERSION="${BEAM_CURATOR_FLINK_VERSION:-$FLINK_VERSION}"
 FLINK_MINOR="$(echo "$FLINK_VERSION" | cut -d. -f1,2)"
-BEAM_JAVA_VERSION="${BEAM_CURATOR_FLINK_BEAM_VERSION:-2.62.0}"
+BEAM_JAVA_VERSION="${BEAM_CURATOR_FLINK_BEAM_VERSION:-$BEAM_JAVA_VERSION}"
 REST_PORT="${BEAM_CURATOR_FLINK_REST_PORT:-18081}"
 RPC_PORT="${BEAM_CURATOR_FLINK_RPC_PORT:-16123}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,7 +61,7 @@ for a in "$@"; do
   case "$a" in
     --print-env) PRINT_ENV=1 ;;
     --force) FORCE=1 ;;
-    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a" >&2; exit 2 ;;
   esac
 done
@@ -258,8 +260,6 @@ FLINK_VERSION=$FLINK_VERSION
 BEAM_FLINK_VERSION=$FLINK_MINOR
 BEAM_FLINK_JOB_SERVER_JAR=$JS_JAR
 BEAM_FLINK_JOB_SERVER_BEAM_VERSION=$BEAM_JAVA_VERSION
-FLINK_DEFAULT_REST_PORT=$REST_PORT
-FLINK_DEFAULT_RPC_PORT=$RPC_PORT
 EOF
 mv "$ENV_FILE.tmp" "$ENV_FILE"
 

@@ -128,7 +128,8 @@ def cli_fails(capsys, argv, *fragments):
 
 # Flink / portable runner fixtures (tests/flink_support.py): imported once, here, so a
 # session cluster is never started twice.
-from flink_support import (flink_job_server_jar, flink_session_cluster,  # noqa: E402,F401
+from flink_support import (flink_cluster, flink_job_server_jar,  # noqa: E402,F401
+                           flink_session_cluster,
                            pytest_runtest_makereport, python_job_service,
                            reap_flink_job_servers)
 

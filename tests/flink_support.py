@@ -8,29 +8,30 @@ Three ways to run a portable Beam pipeline, all real components:
 ``embedded``  FlinkRunner with ``--flink_master=[local]``: Beam starts the Flink job
               server JVM, which runs an embedded Flink MiniCluster.
 ``session``   FlinkRunner with ``--flink_master=localhost:<rest port>``: the job server
-              submits to a standalone Flink session cluster (JobManager and TaskManager
-              are separate JVMs, started by ``scripts/flink_cluster.sh up``).
+              submits to the standalone session cluster of ``scripts/flink_cluster.sh``
+              (fixture ``flink_cluster``): a JobManager and two TaskManagers, each with its
+              own SDK worker pool (``python -m beam_curator.worker_pool``), all separate
+              processes under supervisors that restart them. ``FlinkCluster.pipeline_args``
+              submits with ``--environment_type=EXTERNAL``, as on a production cluster.
 
-Versions (see ``scripts/fetch_flink.sh``): Flink 1.19 (distribution 1.19.3, unpacked
-from the PyPI packages apache-flink-libraries / apache-flink) with the Beam Flink job
-server built from ``org.apache.beam:beam-runners-flink-1.19:2.62.0`` + its Maven
-dependencies. Maven Central as reachable here serves no ``*-job-server`` jar and no Beam
-2.77 Java artifacts; 2.62.0 is the newest Flink runner whose dependencies all resolve.
-The 2.77 Python SDK drives it through the portability API (``--flink_version=1.19``).
+Versions: ``scripts/flink-versions.env`` (Flink distribution unpacked from the PyPI packages
+apache-flink-libraries / apache-flink; Beam's Flink job server assembled from
+``org.apache.beam:beam-runners-flink-<minor>`` + its Maven dependencies, since Maven Central
+as reachable here serves no ``*-job-server`` jar and no newer runner whose dependencies all
+resolve). The 2.77 Python SDK drives it through the portability API.
 
 SDK harness (``--environment_type``):
 
-* ``LOOPBACK`` (used here for all modes): the harness runs inside the submitting Python
-  process; the runner (embedded Flink or the TaskManager) connects back to it on
-  localhost. Works whenever the TaskManager runs on the same host as the test.
-* ``EXTERNAL`` for a real/remote cluster: start a worker pool next to each TaskManager,
-  ``python -m apache_beam.runners.worker.worker_pool_main --service_port=50000`` (it
-  spawns ``python -c ...`` from $PATH, so run it with the venv active), and pass
-  ``--environment_type=EXTERNAL --environment_config=localhost:50000``. Verified here
-  against the session cluster too. Unlike LOOPBACK, the workers unpickle the DoFns in
-  another process: code pickled by reference (module-level functions of a test module,
-  ``beam_curator.*``) must be importable there (installed package, ``--setup_file`` or
-  ``--extra_package``), else ``ModuleNotFoundError`` in the harness.
+* ``LOOPBACK`` (``portable`` and ``embedded`` here): the harness runs inside the submitting
+  Python process; the runner connects back to it on localhost. Works only when the
+  TaskManagers run on the submitting host.
+* ``EXTERNAL`` (``session`` here, and any real cluster): a worker pool beside each
+  TaskManager starts the harness processes; ``--environment_config=HOST:PORT`` is resolved
+  on each TaskManager. Unlike LOOPBACK, the workers unpickle the DoFns in another process:
+  code pickled by reference (module-level functions of a test module, ``beam_curator.*``)
+  must be importable there (installed package, ``--setup_file`` or ``--extra_package``),
+  else ``ModuleNotFoundError`` in the harness; lambdas travel by value. Paths are opened by
+  the workers: pass absolute ones.
 * ``PROCESS``: ``--environment_type=PROCESS --environment_config='{"command":
   "/path/to/boot"}'`` needs Beam's Go ``boot`` launcher from the SDK container image;
   it is not on PyPI, so not available here. ``DOCKER`` (the default of PortableRunner
@@ -73,6 +74,8 @@ __all__ = [
     "attach_flink_logs",
     "fetch_flink",
     "find_free_port",
+    "FlinkCluster",
+    "flink_cluster",
     "flink_cluster_logs",
     "flink_job_server_jar",
     "flink_pipeline_args",
@@ -236,6 +239,118 @@ def stop_flink_job_servers(timeout: float = 15.0) -> int:
     return len(victims)
 
 
+class FlinkCluster:
+    """A running cluster of scripts/flink_cluster.sh: its REST API and its processes.
+
+    ``master`` is the --flink_master, ``environment_config`` the address every TaskManager
+    resolves to its own SDK worker pool (--environment_type EXTERNAL)."""
+
+    owned = True   # started by the test session (its processes may be killed)
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        env = dict(line.split("=", 1) for line in
+                   (self.run_dir / "cluster.env").read_text().split() if "=" in line)
+        self.master = env["FLINK_MASTER"]
+        self.environment_config = env["ENVIRONMENT_CONFIG"]
+        self.taskmanagers = int(env["TASKMANAGERS"])
+        self.task_slots = int(env["TASK_SLOTS"])
+
+    def pipeline_args(self, parallelism: int = 2) -> list[str]:
+        return flink_pipeline_args("session", self.master, parallelism=parallelism,
+                                   environment_type="EXTERNAL",
+                                   environment_config=self.environment_config)
+
+    def rest(self, path: str):
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.master}{path}", timeout=10) as r:
+            return json.load(r)
+
+    def pid(self, name: str) -> int:
+        """pid of supervised process ``tm<i>`` (TaskManager JVM) or ``pool<i>`` (its pool)."""
+        return int((self.run_dir / "pids" / f"{name}.pid").read_text().split()[0])
+
+    def worker_pids(self, pool: str) -> list[int]:
+        """The SDK worker processes a pool has running now."""
+        pool_pid = self.pid(pool)
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pool_pid:
+                    found.append(int(stat.parent.name))
+            except (OSError, ValueError, IndexError):
+                continue
+        return found
+
+    def ready(self) -> bool:
+        """Every TaskManager registered with all slots free, every pool up (by its pid file)."""
+        try:
+            o = self.rest("/overview")
+        except OSError:
+            return False
+        if o.get("taskmanagers") != self.taskmanagers or \
+                o.get("slots-available") != self.taskmanagers * self.task_slots:
+            return False
+        for i in range(1, self.taskmanagers + 1):
+            try:
+                os.kill(self.pid(f"pool{i}"), 0)
+                with socket.create_connection((f"127.0.0.{i + 1}",
+                                               int(self.environment_config.split(":")[1])),
+                                              timeout=2):
+                    pass
+            except (OSError, ValueError):
+                return False
+        return True
+
+    def wait_ready(self, timeout: float = 180.0) -> float:
+        """Wait until :meth:`ready` (e.g. after a killed process was restarted); seconds."""
+        t0 = time.monotonic()
+        while not self.ready():
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"cluster not back to full strength in {timeout}s: "
+                                   f"{self.rest('/overview')}")
+            time.sleep(0.5)
+        return time.monotonic() - t0
+
+    def job_after(self, t0_ms: int) -> str | None:
+        """id of the newest job submitted at or after ``t0_ms`` (epoch ms), if any."""
+        jobs = [j for j in self.rest("/jobs/overview")["jobs"] if j["start-time"] >= t0_ms]
+        return max(jobs, key=lambda j: j["start-time"])["jid"] if jobs else None
+
+    def running_subtasks(self, jid: str, name_part: str = "", *, after: str = "") -> list[dict]:
+        """RUNNING subtasks of the job's vertices whose name contains ``name_part`` (or that
+        read from a vertex whose name contains ``after``: Beam names a fused stage by its
+        top-level transforms only, a GroupByKey by its full path). Each carries ``vertex``
+        and ``taskmanager`` = ``tm<i>`` (the resource id prefix flink_cluster.sh sets)."""
+        job = self.rest(f"/jobs/{jid}")
+        names = {v["id"]: v["name"] for v in job["vertices"]}
+        inputs = {}
+        if after:
+            for node in self.rest(f"/jobs/{jid}/plan").get("plan", {}).get("nodes", []):
+                inputs[node["id"]] = [names.get(i["id"], "") for i in node.get("inputs", [])]
+        found = []
+        for v in job["vertices"]:
+            if v["status"] != "RUNNING":
+                continue
+            if after and not any(after in n for n in inputs.get(v["id"], [])):
+                continue
+            if name_part not in v["name"]:
+                continue
+            for st in self.rest(f"/jobs/{jid}/vertices/{v['id']}")["subtasks"]:
+                if st["status"] == "RUNNING":
+                    tm_id = st.get("taskmanager-id", "")
+                    found.append(dict(st, vertex=v["name"], taskmanager=tm_id.split("-")[0]))
+        return found
+
+    def exceptions(self, jid: str) -> list[str]:
+        """Root causes of the job's failures so far (Flink's exception history)."""
+        history = self.rest(f"/jobs/{jid}/exceptions").get("exceptionHistory", {})
+        return [e.get("exceptionName", "") + ": " + (e.get("stacktrace", "") or "")[:2000]
+                for e in history.get("entries", [])]
+
+
 def flink_cluster_logs(run_dir: Path, lines: int = 200) -> str:
     """Tail of every log/out file of a session cluster run dir."""
     parts = []
@@ -253,7 +368,7 @@ def flink_cluster_logs(run_dir: Path, lines: int = 200) -> str:
 def attach_flink_logs(item, report) -> None:
     """Add the session cluster logs to a failed test's report (shown by pytest)."""
     if report.failed and report.when in ("setup", "call") and _CLUSTER_RUN_DIRS \
-            and "flink_session_cluster" in getattr(item, "fixturenames", ()):
+            and "flink_cluster" in getattr(item, "fixturenames", ()):
         for run_dir in _CLUSTER_RUN_DIRS:
             report.sections.append((f"flink cluster logs ({run_dir})",
                                     flink_cluster_logs(run_dir)))
@@ -290,26 +405,40 @@ def reap_flink_job_servers() -> Iterator[None]:
     stop_flink_job_servers()
 
 
-@pytest.fixture(scope="session")
-def flink_session_cluster(request, tmp_path_factory) -> Iterator[str]:
-    """A standalone Flink session cluster (JobManager + TaskManager JVMs) on free ports;
-    yields its master address ``localhost:<rest port>``.
+def _free_pool_port(hosts: list[str]) -> int:
+    """A port free on every pool address (each TaskManager's pool listens on its own)."""
+    for _ in range(50):
+        port = find_free_port()
+        try:
+            for host in hosts:
+                with socket.socket() as s:
+                    s.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no port free on all of {hosts}")
 
-    With ``BEAM_CURATOR_FLINK_MASTER=host:port`` set (e.g. after ``make flink-up``,
-    which serves localhost:18081) that running cluster is used and left running."""
+
+@pytest.fixture(scope="session")
+def flink_cluster(request, tmp_path_factory) -> Iterator[FlinkCluster]:
+    """The production-shaped session cluster of scripts/flink_cluster.sh (JobManager, two
+    TaskManagers, a worker pool beside each), on free ports, for the whole test session.
+
+    With ``BEAM_CURATOR_FLINK_MASTER=host:port`` set (e.g. after ``make flink-up``) the
+    running cluster of ``BEAM_CURATOR_FLINK_RUN_DIR`` (default: the cache's run dir) is used
+    and left running; ``owned`` is False then, and tests that kill its processes skip."""
     existing = os.environ.get("BEAM_CURATOR_FLINK_MASTER")
     if existing:
-        import json
-        import urllib.request
+        run_dir = Path(os.environ.get("BEAM_CURATOR_FLINK_RUN_DIR")
+                       or Path(fetch_flink()["FLINK_CACHE_DIR"]) / "run")
         try:
-            with urllib.request.urlopen(f"http://{existing}/overview", timeout=10) as r:
-                overview = json.load(r)
+            cluster = FlinkCluster(run_dir)
+            cluster.rest("/overview")
         except OSError as e:
-            pytest.fail(f"BEAM_CURATOR_FLINK_MASTER={existing} unreachable: {e}",
-                        pytrace=False)
-        if overview.get("taskmanagers", 0) < 1:
-            pytest.fail(f"Flink at {existing} has no TaskManager: {overview}", pytrace=False)
-        yield existing
+            pytest.fail(f"BEAM_CURATOR_FLINK_MASTER={existing}: no usable cluster in "
+                        f"{run_dir}: {e}", pytrace=False)
+        cluster.owned = False
+        yield cluster
         return
     fetch_flink()
     run_dir = tmp_path_factory.mktemp("flink-cluster")
@@ -318,6 +447,9 @@ def flink_session_cluster(request, tmp_path_factory) -> Iterator[str]:
         "BEAM_CURATOR_FLINK_RUN_DIR": str(run_dir),
         "BEAM_CURATOR_FLINK_REST_PORT": str(rest_port),
         "BEAM_CURATOR_FLINK_RPC_PORT": str(rpc_port),
+        "BEAM_CURATOR_FLINK_POOL_PORT": str(_free_pool_port(["127.0.0.2", "127.0.0.3"])),
+        # the pools' SDK workers import this checkout's beam_curator
+        "BEAM_CURATOR_FLINK_WORKER_PYTHON": sys.executable,
     })
     t0 = time.monotonic()
     up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up"], env=env,
@@ -328,23 +460,31 @@ def flink_session_cluster(request, tmp_path_factory) -> Iterator[str]:
         pytest.fail(f"flink_cluster.sh up failed (rc={up.returncode}):\n"
                     f"{up.stderr}\n{up.stdout}\n{flink_cluster_logs(run_dir)}",
                     pytrace=False)
-    master = up.stdout.strip().splitlines()[-1]
-    _terminal_write(request.config, f"\n[flink] session cluster {master} up in "
+    cluster = FlinkCluster(run_dir)
+    cluster.owned = True
+    _terminal_write(request.config, f"\n[flink] session cluster {cluster.master} "
+                                    f"(2 TaskManagers + worker pools) up in "
                                     f"{time.monotonic() - t0:.1f}s (run dir {run_dir})")
     _CLUSTER_RUN_DIRS.append(run_dir)
     failed_before = request.session.testsfailed
     try:
-        yield master
+        yield cluster
     finally:
         if request.session.testsfailed > failed_before:
             _terminal_write(request.config,
                             f"\n[flink] tests failed; cluster logs kept in {run_dir}/log")
         _CLUSTER_RUN_DIRS.remove(run_dir)
         down = subprocess.run(["bash", str(CLUSTER_SCRIPT), "down"], env=env,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=180)
         if down.returncode != 0:
             _terminal_write(request.config,
                             f"[flink] flink_cluster.sh down failed:\n{down.stderr}")
+
+
+@pytest.fixture(scope="session")
+def flink_session_cluster(flink_cluster) -> str:
+    """The master address ``localhost:<rest port>`` of :func:`flink_cluster`."""
+    return flink_cluster.master
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The same `run` graph on every runner: FnApiRunner, PortableRunner (Python job service),
-Flink embedded and a Flink session cluster give identical kept ids, removal sets and
-accounting."""
+Flink embedded and the Flink session cluster (EXTERNAL worker pools) give identical kept ids,
+removal sets and accounting."""
 from __future__ import annotations
 
 import glob
@@ -54,26 +54,27 @@ def baseline(tiny_inputs, tmp_path_factory):
     return out, outcome(out)
 
 
-def run_on(mode, master, tiny_inputs, baseline, out):
+def run_on(runner_args, tiny_inputs, baseline, out):
     input_glob, model_dir = tiny_inputs
     base_out, expected = baseline
     args = run_args(input_glob=input_glob, output=str(out), model_dir=model_dir, n_clusters=3,
                     write_report="false", centroids=base_out / "dedup" / "centroids.npy")
     args = [a for a in args if a != "FnApiRunner" and a != "--runner"]
-    run_pipeline("run", args + flink_pipeline_args(mode, master, parallelism=2))
+    run_pipeline("run", args + runner_args)
     got = outcome(out)
     assert got == expected
     assert got["accounting"]["ok"] and got["kept"]
 
 
 def test_portable_runner_job_service(python_job_service, tiny_inputs, baseline, tmp_path):
-    run_on("portable", python_job_service, tiny_inputs, baseline, tmp_path)
+    run_on(flink_pipeline_args("portable", python_job_service), tiny_inputs, baseline, tmp_path)
 
 
 def test_flink_embedded(tiny_inputs, baseline, tmp_path, reap_flink_job_servers):
-    run_on("embedded", None, tiny_inputs, baseline, tmp_path)
+    run_on(flink_pipeline_args("embedded", parallelism=2), tiny_inputs, baseline, tmp_path)
 
 
-def test_flink_session_cluster(flink_session_cluster, tiny_inputs, baseline, tmp_path,
+def test_flink_session_cluster(flink_cluster, tiny_inputs, baseline, tmp_path,
                                reap_flink_job_servers):
-    run_on("session", flink_session_cluster, tiny_inputs, baseline, tmp_path)
+    """Two TaskManagers, each with its own SDK worker pool (EXTERNAL), as in production."""
+    run_on(flink_cluster.pipeline_args(parallelism=2), tiny_inputs, baseline, tmp_path)
