@@ -175,6 +175,10 @@ class CuratorOptions(PipelineOptions):
               help="Also place a point in its second-nearest cluster when that centroid is "
                    "within this cosine distance of the nearest (raises recall; default off = "
                    "SemDeDup).")
+        _flag(parser, "dedup_device", default="auto", choices=DEVICES,
+              help="Where dedup's dense math runs (k-means, assignment, pairwise): auto = a "
+                   "CUDA GPU when one is visible (logged), else the CPU; the decisions are the "
+                   "same (candidates found in float32 are re-scored in float64).")
         _flag(parser, "dedup_vector_transport", default="auto", choices=VECTOR_TRANSPORTS,
               help="How each cluster's vectors reach the pairwise step: staged (random-access "
                    "files under --output, one machine only: a local runner and a local "

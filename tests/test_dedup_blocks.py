@@ -28,7 +28,7 @@ def _one_pass(ids, v, cos, which, cluster):
             for r in range(len(ids))}
 
 
-def _blocked(ids, v, cos, which, cluster, nb):
+def _blocked(ids, v, cos, which, cluster, nb, backend=None):
     primary = blocks.rank_primary(ids, cos, which, 0, cluster)
     block = blocks.block_of(ids, nb, cluster)
     ranked = {}
@@ -38,12 +38,12 @@ def _blocked(ids, v, cos, which, cluster, nb):
     answer = {}
     for b, rows in ranked.items():
         b_ids = [ids[r] for r in rows]
-        best = blocks.diagonal_partial(v[rows], b_ids, primary[rows])
+        best = blocks.diagonal_partial(v[rows], b_ids, primary[rows], backend=backend)
         for a, other in ranked.items():
             if a != b:   # what the block pair {a, b} computes for the members of b
                 best = blocks.merge_partials(best, blocks.cross_partial(
                     v[rows], primary[rows], b_ids, v[other], primary[other],
-                    [ids[r] for r in other]))
+                    [ids[r] for r in other], backend=backend))
         for k, id_ in enumerate(b_ids):
             found = best[0][k] > -np.inf
             answer[id_] = (best[0][k] if found else np.float32(0.0),
@@ -53,11 +53,12 @@ def _blocked(ids, v, cos, which, cluster, nb):
 
 @pytest.mark.parametrize("which", ["hard", "easy", "random"])
 @pytest.mark.parametrize("nb", [1, 2, 5])
-def test_hash_blocks_give_the_one_pass_answer_bit_for_bit(which, nb, monkeypatch):
+@pytest.mark.parametrize("backend", ["numpy", "torch"])   # torch: the GPU code, on the CPU
+def test_hash_blocks_give_the_one_pass_answer_bit_for_bit(which, nb, backend, monkeypatch):
     monkeypatch.setattr(blocks, "TILE_ROWS", 37)   # tiles inside a block pair, too
     ids, v, cos = _cluster()
     want = _one_pass(ids, v, cos, which, cluster=7)
-    got = _blocked(ids, v, cos, which, cluster=7, nb=nb)
+    got = _blocked(ids, v, cos, which, cluster=7, nb=nb, backend=backend)
     assert got.keys() == want.keys()
     differ = [i for i in ids if got[i][0] != want[i][0] or got[i][1] != want[i][1]]
     assert differ == []

@@ -79,6 +79,7 @@ GOOD = {
     "pairwise_block_size": ["4096", "1", "16384"],
     "border_margin": ["0.02", "0", "2", "1.5", ".1"],
     "dedup_vector_transport": ["auto", "shuffle"],
+    "dedup_device": ["auto", "cpu", "cuda"],
     "write_report": ["true", "false"],
     "verify_weights": ["true", "false"],
 }
@@ -114,6 +115,7 @@ BAD = {
     "pairwise_block_size": ["0", "4k", ""],
     "border_margin": ["2.5", "3", "-0.1", ""],
     "dedup_vector_transport": ["gcs", "Shuffle", "staged", ""],
+    "dedup_device": ["gpu", "CUDA", "cuda:0", ""],
     "write_report": ["no", ""],
     "verify_weights": ["no", "1", ""],
 }

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from beam_curator.dedup.backend import NUMPY, resolve
 from beam_curator.dedup.pairwise import _block_similarities, max_sim_to_earlier
 from beam_curator.dedup.ranking import WHICH_TO_KEEP, _random_keys
 
@@ -91,13 +92,16 @@ def _earlier(p_a, id_a, p_b, id_b) -> np.ndarray:
 
 
 def diagonal_partial(vectors_ranked: np.ndarray, ids_ranked: Sequence[str],
-                     primary_ranked: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     primary_ranked: np.ndarray, device: Optional[str] = None,
+                     backend: Optional[str] = None
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inside one rank-sorted block: each member's best earlier member of the same block.
 
     Returns `(sim float32, source primary, source id object array)`; a member with no earlier
     member gets -inf and its own key (never preferred: -inf loses to any real similarity).
+    `device`, `backend`: where the similarities are computed (`dedup.backend`; same answer).
     """
-    sim, arg = max_sim_to_earlier(vectors_ranked, TILE_ROWS)
+    sim, arg = max_sim_to_earlier(vectors_ranked, TILE_ROWS, device=device, backend=backend)
     ids = np.asarray(list(ids_ranked), dtype=object)
     none = arg < 0
     src = np.where(none, 0, arg)
@@ -106,7 +110,8 @@ def diagonal_partial(vectors_ranked: np.ndarray, ids_ranked: Sequence[str],
 
 
 def cross_partial(target_vectors: np.ndarray, target_primary: np.ndarray, target_ids,
-                  source_vectors: np.ndarray, source_primary: np.ndarray, source_ids
+                  source_vectors: np.ndarray, source_primary: np.ndarray, source_ids,
+                  device: Optional[str] = None, backend: Optional[str] = None
                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each target: its best source ranked before it (sources rank-sorted).
 
@@ -127,9 +132,14 @@ def cross_partial(target_vectors: np.ndarray, target_primary: np.ndarray, target
         count = np.empty(n_t, dtype=np.int64)
         is_target = order >= n_s
         count[order[is_target] - n_s] = sources_so_far[is_target]
+        choice = resolve(device, backend)
         for t0 in range(0, n_t, TILE_ROWS):
             t1 = min(n_t, t0 + TILE_ROWS)
             reach = int(count[t0:t1].max())
+            if choice.name != NUMPY:
+                best[t0:t1], arg[t0:t1] = _cross_tile_torch(
+                    target_vectors[t0:t1], source_vectors[:reach], count[t0:t1], choice.device)
+                continue
             for s0 in range(0, reach, TILE_ROWS):
                 s1 = min(reach, s0 + TILE_ROWS)
                 sims = _block_similarities(target_vectors[t0:t1], source_vectors[s0:s1])
@@ -144,6 +154,23 @@ def cross_partial(target_vectors: np.ndarray, target_primary: np.ndarray, target
             np.full(n_t, "", dtype=object)
     src = np.where(arg < 0, 0, arg)
     return best, np.asarray(source_primary)[src], s_ids[src]
+
+
+def _cross_tile_torch(targets: np.ndarray, sources: np.ndarray, count: np.ndarray, device
+                      ) -> Tuple[np.ndarray, np.ndarray]:
+    """One target tile against its reachable sources on a torch device: a fast shortlist
+    re-scored in float64 (`dedup.shortlist`), so the same answer as the numpy tiles."""
+    import torch
+
+    from beam_curator.dedup.shortlist import exact_top_m
+
+    if not sources.shape[0]:
+        return np.full(len(targets), -np.inf, np.float32), np.full(len(targets), -1, np.int64)
+    a = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32)).to(device)
+    b = torch.from_numpy(np.ascontiguousarray(sources, dtype=np.float32)).to(device)
+    index, score = exact_top_m(a, b, b.double(), 1, torch.float32,
+                               limit=torch.from_numpy(count))
+    return score[:, 0].cpu().numpy(), index[:, 0].cpu().numpy()
 
 
 def merge_partials(a: Tuple[np.ndarray, np.ndarray, np.ndarray],

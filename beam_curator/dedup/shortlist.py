@@ -57,11 +57,12 @@ def _pair_dots(a, b64, rows, cols):
     return out
 
 
-def exact_top_m(a, b, b64, m: int, score_dtype, causal: bool = False) -> Tuple:
+def exact_top_m(a, b, b64, m: int, score_dtype, causal: bool = False, limit=None) -> Tuple:
     """For each row of `a` (na, d) float32: its best m columns of `b` (nb, d) float32.
 
     `b64` is `b` in float64 (the caller keeps it when it reuses `b`). With `causal` (a == b,
-    a diagonal block), row r may only pick columns q < r. Returns `(index (na, m) int64,
+    a diagonal block), row r may only pick columns q < r; with `limit` (int64 (na,)), row r
+    only columns q < limit[r] (rank-sorted blocks of one cluster: `dedup.blocks`). Returns `(index (na, m) int64,
     score (na, m) score_dtype)`, best first, ties to the lowest column; -1 and -inf where a
     row has fewer than m columns to pick from. All tensors stay on a's device.
     """
@@ -79,6 +80,10 @@ def exact_top_m(a, b, b64, m: int, score_dtype, causal: bool = False) -> Tuple:
     excluded = None
     if causal:
         excluded = torch.ones(na, nb, dtype=torch.bool, device=a.device).triu_()
+    elif limit is not None:
+        columns = torch.arange(nb, device=a.device)
+        excluded = columns[None, :] >= limit.to(a.device)[:, None]
+    if excluded is not None:
         fast.masked_fill_(excluded, float("-inf"))
     kth = fast.max(dim=1).values if m_eff == 1 else fast.topk(m_eff, dim=1).values[:, -1]
     # |fast - exact| <= rel * |a_r| |b_q|; a candidate's and the m-th best's errors add up,

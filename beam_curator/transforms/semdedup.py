@@ -70,6 +70,7 @@ class DedupConfig:
     transport: str = STAGED
     id_column: str = "id"
     embedding_column: str = "embedding"
+    device: Optional[str] = None              # where the dense math runs (dedup.backend)
 
     @property
     def dedup_dir(self) -> str:
@@ -90,7 +91,7 @@ class DedupConfig:
                    eps=opts.eps, which_to_keep=opts.which_to_keep,
                    block_rows=opts.pairwise_block_size, border_margin=opts.border_margin,
                    transport=resolve_vector_transport(options), id_column=opts.id_column,
-                   embedding_column=opts.embedding_column)
+                   embedding_column=opts.embedding_column, device=opts.dedup_device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +194,7 @@ def train_centroids(sample: List[Tuple[List[str], np.ndarray]], config: DedupCon
     _LOG.info("k-means: %d clusters (%s) trained on %d embeddings", k, plan.n_clusters_from,
               len(ids))
     return km.train_kmeans(vectors, k, n_iter=config.kmeans_iterations, seed=config.seed,
-                           spherical=True)
+                           spherical=True, device=config.device)
 
 
 def _write_centroids(centroids: np.ndarray, path: str) -> str:
@@ -220,10 +221,11 @@ class AssignFn(beam.DoFn):
         vectors = vectors[keep]
         with_border = self._config.border_margin is not None and centroids.shape[0] > 1
         if with_border:   # one similarity pass gives the nearest and the runner-up
-            labels, cos_dist, l2_dist, labels2, dists2 = assign_with_runner_up(vectors,
-                                                                              centroids)
+            labels, cos_dist, l2_dist, labels2, dists2 = assign_with_runner_up(
+                vectors, centroids, device=self._config.device)
         else:
-            labels, cos_dist, l2_dist = assign_to_centroids(vectors, centroids)
+            labels, cos_dist, l2_dist = assign_to_centroids(vectors, centroids,
+                                                            device=self._config.device)
         staged = chunk.staged_copy(self._config)
         members = Members(
             ids=tuple(ids[r] for r in keep), cos_dist=cos_dist, l2_dist=l2_dist,
@@ -332,15 +334,16 @@ class PairwiseFn(beam.DoFn):
                        sizes[0] * sizes[1])
         if nb == 1:
             members, vectors, _ = ranked[0]
-            max_sim, argmax = max_sim_to_earlier(vectors, blocks.TILE_ROWS)
+            max_sim, argmax = max_sim_to_earlier(vectors, blocks.TILE_ROWS,
+                                                 device=self._config.device)
             max_ids = [members.ids[a] if a >= 0 else None for a in argmax.tolist()]
             yield _cluster_file(cluster), _decide(cluster, members, max_sim, argmax >= 0,
                                                   max_ids, self._config.eps)
             return
         if lo == hi:
             members, vectors, primary = ranked[lo]
-            sim, source_primary, source_id = blocks.diagonal_partial(vectors, members.ids,
-                                                                     primary)
+            sim, source_primary, source_id = blocks.diagonal_partial(
+                vectors, members.ids, primary, device=self._config.device)
             yield beam.pvalue.TaggedOutput(self.PARTIALS, ((cluster, nb, lo), BlockPartial(
                 without_vectors(members), sim, source_primary, source_id)))
             return
@@ -350,7 +353,8 @@ class PairwiseFn(beam.DoFn):
             t_members, t_vectors, t_primary = ranked[target]
             s_members, s_vectors, s_primary = ranked[source]
             sim, source_primary, source_id = blocks.cross_partial(
-                t_vectors, t_primary, t_members.ids, s_vectors, s_primary, s_members.ids)
+                t_vectors, t_primary, t_members.ids, s_vectors, s_primary, s_members.ids,
+                device=self._config.device)
             yield beam.pvalue.TaggedOutput(self.PARTIALS, ((cluster, nb, target), BlockPartial(
                 None, sim, source_primary, source_id)))
 
