@@ -1,0 +1,200 @@
+"""`dedup` of N and 10N embeddings on a Flink session cluster: flat memory, linear time.
+
+Starts the production-shaped session cluster of scripts/flink_cluster.sh (a JobManager, two
+TaskManagers, each with its own Python SDK worker pool, EXTERNAL environment) on its own
+ports, then for N and scale x N synthetic 768-d embeddings (rows per cluster held constant,
+k = n / rows) runs `python -m beam_curator dedup` on it (shuffle transport) and on the local
+FnApiRunner, and prints, N beside scale x N:
+
+* wall time of the Flink job (goal: <= 1.1 x scale),
+* peak RSS (VmHWM from /proc, sampled every 0.2 s) of every Python SDK worker process and of
+  each TaskManager JVM (goal: flat, <= 1.3x),
+* whether the Flink duplicates equal FnApiRunner's.
+
+    python bench/flink_scale.py --n 100000 --scale 10
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _vm_hwm(pid: int) -> int:
+    """Peak resident set of a process in bytes (the kernel's high-water mark)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(c) for c in handle.read().split()]
+    except OSError:
+        return []
+
+
+def _descendants(pid: int) -> list:
+    out, todo = [], [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+class PeakRss:
+    """Samples VmHWM of the TaskManagers and of every SDK worker under the pools."""
+
+    def __init__(self, run_dir: str):
+        self._run_dir = run_dir
+        self.tm, self.workers = {}, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _pids(self, pattern: str) -> list:
+        pids = []
+        for path in glob.glob(os.path.join(self._run_dir, "pids", pattern)):
+            try:
+                pids.append(int(open(path).read().strip()))
+            except (OSError, ValueError):
+                pass
+        return pids
+
+    def _loop(self):
+        while not self._stop.wait(0.2):
+            for pid in self._pids("tm[0-9].pid"):   # not tm<i>.supervisor.pid
+                self.tm[pid] = max(self.tm.get(pid, 0), _vm_hwm(pid))
+            for pool in self._pids("pool[0-9].pid"):
+                for worker in _descendants(pool):
+                    self.workers[worker] = max(self.workers.get(worker, 0), _vm_hwm(worker))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _duplicates(out: str) -> list:
+    import pyarrow.parquet as pq
+
+    return sorted(pq.ParquetDataset(os.path.join(out, "dedup", "duplicates")).read()
+                  .column("id").to_pylist())
+
+
+def _dedup(data: str, out: str, k: int, extra: list) -> float:
+    started = time.perf_counter()
+    with open(out + ".log", "w") as log:   # the job server is chatty on stderr
+        proc = subprocess.run(
+            [sys.executable, "-m", "beam_curator", "dedup", "--embeddings",
+             os.path.join(data, "*.parquet"), "--output", out, "--n_clusters", str(k),
+             "--kmeans_iterations", "10", "--progress_interval", "0", *extra],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(open(out + ".log").read()[-5000:])
+    return time.perf_counter() - started
+
+
+def measure(n: int, args, cluster: dict, work: str) -> dict:
+    from bench.dedup import write_parquet
+    from bench.synthetic import make_planted_embeddings
+
+    data = os.path.join(work, f"emb-{n}")
+    ids, vectors, _ = make_planted_embeddings(n, args.d, n // 100, args.seed,
+                                              n_centers=max(1, n // args.rows_per_cluster))
+    write_parquet(data, ids, vectors, rows_per_file=10_000)
+    del vectors, ids
+    k = max(1, n // args.rows_per_cluster)
+    local_s = _dedup(data, os.path.join(work, f"local-{n}"), k, ["--runner", "FnApiRunner"])
+    flink_out = os.path.join(work, f"flink-{n}")
+    with PeakRss(cluster["run_dir"]) as rss:
+        flink_s = _dedup(data, flink_out, k, cluster["args"])
+    same = _duplicates(flink_out) == _duplicates(os.path.join(work, f"local-{n}"))
+    shutil.rmtree(data, ignore_errors=True)
+    return {"n": n, "k": k, "flink_s": round(flink_s, 1), "fnapi_s": round(local_s, 1),
+            "sdk_workers": len(rss.workers),
+            "peak_rss_sdk_worker_mb": round(max(rss.workers.values(), default=0) / 2**20),
+            "peak_rss_taskmanagers_mb": sorted(round(v / 2**20) for v in rss.tm.values()),
+            "same_duplicates_as_fnapi": same, "n_duplicates": len(_duplicates(flink_out))}
+
+
+def start_cluster(work: str) -> dict:
+    from tests.flink_support import fetch_flink
+
+    run_dir = os.path.join(work, "flink-run")
+    env = dict(os.environ, BEAM_CURATOR_FLINK_RUN_DIR=run_dir,
+               BEAM_CURATOR_FLINK_REST_PORT=str(_free_port()),
+               BEAM_CURATOR_FLINK_RPC_PORT=str(_free_port()),
+               BEAM_CURATOR_FLINK_POOL_PORT=str(_free_port()))
+    up = subprocess.run(["bash", "scripts/flink_cluster.sh", "up"], cwd=REPO, env=env,
+                        check=True, capture_output=True, text=True)
+    master = up.stdout.strip().splitlines()[-1]
+    facts = fetch_flink()
+    args = ["--runner", "FlinkRunner", f"--flink_master={master}",
+            f"--flink_version={facts['BEAM_FLINK_VERSION']}",
+            f"--flink_job_server_jar={facts['BEAM_FLINK_JOB_SERVER_JAR']}",
+            "--environment_type=EXTERNAL",
+            f"--environment_config=beam-worker-pool:{env['BEAM_CURATOR_FLINK_POOL_PORT']}",
+            "--parallelism=4", "--dedup_vector_transport", "shuffle"]
+    return {"run_dir": run_dir, "env": env, "args": args, "master": master}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--rows-per-cluster", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", action="store_true", help="keep the working directory")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="bench-flink-scale-")
+    cluster = None
+    try:
+        cluster = start_cluster(work)
+        small = measure(args.n, args, cluster, work)
+        big = measure(args.n * args.scale, args, cluster, work)
+        report = {"benchmark": "flink_scale", "small": small, "big": big,
+                  "time_ratio": round(big["flink_s"] / small["flink_s"], 2),
+                  "sdk_worker_rss_ratio": round(big["peak_rss_sdk_worker_mb"]
+                                                / max(1, small["peak_rss_sdk_worker_mb"]), 2),
+                  "taskmanager_rss_ratio": round(max(big["peak_rss_taskmanagers_mb"])
+                                                 / max(1, max(small["peak_rss_taskmanagers_mb"])),
+                                                 2)}
+        print(json.dumps(report, indent=1))
+    finally:
+        if cluster is not None:
+            subprocess.run(["bash", "scripts/flink_cluster.sh", "down"], cwd=REPO,
+                           env=cluster["env"], capture_output=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
