@@ -1,3 +1,75 @@
-"""beam-curator: curate webdataset image datasets with Apache Beam."""
+"""beam-curator: curate webdataset image datasets with Apache Beam.
+
+One PTransform per curation stage, composable like Beam's own (`RunInference`,
+`ReadFromParquet`); the command line builds its graphs from these same transforms::
+
+    import apache_beam as beam
+    from beam_curator import (DecodeImages, Deduplicate, EmbedImages, FilterByScores,
+                              ReadWebDataset, ScoreImages, WriteCuratedShards, WriteSamples)
+
+    with beam.Pipeline() as p:
+        read = p | ReadWebDataset("shards/*.tar")
+        decoded = read.samples | DecodeImages("models/")
+        scored = decoded.decoded | EmbedImages("models/") | ScoreImages("models/")
+        split = scored | FilterByScores(aesthetic_threshold=5.0, nsfw_threshold=0.5)
+        dedup = split.passed | Deduplicate("out/")
+        dedup.results | WriteSamples("out/")
+        dedup.results | WriteCuratedShards("out/", shards=read.shards)
+
+Elements are the documented records of `beam_curator.schema`: ShardSample (read), SampleInfo
+(decode onwards, with its scores), SampleResult (a sample's final status), ErrorRecord (a
+shard-level problem) and DedupDecision. The README's "Use from Python" has more.
+
+Importing the package is cheap: the transforms load on first use.
+"""
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # stages
+    "ReadWebDataset", "DecodeImages", "EmbedImages", "OpenClipModelHandler", "ScoreImages",
+    "FilterByScores", "Deduplicate", "DeduplicateEmbeddings", "WriteCuratedShards",
+    "RemoveSamples", "WriteSamples", "WriteErrors", "WriteEmbeddings",
+    # what multi-part stages return
+    "ReadResult", "DecodeResult", "FilterResult", "DedupResult",
+    # records and statuses
+    "ShardSample", "SampleInfo", "SampleResult", "ErrorRecord", "DedupDecision", "STATUSES",
+    "KEPT", "FILTERED_AESTHETIC", "FILTERED_NSFW", "EXACT_DUPLICATE", "SEMANTIC_DUPLICATE",
+    "ERROR",
+]
+
+_WHERE = {
+    "ReadWebDataset": "transforms.read", "ReadResult": "transforms.read",
+    "DecodeImages": "transforms.decode", "DecodeResult": "transforms.decode",
+    "EmbedImages": "transforms.embed", "OpenClipModelHandler": "transforms.embed",
+    "ScoreImages": "transforms.scores",
+    "FilterByScores": "transforms.filters", "FilterResult": "transforms.filters",
+    "Deduplicate": "transforms.dedup", "DeduplicateEmbeddings": "transforms.dedup",
+    "DedupResult": "transforms.dedup",
+    "WriteCuratedShards": "transforms.remove", "RemoveSamples": "transforms.remove",
+    "WriteSamples": "transforms.write", "WriteErrors": "transforms.write",
+    "WriteEmbeddings": "transforms.write",
+}
+_SCHEMA = {"ShardSample", "SampleInfo", "SampleResult", "ErrorRecord", "DedupDecision",
+           "STATUSES", "KEPT", "FILTERED_AESTHETIC", "FILTERED_NSFW", "EXACT_DUPLICATE",
+           "SEMANTIC_DUPLICATE", "ERROR"}
+
+
+def __getattr__(name):
+    # Lazy: `python -m beam_curator --help` must not pay for torch and RunInference imports.
+    import importlib
+
+    if name in _SCHEMA:
+        module = "schema"
+    elif name in _WHERE:
+        module = _WHERE[name]
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -136,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from beam_curator.errors import USER_ERRORS
+    from beam_curator.errors import user_errors
 
     try:
         if command in PIPELINE_COMMANDS:
@@ -156,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             synthetic_main(rest)
             return 0
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)

@@ -1,29 +1,41 @@
-"""The errors a user can fix: the CLI prints their message (which names the fix) and exits 2."""
+"""The errors a user can fix. Their message names the fix; the CLI prints it and exits 2.
+
+This module imports nothing of the package, so every layer (options, transforms, models,
+report) can raise these without importing the layers above it.
+"""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 from typing import Optional
 
-from beam_curator.models import ModelDirError
-from beam_curator.options import OptionError
-from beam_curator.transforms.read import ShardListError
+
+class OptionError(ValueError):
+    """A bad option: the message names the fix."""
+
+
+class ShardListError(ValueError):
+    """--input matched nothing, or two shards share a name (ids would collide)."""
 
 
 class DiskFullError(OSError):
     """The disk (or quota) ran out while the run wrote its outputs."""
 
 
-USER_ERRORS = (OptionError, ShardListError, ModelDirError, FileExistsError, DiskFullError)
+def user_errors() -> tuple:
+    """Every exception type whose message is for the user (no traceback)."""
+    from beam_curator.models import ModelDirError   # the models layer defines its own
+
+    return (OptionError, ShardListError, ModelDirError, FileExistsError, DiskFullError)
+
 
 _ERRNO_28 = re.compile(r"\[Errno (?:28|122)\][^'\n]*?: '([^'\n]+)'")
 
 
 def disk_full_error(exc: BaseException, output: str) -> Optional[DiskFullError]:
     """A one-line DiskFullError when `exc` (or what Beam wrapped it in) is ENOSPC / EDQUOT."""
-    import errno
-
     path, found = None, False
     seen = exc
     while seen is not None:

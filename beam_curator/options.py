@@ -13,24 +13,18 @@ from typing import Optional
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_curator.dedup.blocks import DEFAULT_BLOCK_ROWS
+from beam_curator.defaults import (DEFAULT_AESTHETIC_THRESHOLD, DEFAULT_EPS,
+                                   DEFAULT_INFERENCE_BATCH_SIZE, DEFAULT_MAX_IMAGE_PIXELS,
+                                   DEFAULT_NSFW_THRESHOLD, DEVICES, PRECISIONS, SHUFFLE,
+                                   STAGED, WHICH_TO_KEEP)
+from beam_curator.errors import OptionError
 
 # Runners that execute in this process: they never download anything (Beam 2.77's plain
 # DirectRunner first tries to fetch the Prism binary from the web).
 LOCAL_RUNNERS = ("fnapirunner", "directrunner", "bundlebaseddirectrunner", "switchingdirectrunner")
 DEFAULT_LOCAL_RUNNER = "FnApiRunner"
 
-WHICH_TO_KEEP = ("hard", "easy", "random")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-VECTOR_TRANSPORTS = ("auto", "staged", "shuffle")
-
-DEFAULT_AESTHETIC_THRESHOLD = 5.0   # LAION 1–10 scale; LAION-Aesthetics subsets used 4.5 … 6.5
-DEFAULT_NSFW_THRESHOLD = 0.5        # 0–1; a sample with nsfw_score >= this is filtered
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
-
-
-class OptionError(ValueError):
-    """A bad option: the message names the fix."""
+VECTOR_TRANSPORTS = ("auto", STAGED, SHUFFLE)
 
 
 def _auto_int(value):
@@ -121,7 +115,7 @@ class CuratorOptions(PipelineOptions):
               help="torch.compile the image tower on GPU: true (mode 'default') or a mode "
                    f"({', '.join(COMPILE_MODES[1:])}); about a minute of compiling per "
                    "worker, pays off on long runs. Default: false.")
-        _flag(parser, "inference_batch_size", type=int, default=64,
+        _flag(parser, "inference_batch_size", type=int, default=DEFAULT_INFERENCE_BATCH_SIZE,
               help="Largest batch RunInference forms.")
         _flag(parser, "min_inference_batch_size", type=int, default=None,
               help="Smallest batch RunInference forms (default: --inference_batch_size).")
@@ -162,7 +156,7 @@ class CuratorOptions(PipelineOptions):
                    "grows with k, never with the number of candidates.")
         _flag(parser, "centroids", default=None,
               help="Use these centroids (.npy, k x d) instead of training them.")
-        _flag(parser, "eps", type=float, default=0.01,
+        _flag(parser, "eps", type=float, default=DEFAULT_EPS,
               help="Duplicate when max cosine similarity to an earlier-ranked member >= 1 - eps.")
         _flag(parser, "which_to_keep", default="hard", choices=WHICH_TO_KEEP,
               help="hard: keep farthest from centroid; easy: nearest; random: seeded.")
@@ -317,7 +311,7 @@ def resolve_vector_transport(options: PipelineOptions) -> str:
     opts = options.view_as(CuratorOptions)
     if opts.dedup_vector_transport != "auto":
         return opts.dedup_vector_transport
-    return "staged" if _one_machine(options, opts.output) else "shuffle"
+    return STAGED if _one_machine(options, opts.output) else SHUFFLE
 
 
 def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
@@ -367,7 +361,7 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
             f"--forward_batch_size {opts.forward_batch_size} must be between 1 and "
             f"--inference_batch_size ({opts.inference_batch_size}): a larger forward would "
             "only add padding rows. Lower it, or raise --inference_batch_size.")
-    if (opts.dedup_vector_transport == "staged"
+    if (opts.dedup_vector_transport == STAGED
             and not _one_machine(options, opts.output)):
         raise OptionError(
             "--dedup_vector_transport staged reads each cluster's vectors from files under "

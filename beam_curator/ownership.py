@@ -33,7 +33,8 @@ from typing import List, Optional, Sequence, Tuple
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator import outputs
-from beam_curator.options import OptionError
+from beam_curator.atomic import write_json
+from beam_curator.errors import OptionError
 
 _LOG = logging.getLogger(__name__)
 
@@ -244,7 +245,6 @@ class _RemoteLock:
         return previous
 
     def write(self, record: dict) -> None:
-        from beam_curator.transforms.write import write_json
 
         try:
             write_json(self.path, record)
@@ -263,14 +263,12 @@ class _RemoteLock:
             self._thread.start()
 
     def update(self, record: dict) -> None:
-        from beam_curator.transforms.write import write_json
 
         with self._writing:
             self._record = record
             write_json(self.path, record)
 
     def _beat(self) -> None:
-        from beam_curator.transforms.write import write_json
 
         while not self._stop.wait(HEARTBEAT_S):
             with self._writing:
@@ -434,7 +432,6 @@ def finish_output(out: str, summary: dict, token: Optional[str], *, report: bool
                   ) -> str:
     """The end of every run, inside the pipeline: temp files gone, report.html (run), then
     summary.json as the very last file, then the run record removed."""
-    from beam_curator.transforms.write import write_json
 
     outputs.remove_temp_files(out)
     for warning in summary.get("warnings") or ():

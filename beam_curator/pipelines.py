@@ -1,13 +1,12 @@
-"""Pipeline builders: build_run, build_embed, build_dedup, build_remove.
+"""The composition root: options -> the public transforms -> the four graphs.
 
-Each takes a Beam pipeline and the options, validates what it needs (failing fast with the
-fix), and adds its transforms; the CLI, the flex template and the tests all call these.
-`run` = the embed front half + dedup + rewrite, in one graph; the three steps reuse the very
-same transforms, so they give the same answer.
+`build_run`, `build_embed`, `build_dedup` and `build_remove` validate what they need (failing
+fast with the fix), claim --output (beam_curator.ownership), and compose the same public
+transforms a Python user composes (`beam_curator.__init__`); the CLI, the flex template and the
+tests all call these. Only this module and the CLI read command-line options.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 from typing import List, NamedTuple, Tuple
@@ -16,32 +15,42 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator import outputs
-from beam_curator.options import CuratorOptions, OptionError, validate_options
+from beam_curator.errors import OptionError
+from beam_curator.options import CuratorOptions, resolve_vector_transport, validate_options
 from beam_curator.ownership import OutputClaim, claim_output, finish_output, inputs_of
-from beam_curator.schema import (EMBEDDINGS_SCHEMA, ERROR, ERRORS_SCHEMA, KEPT, REJECTED_SCHEMA,
-                                 SAMPLES_SCHEMA, ErrorRecord, SampleResult, shard_of_id)
+from beam_curator.schema import KEPT, REJECTED_SCHEMA, SampleResult
 from beam_curator.transforms.decode import DecodeImages
-from beam_curator.transforms.filters import ApplyThresholds
-from beam_curator.transforms.read import (ReadShardSamples, list_shards, match_globs,
+from beam_curator.transforms.filters import FilterByScores
+from beam_curator.transforms.read import (ReadResult, ReadWebDataset, list_shards, match_globs,
                                           split_globs)
-from beam_curator.transforms.remove import KEEP, REMOVE, RewriteShards
+from beam_curator.transforms.remove import RemoveSamples, WriteCuratedShards
 from beam_curator.transforms.scores import ScoreImages
 from beam_curator.transforms.summary import WriteSummary
-from beam_curator.transforms.write import WriteParquetByShard
+from beam_curator.transforms.write import (WriteEmbeddings, WriteErrors, WriteParquetByShard,
+                                           WriteSamples)
 
 _LOG = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class Front:
+class Front(NamedTuple):
     """What the embed half of the graph hands on."""
 
-    shards: beam.PCollection          # (shard name, url)
+    read: ReadResult
     samples_read: beam.PCollection    # singleton count
-    shard_errors: beam.PCollection    # ErrorRecord (not tied to one sample)
     rejected: beam.PCollection        # SampleResult: error / filtered_*
     passed: beam.PCollection          # (SampleInfo, embedding) that passed the filters
     embeddings_written: beam.PCollection
+
+
+def dedup_kwargs(options) -> dict:
+    """The dedup transforms' keywords from the command line."""
+    opts = options.view_as(CuratorOptions)
+    return dict(n_clusters=opts.n_clusters, eps=opts.eps, which_to_keep=opts.which_to_keep,
+                centroids=opts.centroids, kmeans_iterations=opts.kmeans_iterations,
+                kmeans_seed=opts.kmeans_seed, kmeans_sample_size=opts.kmeans_sample_size,
+                pairwise_block_size=opts.pairwise_block_size,
+                border_margin=opts.border_margin,
+                vector_transport=resolve_vector_transport(options), device=opts.dedup_device)
 
 
 def _check_model_dir(opts: CuratorOptions):
@@ -62,80 +71,48 @@ def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list) -> Front:
     """read -> decode -> RunInference -> scores -> thresholds, and write embeddings/."""
     # Imported here: apache_beam.ml (RunInference) costs seconds of imports that the `dedup`
     # and `remove` commands do not need.
-    from beam_curator.transforms.embed import EmbedImages, OpenClipModelHandler
+    from beam_curator.transforms.embed import EmbedImages
 
-    handler = OpenClipModelHandler(
-        opts.model_dir, device=opts.device, precision=opts.precision,
-        min_batch_size=opts.min_inference_batch_size, max_batch_size=opts.inference_batch_size,
-        forward_batch_size=opts.forward_batch_size, large_model=opts.large_model,
-        model_copies=opts.model_copies, compile_mode=opts.torch_compile)
-
-    shards = p | "ShardList" >> beam.Create(shard_list)
-    read = shards | "Read" >> ReadShardSamples()
+    read = p | "Read" >> ReadWebDataset(shards=shard_list)
     samples_read = read.samples | "CountRead" >> beam.combiners.Count.Globally()
-    decoded = read.samples | "Decode" >> DecodeImages(opts.model_dir, opts.max_image_pixels)
-    embedded = decoded.decoded | "Embed" >> EmbedImages(handler, opts.inference_accelerator)
+    decoded = read.samples | "Decode" >> DecodeImages(opts.model_dir,
+                                                      max_image_pixels=opts.max_image_pixels)
+    embedded = decoded.decoded | "Embed" >> EmbedImages(
+        opts.model_dir, device=opts.device, precision=opts.precision,
+        inference_batch_size=opts.inference_batch_size,
+        min_inference_batch_size=opts.min_inference_batch_size,
+        forward_batch_size=opts.forward_batch_size, large_model=opts.large_model,
+        model_copies=opts.model_copies, torch_compile=opts.torch_compile,
+        accelerator=opts.inference_accelerator)
     scored = embedded | "Score" >> ScoreImages(opts.model_dir)
-    split = scored | "Filter" >> ApplyThresholds(opts.aesthetic_threshold, opts.nsfw_threshold)
-
-    embedding_rows = (
-        (split.kept | "PassedRows" >> beam.MapTuple(
-            lambda info, emb: (info.shard, _embedding_row(info, emb, True))),
-         split.filtered | "FilteredRows" >> beam.MapTuple(
-             lambda result, emb: (result.info.shard, _embedding_row(result.info, emb, False))))
-        | "AllEmbeddings" >> beam.Flatten())
-    embeddings_written = embedding_rows | "WriteEmbeddings" >> WriteParquetByShard(
-        outputs.embeddings_dir(opts.output), EMBEDDINGS_SCHEMA, vector_column="embedding")
-
+    split = scored | "Filter" >> FilterByScores(aesthetic_threshold=opts.aesthetic_threshold,
+                                                nsfw_threshold=opts.nsfw_threshold)
+    embeddings_written = ((split.passed, split.filtered)
+                          | "AllEmbeddings" >> beam.Flatten()
+                          | "WriteEmbeddings" >> WriteEmbeddings(opts.output))
     rejected = ((decoded.errors,
                  split.filtered | "DropVectors" >> beam.MapTuple(lambda result, _: result))
                 | "Rejected" >> beam.Flatten())
-    return Front(shards=shards, samples_read=samples_read, shard_errors=read.errors,
-                 rejected=rejected, passed=split.kept, embeddings_written=embeddings_written)
-
-
-def _embedding_row(info, embedding, passed: bool) -> dict:
-    return {"id": info.id, "embedding": embedding, "content_hash": info.content_hash,
-            "passed_filters": passed}
+    return Front(read=read, samples_read=samples_read, rejected=rejected, passed=split.passed,
+                 embeddings_written=embeddings_written)
 
 
 def _write_results(results, front: Front, opts: CuratorOptions, claim: OutputClaim, *,
                    curated: bool, extra: dict, more_written=(), dedup_info=None):
     """samples/, errors/, curated/ (optional) and finally summary.json."""
-    samples_written = (results
-                       | "SampleRows" >> beam.Map(lambda r: (r.info.shard, r.to_row()))
-                       | "WriteSamples" >> WriteParquetByShard(
-                           outputs.samples_dir(opts.output), SAMPLES_SCHEMA))
-    error_rows = ((results
-                   | "ErrorSamples" >> beam.Filter(lambda r: r.status == ERROR)
-                   | "ErrorSampleRows" >> beam.Map(lambda r: ErrorRecord(
-                       id=r.id, shard=r.info.shard, stage=r.stage or "", reason=r.reason or "",
-                       member=(f"{r.info.key}.{r.info.image_ext}" if r.info.image_ext else None)
-                   ).to_row()),
-                   front.shard_errors | "ShardErrorRows" >> beam.Map(lambda e: e.to_row()))
-                  | "AllErrors" >> beam.Flatten())
-    errors_written = (error_rows
-                      | "ErrorsByShard" >> beam.Map(lambda row: (row["shard"], row))
-                      | "WriteErrors" >> WriteParquetByShard(
-                          outputs.errors_dir(opts.output), ERRORS_SCHEMA,
-                          sort_key=_error_order))
-
+    samples_written = results | "WriteSamples" >> WriteSamples(opts.output)
+    errors_written = ((results, front.read.errors)
+                      | "ResultsAndShardErrors" >> beam.Flatten()
+                      | "WriteErrors" >> WriteErrors(opts.output))
     curated_counts = None
     if curated:
-        kept_ids = (results
-                    | "Kept" >> beam.Filter(lambda r: r.status == KEPT)
-                    | "KeptByShard" >> beam.Map(lambda r: (r.info.shard, r.id)))
-        curated_counts = (front.shards, kept_ids) | "Curate" >> RewriteShards(
-            outputs.curated_dir(opts.output), KEEP)
+        curated_counts = results | "Curate" >> WriteCuratedShards(opts.output,
+                                                                  shards=front.read.shards)
     written = [samples_written, errors_written, front.embeddings_written, *more_written]
     return results | "Summary" >> WriteSummary(
         opts.output, extra, samples_read=front.samples_read,
-        shard_errors=front.shard_errors, curated_counts=curated_counts, written=written,
+        shard_errors=front.read.errors, curated_counts=curated_counts, written=written,
         claim_token=claim.token, report=curated and opts.write_report, dedup_info=dedup_info)
-
-
-def _error_order(row: dict) -> tuple:
-    return (row["id"] or "", row["member"] or "", row["reason"])
 
 
 def _run_extra(opts: CuratorOptions, manifest, command: str) -> dict:
@@ -193,12 +170,11 @@ def build_run(p: beam.Pipeline, options) -> OutputClaim:
     front = build_front(p, opts, shard_list)
     more_written, dedup_info = [], None
     if opts.dedup:
-        from beam_curator.transforms.semdedup import Deduplicate, DedupConfig
+        from beam_curator.transforms.dedup import Deduplicate
 
-        candidates = front.passed | "CandidateInfos" >> beam.Keys()
-        dedup = candidates | "Dedup" >> Deduplicate(
-            DedupConfig.from_options(options), manifest.embed_dim, front.embeddings_written)
-        deduped, more_written, dedup_info = dedup.decisions, [dedup.written], dedup.info
+        dedup = front.passed | "Dedup" >> Deduplicate(
+            opts.output, embeddings_written=front.embeddings_written, **dedup_kwargs(options))
+        deduped, more_written, dedup_info = dedup.results, [dedup.written], dedup.info
     else:
         deduped = front.passed | "NoDedup" >> beam.MapTuple(
             lambda info, _: SampleResult(info=info, status=KEPT))
@@ -210,9 +186,9 @@ def build_run(p: beam.Pipeline, options) -> OutputClaim:
 
 
 def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
-    """Step 2: semantic dedup of an embeddings parquet -> OUTPUT/dedup/."""
+    """Step 2: semantic dedup of embeddings -> OUTPUT/dedup/ and summary.json."""
+    from beam_curator.transforms.dedup import DeduplicateEmbeddings, dedup_summary
     from beam_curator.transforms.dedup_data import resolve_embeddings
-    from beam_curator.transforms.semdedup import DedupConfig, DedupFromEmbeddings
 
     opts = validate_options(options, needs=("embeddings", "output"))
     files, npy_pairs = resolve_embeddings(opts.embeddings)
@@ -224,9 +200,18 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
     inputs = files + [path for pair in npy_pairs for path in pair]
     claim = claim_output(opts, "dedup", inputs_of("--embeddings", inputs)
                          + _centroids_input(opts))
-    p | "Dedup" >> DedupFromEmbeddings(files, DedupConfig.from_options(options),
-                                       outputs.recorded_options(opts), claim.token,
-                                       npy_pairs=tuple(npy_pairs))
+    dedup = p | "Dedup" >> DeduplicateEmbeddings(
+        opts.embeddings, opts.output, id_column=opts.id_column,
+        embedding_column=opts.embedding_column, sources=(files, npy_pairs),
+        **dedup_kwargs(options))
+    counts = dedup_summary(dedup.results, dedup.info)
+    out, token = opts.output, claim.token
+    summary = {"command": "dedup", "options": outputs.recorded_options(opts), "eps": opts.eps,
+               "which_to_keep": opts.which_to_keep}
+    (counts
+     | "WriteDedupSummary" >> beam.Map(
+         lambda c, _: finish_output(out, dict(summary, **c), token),
+         beam.pvalue.AsSingleton(dedup.written)))
     return claim
 
 
@@ -251,15 +236,15 @@ def build_remove(p: beam.Pipeline, options) -> OutputClaim:
     removal_files = _removal_files(opts)
     claim = _claim_for_shards(opts, "remove", shard_list,
                               more=inputs_of("--removal_ids", removal_files))
-    shards = p | "ShardList" >> beam.Create(shard_list)
+    read_shards = p | "ShardList" >> beam.Create(shard_list)
     ids = (p
            | "RemovalFiles" >> beam.Create(removal_files)
            | "ReadRemovalIds" >> beam.io.ReadAllFromParquet(columns=["id"])
-           | "ByShard" >> beam.Map(lambda row: (shard_of_id(row["id"]), row["id"])))
-    counts = (shards, ids) | "Rewrite" >> RewriteShards(outputs.curated_dir(opts.output), REMOVE)
+           | "Ids" >> beam.Map(lambda row: row["id"]))
+    counts = ids | "Remove" >> RemoveSamples(opts.output, shards=read_shards)
     out, recorded, token = opts.output, outputs.recorded_options(opts), claim.token
     (counts
-     | "Total" >> beam.combiners.ToList()
+     | "Total" >> beam.combiners.ToList()   # one RemoveCounts per shard: O(shards)
      | "WriteRemoveSummary" >> beam.Map(
          lambda rows: finish_output(out, outputs.remove_summary(rows, recorded), token)))
     return claim

@@ -107,6 +107,21 @@ class SampleResult:
         }
 
 
+@dataclass(frozen=True)
+class DedupDecision:
+    """Dedup's answer for one embedding (what `DeduplicateEmbeddings` emits): status is
+    kept, exact_duplicate or semantic_duplicate; `duplicate_of` the member it duplicates
+    (kept: its most similar earlier-ranked member, or itself when it is first);
+    `cosine_sim` that similarity (1.0 for an exact copy, 0.0 when first in its cluster);
+    `cluster` None for exact copies (decided before clustering)."""
+
+    id: str
+    status: str
+    cluster: Optional[int]
+    duplicate_of: str
+    cosine_sim: float
+
+
 def with_scores(info: SampleInfo, aesthetic: float, nsfw: float) -> SampleInfo:
     return dataclasses.replace(info, aesthetic_score=float(aesthetic), nsfw_score=float(nsfw))
 

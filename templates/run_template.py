@@ -88,12 +88,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from beam_curator import cli
-    from beam_curator.errors import USER_ERRORS
+    from beam_curator.errors import user_errors
     from beam_curator.options import CuratorOptions
 
     try:
         options, result = launch(argv)
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     opts = options.view_as(CuratorOptions)

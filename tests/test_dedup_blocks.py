@@ -101,7 +101,7 @@ def test_plan_defaults_follow_the_data():
 
 
 def test_the_plan_says_what_was_chosen():
-    from beam_curator.transforms.semdedup import DedupConfig, make_plan
+    from beam_curator.transforms.dedup_plan import DedupConfig, make_plan
 
     auto = make_plan(2_500_000, DedupConfig(output="o"))
     assert (auto.n_clusters, auto.sample_size) == (250, 16_000)

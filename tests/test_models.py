@@ -32,11 +32,11 @@ from beam_curator.models.heads import (
     load_nsfw_head,
     load_state_dict_file,
 )
+from beam_curator.models.check import check_model_dir
 from beam_curator.models.layout import (
     Manifest,
     ModelDirError,
     UnsafeWeightsError,
-    check_model_dir,
     localize_model_dir,
 )
 from beam_curator.models.random_init import (

@@ -9,7 +9,8 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_curator.schema import ErrorRecord, ShardSample
-from beam_curator.transforms.read import ReadShardSamples, ShardListError, list_shards
+from beam_curator.errors import ShardListError
+from beam_curator.transforms.read import ReadWebDataset, list_shards
 from beam_curator.webdataset import shard_samples, split_member_name
 
 
@@ -114,9 +115,8 @@ def test_list_shards_fails_fast(tmp_path):
 def test_read_transform_on_several_shards(tmp_path):
     for s in range(3):
         write_tar(tmp_path / f"{s:03d}.tar", [(f"k{i}.png", bytes([s, i])) for i in range(4)])
-    shards = list_shards(str(tmp_path / "*.tar"))
     with beam.Pipeline(runner="FnApiRunner") as p:
-        read = p | beam.Create(shards) | ReadShardSamples()
+        read = p | ReadWebDataset(str(tmp_path / "*.tar"))
         assert_that(read.samples | beam.Map(lambda s: (s.id, s.image_bytes)),
                     equal_to([(f"{s:03d}/k{i}", bytes([s, i])) for s in range(3)
                               for i in range(4)]))

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from beam_curator.cli import run_pipeline
-from beam_curator.options import OptionError
+from beam_curator.errors import OptionError
 from tests.conftest import run_args
 
 pytestmark = pytest.mark.slow

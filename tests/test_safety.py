@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from beam_curator import cli, ownership
-from beam_curator.options import OptionError, curator_options
+from beam_curator.errors import OptionError
+from beam_curator.options import curator_options
 from beam_curator.transforms.read import list_shards
 from beam_curator.webdataset import iter_shard
 from beam_curator.schema import ErrorRecord, ShardSample

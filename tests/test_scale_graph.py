@@ -22,7 +22,8 @@ from beam_curator.pipelines import build_pipeline
 
 # (regex on the full label of the PCollection's producer, its bound)
 BOUNDED_SIDE_INPUTS = [
-    (r"CountRead/.*|.*/Count[A-Za-z]+(/.*)?|.*/Done\d+(/.*)?|.*/Written\d+(/.*)?", "a count"),
+    (r"CountRead/.*|(.*/)?Count[A-Za-z]+(/.*)?|.*/Done\d+(/.*)?|.*/Written\d+(/.*)?",
+     "a count (per status at most)"),
     (r".*/Some(Errors|Repeated)(/.*)?", "the first 20 / 1000 (Top.Smallest)"),
     (r".*/SumCurated(/.*)?|.*/SumCounts(/.*)?", "two sums"),
     (r".*/Plan|.*/Info|.*/K|.*/SizeStats(/.*)?", "a few numbers"),

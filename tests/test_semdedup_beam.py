@@ -148,7 +148,8 @@ def test_border_margin_only_adds_duplicates(planted, trained, tmp_path):
 
 
 def test_border_margin_refuses_random_order():
-    from beam_curator.options import OptionError, curator_options, validate_options
+    from beam_curator.errors import OptionError
+    from beam_curator.options import curator_options, validate_options
 
     with pytest.raises(OptionError, match="hard or easy"):
         validate_options(curator_options(["--border_margin", "0.05",

@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from beam_curator import cli
-from beam_curator.options import OptionError, curator_options
+from beam_curator.errors import OptionError
+from beam_curator.options import curator_options
 from beam_curator.schema import ErrorRecord, ShardSample
 from beam_curator.transforms.read import list_shards
 from beam_curator.webdataset import shard_samples

@@ -22,12 +22,14 @@ import logging
 from functools import lru_cache
 from typing import Optional
 
+from beam_curator.defaults import DEVICES
+
 _LOG = logging.getLogger(__name__)
 
 NUMPY = "numpy"
 TORCH = "torch"
 FAISS = "faiss"
-DEVICES = ("auto", "cpu", "cuda")          # plus "cuda:N"
+# DEVICES (auto, cpu, cuda; plus "cuda:N" here) is beam_curator.defaults'.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,9 @@ from typing import Sequence
 import numpy as np
 
 from beam_curator.dedup._checks import as_float_vector
+from beam_curator.defaults import WHICH_TO_KEEP
 
-WHICH_TO_KEEP = ("hard", "easy", "random")
+
 
 
 def _check_ids(ids: Sequence[str]) -> np.ndarray:

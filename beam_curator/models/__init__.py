@@ -8,7 +8,6 @@ from .layout import (
     Manifest,
     ModelDirError,
     UnsafeWeightsError,
-    check_model_dir,
     localize_model_dir,
 )
 
@@ -33,6 +32,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "check_model_dir": "check",
     "LoadedClip": "clip",
     "QuickGeluError": "clip",
     "load_clip": "clip",

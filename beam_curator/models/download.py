@@ -24,6 +24,8 @@ import zipfile
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+from beam_curator.atomic import write_atomically
+
 from .layout import (
     AESTHETIC_PATHS,
     ALL_LAYOUT_PATHS,
@@ -36,7 +38,6 @@ from .layout import (
     NSFW_PATHS,
     NSFW_STEM,
     Manifest,
-    atomic_write,
     config_image_size,
     file_sha256,
     read_clip_config,
@@ -220,4 +221,4 @@ def _write_verified(dest: str, write: Callable, sha256: str) -> None:
         if actual != sha256:
             raise DownloadError(f"sha256 mismatch for {os.path.basename(dest)}: got {actual}, expected {sha256}")
 
-    atomic_write(dest, write_and_check)
+    write_atomically(dest, write_and_check, pass_path=True)

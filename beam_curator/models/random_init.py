@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from beam_curator.atomic import write_atomically
+
 from .heads import AestheticHead, NsfwHead
 from .layout import (
     AESTHETIC_STEM,
@@ -29,7 +31,6 @@ from .layout import (
     NSFW_STEM,
     NSFW_SUBDIR,
     Manifest,
-    atomic_write,
     atomic_write_bytes,
     config_image_size,
     file_sha256,
@@ -174,7 +175,8 @@ def _write_safetensors(module: nn.Module, path: str) -> None:
 
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     # Streams to disk: ViT-L/14 is 1.7 GB, no need to hold a second copy as bytes.
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_atomically(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
+                     pass_path=True)
 
 
 def init_random(model_dir: str, arch: str = TINY_ARCH, seed: int = 0, overwrite: bool = False) -> Manifest:

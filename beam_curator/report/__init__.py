@@ -58,7 +58,7 @@ def build_report(output_dir: str, thumbnails: bool = True,
 
 def write_report(output_dir: str, summary: Optional[dict] = None) -> str:
     """Write OUTPUT/report.html (temp name, then rename) and return its path."""
-    from beam_curator.transforms.write import write_atomically
+    from beam_curator.atomic import write_atomically
 
     page = build_report(output_dir, summary=summary).encode("utf-8")
     path = outputs.report_file(output_dir.rstrip("/") or output_dir)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator import outputs
-from beam_curator.options import OptionError
+from beam_curator.errors import OptionError
 from beam_curator.report.charts import FineHistogram
 from beam_curator.schema import (EXACT_DUPLICATE, FILTERED_AESTHETIC, FILTERED_NSFW,
                                  KEPT, SEMANTIC_DUPLICATE, STATUSES, shard_of_id)

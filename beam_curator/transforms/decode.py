@@ -1,4 +1,4 @@
-"""Decode + preprocess: image bytes -> (SampleInfo, uint8 CHW pixels), or an error sample.
+"""Decode + preprocess: image bytes -> (SampleInfo, uint8 HWC pixels), or an error sample.
 
 Resizing and cropping (open_clip's eval transform) happen here, on the CPU workers; the
 float conversion and normalisation happen on the inference device (transforms/embed.py), so
@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import io
 import json
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -161,11 +162,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-class DecodeFn(beam.DoFn):
-    """ShardSample -> (SampleInfo, uint8 CHW pixels); SampleResult(error) to `errors`."""
+# open_clip's preprocessing for OpenAI CLIP weights at 224 px: what DecodeImages uses when no
+# model dir says otherwise (a user's own model that takes CLIP-style input).
+DEFAULT_PREPROCESS_CFG = {"size": 224, "mode": "RGB", "interpolation": "bicubic",
+                          "resize_mode": "shortest", "fill_color": 0,
+                          "mean": (0.48145466, 0.4578275, 0.40821073),
+                          "std": (0.26862954, 0.26130258, 0.27577711)}
 
-    def __init__(self, model_dir: str, max_pixels: int):
+
+class DecodeFn(beam.DoFn):
+    """ShardSample -> (SampleInfo, uint8 HWC pixels); SampleResult(error) to `errors`.
+
+    The preprocessing comes from `model_dir`'s open_clip config, else `preprocess_cfg`."""
+
+    def __init__(self, model_dir: Optional[str], max_pixels: int,
+                 preprocess_cfg: Optional[dict] = None):
         self._model_dir = model_dir
+        self._preprocess_cfg = preprocess_cfg or DEFAULT_PREPROCESS_CFG
         self._max_pixels = max_pixels
         self._preprocess = None
         self._cfg = None
@@ -173,7 +186,8 @@ class DecodeFn(beam.DoFn):
         self.errors = beam.metrics.Metrics.counter("curator", "decode_errors")
 
     def setup(self):
-        self._cfg = read_preprocess_cfg(self._model_dir)
+        self._cfg = (read_preprocess_cfg(self._model_dir) if self._model_dir
+                     else dict(self._preprocess_cfg))
         self._preprocess = build_preprocess(self._cfg)
         if Image.MAX_IMAGE_PIXELS is not None and self._max_pixels > Image.MAX_IMAGE_PIXELS:
             # Pillow refuses images above twice its own cap; --max_image_pixels decides here.
@@ -212,14 +226,50 @@ class DecodeFn(beam.DoFn):
             info=info, status=ERROR, reason=reason, stage=STAGE_DECODE))
 
 
-class DecodeImages(beam.PTransform):
-    """Samples -> (SampleInfo, tensor) ready for RunInference, errors tagged `errors`."""
+class DecodeResult(NamedTuple):
+    """What `DecodeImages` returns.
 
-    def __init__(self, model_dir: str, max_pixels: int):
+    decoded: (SampleInfo, pixels): uint8 (H, W, 3) torch tensors resized and centre-cropped
+        the way the model expects (normalisation happens on the inference device); the info
+        now has content_hash (sha256 of the original bytes), width and height.
+    errors: SampleResult with status error, stage decode (or read, for samples the reader
+        already marked) and the reason.
+    """
+
+    decoded: beam.PCollection
+    errors: beam.PCollection
+
+
+class DecodeImages(beam.PTransform):
+    """ShardSample -> DecodeResult: Pillow decode, EXIF rotation, first frame, any mode to
+    RGB, a pixel cap against decompression bombs, then open_clip's resize and crop.
+
+    Args:
+      model_dir: a beam-curator model dir: the preprocessing of its open_clip config.
+        None: `preprocess_cfg`, or OpenAI CLIP's at `image_size` px.
+      max_image_pixels: larger images are errors (checked from the header, before decoding).
+      image_size: the square input size when neither model_dir nor preprocess_cfg is given.
+      preprocess_cfg: open_clip PreprocessCfg fields (size, mean, std, interpolation,
+        resize_mode, ...), for a model of your own.
+
+    Example::
+
+        decoded = read.samples | DecodeImages("models/")
+        decoded.errors | beam.Map(lambda r: print(r.id, r.reason))
+    """
+
+    def __init__(self, model_dir: Optional[str] = None, *,
+                 max_image_pixels: int = 89_478_485, image_size: int = 224,
+                 preprocess_cfg: Optional[dict] = None):
         super().__init__()
         self._model_dir = model_dir
-        self._max_pixels = max_pixels
+        self._max_pixels = max_image_pixels
+        self._cfg = dict(preprocess_cfg or DEFAULT_PREPROCESS_CFG)
+        if preprocess_cfg is None:
+            self._cfg["size"] = image_size
 
     def expand(self, samples):
-        return samples | "DecodePreprocess" >> beam.ParDo(
-            DecodeFn(self._model_dir, self._max_pixels)).with_outputs(ERRORS, main="decoded")
+        out = samples | "DecodePreprocess" >> beam.ParDo(
+            DecodeFn(self._model_dir, self._max_pixels, self._cfg)).with_outputs(
+                ERRORS, main="decoded")
+        return DecodeResult(decoded=out.decoded, errors=out[ERRORS])

@@ -18,19 +18,24 @@ on their own. Everything here is a module-level class or function: Beam pickles 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, FrozenSet, List, Optional, Sequence, Tuple
+from typing import FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from beam_curator.transforms.write import write_atomically
+from beam_curator.atomic import write_atomically
 
-if TYPE_CHECKING:   # annotations only: semdedup imports this module
-    from beam_curator.transforms.semdedup import DedupConfig
+from beam_curator.transforms.dedup_plan import STAGED, DedupConfig
 
-STAGED, SHUFFLE = "staged", "shuffle"   # --dedup_vector_transport: staged files | inline
+
+class ExactDuplicate(NamedTuple):
+    """A copy found by the exact pre-pass (same content hash as a smaller id)."""
+
+    id: str
+    survivor: str
+    chunk: str            # the chunk the copy was read from: where its outputs are written
 
 
 # ---- chunks: a handful of rows and the way to their vectors --------------------------------
@@ -174,7 +179,7 @@ def count_candidates(chunk: Chunk, config: DedupConfig) -> int:
 
 def embeddings_schema(path: str, config: DedupConfig) -> Tuple[int, bool]:
     """(dim, has content_hash) of one embeddings file; refuses missing columns with the fix."""
-    from beam_curator.options import OptionError
+    from beam_curator.errors import OptionError
 
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
@@ -204,8 +209,11 @@ def chunk_names(paths: Sequence[str]) -> dict:
     return {p: f"{i:06d}" for i, p in enumerate(sorted(paths))}
 
 
-def row_group_chunks(path: str, name: str, dim: int) -> List[Chunk]:
-    """One Chunk per row group of one file (the footer is the only thing read)."""
+def row_group_chunks(path: str, name: str, dim: int, config: DedupConfig) -> List[Chunk]:
+    """One Chunk per row group of one file (the footer is the only thing read; and the
+    first row, when `dim` is 0: not known when the graph was built)."""
+    if not dim:
+        dim, _ = embeddings_schema(path, config)
     with FileSystems.open(path) as handle:
         n_groups = pq.ParquetFile(handle).metadata.num_row_groups
     return [Chunk(name=f"{name}-{rg:05d}", parquet=(path, rg), dim=dim)
@@ -231,7 +239,7 @@ def clip_retrieval_pairs(directory: str) -> List[Tuple[str, str]]:
         metadata = FileSystems.join(directory, "metadata", f"metadata_{number}.parquet")
         (pairs if FileSystems.exists(metadata) else missing).append((npy, metadata))
     if missing:
-        from beam_curator.options import OptionError
+        from beam_curator.errors import OptionError
 
         raise OptionError(f"{missing[0][0]} has no {missing[0][1]}: clip-retrieval writes "
                           "the ids of img_emb_N.npy in metadata/metadata_N.parquet.")
@@ -278,7 +286,7 @@ def npy_shape(path: str) -> Tuple[int, int]:
 def npy_id_column(metadata: str, id_column: str) -> str:
     """The id column of a clip-retrieval metadata file: the one asked for, or (the default
     `id` being absent) `key`, then `image_path`, which clip-retrieval always writes."""
-    from beam_curator.options import OptionError
+    from beam_curator.errors import OptionError
 
     with FileSystems.open(metadata) as handle:
         names = pq.ParquetFile(handle).schema_arrow.names
@@ -336,6 +344,7 @@ class Members:
     l2_dist: np.ndarray                   # float32
     border: np.ndarray                    # bool: a second membership (--border_margin)
     vectors: Optional[np.ndarray] = None
+    dim: int = 0                          # of the staged rows (files hold raw float32)
     paths: Tuple[str, ...] = ()
     path_index: Optional[np.ndarray] = None
     rows: Optional[np.ndarray] = None
@@ -349,8 +358,8 @@ class Members:
         return Members(
             ids=tuple(self.ids[i] for i in index), cos_dist=self.cos_dist[index],
             l2_dist=self.l2_dist[index], border=self.border[index],
-            vectors=pick(self.vectors), paths=self.paths, path_index=pick(self.path_index),
-            rows=pick(self.rows))
+            vectors=pick(self.vectors), dim=self.dim, paths=self.paths,
+            path_index=pick(self.path_index), rows=pick(self.rows))
 
     @staticmethod
     def concat(parts: Sequence["Members"]) -> "Members":
@@ -369,17 +378,18 @@ class Members:
             ids=tuple(i for p in parts for i in p.ids), cos_dist=cat("cos_dist"),
             l2_dist=cat("l2_dist"), border=cat("border"),
             vectors=cat("vectors") if parts[0].vectors is not None else None,
+            dim=parts[0].dim,
             paths=paths, path_index=path_index,
             rows=cat("rows") if parts[0].rows is not None else None)
 
-    def load_vectors(self, dim: int) -> np.ndarray:
+    def load_vectors(self) -> np.ndarray:
         if self.vectors is not None:
             return self.vectors
-        out = np.empty((len(self), dim), dtype=np.float32)
+        out = np.empty((len(self), self.dim), dtype=np.float32)
         for p, path in enumerate(self.paths):
             where = np.flatnonzero(self.path_index == p)
             if where.size:
-                out[where] = read_staged_rows(path, dim, self.rows[where])
+                out[where] = read_staged_rows(path, self.dim, self.rows[where])
         return out
 
 

@@ -18,6 +18,8 @@ import numpy as np
 from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
                                            RunInference)
 
+from beam_curator.defaults import DEFAULT_INFERENCE_BATCH_SIZE
+
 _LOG = logging.getLogger(__name__)
 
 
@@ -130,20 +132,20 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
     """open_clip image tower behind Beam's ModelHandler interface."""
 
     def __init__(self, model_dir: str, *, device: str = "auto", precision: str = "auto",
-                 min_batch_size: Optional[int] = None, max_batch_size: int = 64,
+                 min_batch_size: Optional[int] = None,
+                 max_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
                  forward_batch_size: Optional[int] = None, large_model: bool = False,
                  model_copies: Optional[int] = None, compile_mode: Optional[str] = None):
-        super().__init__()
+        # Batching and model sharing are Beam's: its ModelHandler takes them. Full batches
+        # by default: the fewest padded rows and the fewest calls.
+        super().__init__(min_batch_size=min_batch_size or max_batch_size,
+                         max_batch_size=max_batch_size, large_model=large_model,
+                         model_copies=model_copies)
         self._model_dir = model_dir
         self._device = device
         self._precision = precision
-        # Full batches by default: the fewest padded rows and the fewest calls.
-        self._min_batch_size = min_batch_size or max_batch_size
-        self._max_batch_size = max_batch_size
         self._forward_batch_size = (forward_batch_size
                                     or default_forward_batch_size(max_batch_size))
-        self._large_model = large_model
-        self._model_copies = model_copies
         self._compile_mode = compile_mode     # None: eager; else a torch.compile mode
 
     def load_model(self) -> LoadedClipModel:
@@ -180,25 +182,64 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
         # The example (150 kB of pixels at 224 px) is not kept: nothing downstream needs it.
         return [PredictionResult(None, row) for row in embeddings]
 
-    def batch_elements_kwargs(self):
-        return {"min_batch_size": self._min_batch_size, "max_batch_size": self._max_batch_size}
-
-    def share_model_across_processes(self) -> bool:
-        return self._large_model
-
-    def model_copies(self) -> int:
-        return self._model_copies or 1
-
     def get_metrics_namespace(self) -> str:
         return "curator_clip"
 
 
-class EmbedImages(beam.PTransform):
-    """(SampleInfo, tensor) -> (SampleInfo, float32 embedding) through RunInference."""
+def _unit_embedding(result) -> np.ndarray:
+    """A user handler's inference (numpy, torch tensor, list) -> float32 unit vector."""
+    inference = result.inference if isinstance(result, PredictionResult) else result
+    if hasattr(inference, "detach"):
+        inference = inference.detach().float().cpu().numpy()
+    vector = np.asarray(inference, dtype=np.float32).reshape(-1)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
 
-    def __init__(self, handler: OpenClipModelHandler, accelerator: Optional[str] = None):
+
+class EmbedImages(beam.PTransform):
+    """(SampleInfo, pixels) -> (SampleInfo, float32 L2-normalised embedding): RunInference.
+
+    With `model_dir`, our open_clip handler (CLIP ViT-L/14 for LAION's heads): Beam batches,
+    every forward has a fixed shape (an embedding never depends on its batch), bf16 weights
+    on GPU, CPU fallback logged. Or bring any Beam `ModelHandler` whose examples are the
+    decoded pixels (uint8 (H, W, 3) torch tensors from DecodeImages) and whose inference is
+    one embedding per example (numpy, torch or list); it is normalised to unit length,
+    which dedup and the score heads expect.
+
+    Args:
+      model_dir: a beam-curator model dir (clip/, aesthetic/, nsfw/; `models init-random`
+        or `models download`). Ignored when model_handler is given.
+      model_handler: your own ModelHandler (see above).
+      device, precision: "auto" | "cpu" | "cuda"; "auto" | "fp32" | "bf16" | "fp16".
+      inference_batch_size, min_inference_batch_size, forward_batch_size: batching (see the
+        README's options table).
+      large_model, model_copies: share one model per machine (Beam's large_model).
+      torch_compile: None, or a torch.compile mode for the image tower on GPU.
+      accelerator: a resource hint for this step only, e.g.
+        "type:nvidia-l4;count:1;install-nvidia-driver" (Dataflow).
+
+    Example::
+
+        embedded = decoded.decoded | EmbedImages("models/", device="auto")
+    """
+
+    def __init__(self, model_dir: Optional[str] = None, *,
+                 model_handler: Optional[ModelHandler] = None, device: str = "auto",
+                 precision: str = "auto",
+                 inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
+                 min_inference_batch_size: Optional[int] = None,
+                 forward_batch_size: Optional[int] = None, large_model: bool = False,
+                 model_copies: Optional[int] = None, torch_compile: Optional[str] = None,
+                 accelerator: Optional[str] = None):
         super().__init__()
-        self._handler = handler
+        if model_handler is None and not model_dir:
+            raise ValueError("EmbedImages needs a model_dir or a model_handler")
+        self._own = model_handler is not None
+        self._handler = model_handler or OpenClipModelHandler(
+            model_dir, device=device, precision=precision,
+            min_batch_size=min_inference_batch_size, max_batch_size=inference_batch_size,
+            forward_batch_size=forward_batch_size, large_model=large_model,
+            model_copies=model_copies, compile_mode=torch_compile)
         self._accelerator = accelerator
 
     def expand(self, decoded):
@@ -206,6 +247,8 @@ class EmbedImages(beam.PTransform):
         if self._accelerator:
             # GPU only where it pays: the rest of the graph stays on cheap CPU workers.
             inference = inference.with_resource_hints(accelerator=self._accelerator)
+        unwrap = ((lambda info, result: (info, _unit_embedding(result))) if self._own
+                  else (lambda info, result: (info, result.inference)))
         return (decoded
                 | "RunInference" >> inference
-                | "Unwrap" >> beam.MapTuple(lambda info, result: (info, result.inference)))
+                | "Unwrap" >> beam.MapTuple(unwrap))

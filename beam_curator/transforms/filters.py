@@ -1,4 +1,4 @@
-"""Threshold filters: one ParDo, tagged outputs `kept` and `filtered`.
+"""Threshold filters: one ParDo, tagged outputs `passed` and `filtered`.
 
 Rules (documented in README): a sample is filtered_nsfw when nsfw_score >= --nsfw_threshold,
 else filtered_aesthetic when aesthetic_score < --aesthetic_threshold, else it passes. NSFW is
@@ -7,10 +7,11 @@ switches that filter off.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
 
+from beam_curator.defaults import DEFAULT_AESTHETIC_THRESHOLD, DEFAULT_NSFW_THRESHOLD
 from beam_curator.schema import FILTERED_AESTHETIC, FILTERED_NSFW, SampleResult
 
 FILTERED = "filtered"
@@ -45,14 +46,41 @@ class ThresholdFilterFn(beam.DoFn):
                                                       element[1]))
 
 
-class ApplyThresholds(beam.PTransform):
-    """(info, embedding) -> main: passed; `filtered`: (SampleResult, embedding)."""
+class FilterResult(NamedTuple):
+    """What `FilterByScores` returns.
 
-    def __init__(self, aesthetic_threshold, nsfw_threshold):
+    passed: (SampleInfo, embedding) of the samples that pass both filters.
+    filtered: (SampleResult, embedding) with status filtered_nsfw or filtered_aesthetic.
+    """
+
+    passed: beam.PCollection
+    filtered: beam.PCollection
+
+
+class FilterByScores(beam.PTransform):
+    """Scored (SampleInfo, embedding) -> FilterResult by the LAION scores.
+
+    A sample is filtered_nsfw when nsfw_score >= nsfw_threshold, else filtered_aesthetic when
+    aesthetic_score < aesthetic_threshold (NSFW first: an unsafe image is always reported as
+    such); None switches a filter off.
+
+    Args:
+      aesthetic_threshold: keep when the aesthetic score (LAION's 1–10 scale) is >= this.
+      nsfw_threshold: filter when the NSFW score (0–1) is >= this.
+
+    Example::
+
+        split = scored | FilterByScores(aesthetic_threshold=None, nsfw_threshold=0.5)
+        split.passed | ...
+    """
+
+    def __init__(self, *, aesthetic_threshold: Optional[float] = DEFAULT_AESTHETIC_THRESHOLD,
+                 nsfw_threshold: Optional[float] = DEFAULT_NSFW_THRESHOLD):
         super().__init__()
         self._aesthetic = aesthetic_threshold
         self._nsfw = nsfw_threshold
 
     def expand(self, scored):
-        return scored | "Thresholds" >> beam.ParDo(
-            ThresholdFilterFn(self._aesthetic, self._nsfw)).with_outputs(FILTERED, main="kept")
+        out = scored | "Thresholds" >> beam.ParDo(
+            ThresholdFilterFn(self._aesthetic, self._nsfw)).with_outputs(FILTERED, main="passed")
+        return FilterResult(passed=out.passed, filtered=out[FILTERED])

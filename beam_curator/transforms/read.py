@@ -8,20 +8,17 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from beam_curator.errors import ShardListError
 from beam_curator.schema import ErrorRecord, ShardSample
 from beam_curator.webdataset import shard_samples
 
 ERRORS = "errors"
 _LOG = logging.getLogger(__name__)
-
-
-class ShardListError(ValueError):
-    """--input matched nothing, or two shards share a name (ids would collide)."""
 
 
 def shard_name(url: str) -> str:
@@ -84,7 +81,7 @@ def list_shards(pattern: str) -> List[Tuple[str, str]]:
     shards only.
     """
     from beam_curator.outputs import OWN_FILE_NAMES
-    from beam_curator.transforms.write import TMP_PREFIX
+    from beam_curator.atomic import TMP_PREFIX
 
     matched = match_globs(pattern, directory_glob="*.tar")
     own = [u for u in matched if posixpath.basename(u) in OWN_FILE_NAMES
@@ -167,10 +164,54 @@ def json_sidecar_ok(sample: ShardSample) -> bool:
     return True
 
 
-class ReadShardSamples(beam.PTransform):
-    """PCollection of (shard name, url) -> samples, with shard-level errors tagged `errors`."""
+class ReadResult(NamedTuple):
+    """What `ReadWebDataset` returns.
 
-    def expand(self, shards):
-        return (shards
+    samples: ShardSample per webdataset sample (image bytes, sidecars; `error` set when the
+        reader already knows it is unusable).
+    errors: ErrorRecord per shard-level problem (damage, unsafe member names, ...).
+    shards: (shard name, url) of every shard read (what `WriteCuratedShards` re-reads).
+    """
+
+    samples: beam.PCollection
+    errors: beam.PCollection
+    shards: beam.PCollection
+
+
+class ReadWebDataset(beam.PTransform):
+    """Webdataset tar shards -> ReadResult: one shard per work item, streamed.
+
+    Members are grouped into samples by webdataset `__key__` (the member path up to the first
+    dot of its file name); the first image member (.jpg/.jpeg/.png/.webp) is the image and
+    the rest are sidecars, kept verbatim. Ids are `<shard file name>/<key>`. Damage never
+    fails the read: see `beam_curator.webdataset`.
+
+    Args:
+      file_pattern: comma-separated globs or directories (a directory: its *.tar), local,
+        gs:// or s3://. Resolved when the graph is built (fails fast when nothing matches).
+      shards: the (shard name, url) pairs when the caller has already listed them
+        (`transforms.read.list_shards`); file_pattern is then ignored.
+
+    Example::
+
+        import apache_beam as beam
+        from beam_curator import ReadWebDataset
+
+        with beam.Pipeline() as p:
+            read = p | ReadWebDataset("shards/*.tar")
+            read.samples | beam.Map(lambda s: print(s.id, s.image_ext, sorted(s.sidecars)))
+    """
+
+    def __init__(self, file_pattern: Optional[str] = None, *,
+                 shards: Optional[List[Tuple[str, str]]] = None):
+        super().__init__()
+        if shards is None and not file_pattern:
+            raise ValueError("ReadWebDataset needs a file_pattern (or resolved shards)")
+        self._shards = list(shards) if shards is not None else list_shards(file_pattern)
+
+    def expand(self, pbegin):
+        shards = pbegin | "ShardList" >> beam.Create(self._shards)
+        read = (shards
                 | "OneShardPerWorkItem" >> beam.Reshuffle()
                 | "ReadTar" >> beam.ParDo(ReadShardFn()).with_outputs(ERRORS, main="samples"))
+        return ReadResult(samples=read.samples, errors=read[ERRORS], shards=shards)

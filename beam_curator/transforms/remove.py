@@ -11,7 +11,7 @@ from typing import NamedTuple, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_curator.schema import ShardSample
+from beam_curator.schema import ShardSample, shard_of_id
 from beam_curator.webdataset import shard_samples
 from beam_curator.transforms.write import write_curated_shard
 
@@ -101,3 +101,75 @@ class RewriteShards(beam.PTransform):
         return ({"url": shards, "ids": ids}
                 | "JoinIdsToShard" >> beam.CoGroupByKey()
                 | "RewriteTar" >> beam.ParDo(RewriteShardFn(self._curated_dir, self._mode)))
+
+
+def _shard_and_id(item):
+    """A SampleResult, a SampleInfo or an id string -> (shard, id)."""
+    sample_id = item if isinstance(item, str) else item.id
+    return shard_of_id(sample_id), sample_id
+
+
+class WriteCuratedShards(beam.PTransform):
+    """Samples to keep -> OUTPUT/curated/<shard>.tar with their ORIGINAL bytes and sidecars.
+
+    Applied to the samples to keep: SampleResults with status kept (others are ignored),
+    SampleInfos or ids. Each source tar is read again and its kept samples written in their
+    original order, member names and bytes (image bytes never cross a shuffle: only ids do).
+    A shard with nothing kept gets no tar. Emits (shard, samples written).
+
+    Args:
+      output_dir: the output directory.
+      shards: the (shard name, url) PCollection of `ReadWebDataset(...).shards`.
+
+    Example::
+
+        read = p | ReadWebDataset("shards/*.tar")
+        ...
+        results | WriteCuratedShards("/tmp/out", shards=read.shards)
+    """
+
+    def __init__(self, output_dir: str, *, shards: beam.PCollection):
+        super().__init__()
+        self._output_dir = output_dir
+        self._shards = shards
+
+    def expand(self, kept):
+        from beam_curator import outputs
+        from beam_curator.schema import KEPT
+
+        ids = (kept
+               | "OnlyKept" >> beam.Filter(lambda r: getattr(r, "status", KEPT) == KEPT)
+               | "ByShard" >> beam.Map(_shard_and_id))
+        return (self._shards, ids) | "Rewrite" >> RewriteShards(
+            outputs.curated_dir(self._output_dir), KEEP)
+
+
+class RemoveSamples(beam.PTransform):
+    """Removal ids -> OUTPUT/curated/<shard>.tar holding every other sample (step 3).
+
+    Applied to the ids to drop (strings `<shard>/<key>`, as NeMo Curator's removal-id files
+    hold them). Emits RemoveCounts per shard: written, ids listed, ids that matched a sample.
+
+    Args:
+      output_dir: the output directory.
+      shards: the (shard name, url) PCollection of `ReadWebDataset(...).shards`.
+
+    Example::
+
+        read = p | ReadWebDataset("shards/*.tar")
+        ids = p | beam.io.ReadFromParquet("dups/*.parquet", columns=["id"]) | beam.Map(
+            lambda row: row["id"])
+        ids | RemoveSamples("/tmp/out", shards=read.shards)
+    """
+
+    def __init__(self, output_dir: str, *, shards: beam.PCollection):
+        super().__init__()
+        self._output_dir = output_dir
+        self._shards = shards
+
+    def expand(self, ids):
+        from beam_curator import outputs
+
+        keyed = ids | "ByShard" >> beam.Map(_shard_and_id)
+        return (self._shards, keyed) | "Rewrite" >> RewriteShards(
+            outputs.curated_dir(self._output_dir), REMOVE)

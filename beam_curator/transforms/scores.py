@@ -32,7 +32,22 @@ class ScoreBatchFn(beam.DoFn):
 
 
 class ScoreImages(beam.PTransform):
-    def __init__(self, model_dir: str, batch_size: int = 256):
+    """(SampleInfo, embedding) -> (SampleInfo with aesthetic_score and nsfw_score, embedding).
+
+    The LAION improved aesthetic predictor (raw score, 1–10 scale) and the LAION CLIP NSFW
+    detector (0–1), loaded once per worker from `model_dir`, run on the CPU in batches. Both
+    expect CLIP ViT-L/14 embeddings (768-d, unit length).
+
+    Args:
+      model_dir: a beam-curator model dir (aesthetic/ and nsfw/ weights).
+      batch_size: embeddings per matrix product.
+
+    Example::
+
+        scored = embedded | ScoreImages("models/")
+    """
+
+    def __init__(self, model_dir: str, *, batch_size: int = 256):
         super().__init__()
         self._model_dir = model_dir
         self._batch_size = batch_size

@@ -6,12 +6,8 @@ leaves a file that looks complete. summary.json is written last: it marks a fini
 """
 from __future__ import annotations
 
-import errno
 import io
-import json
-import os
 import tarfile
-import uuid
 from typing import Callable, Iterable, List, Optional
 
 import apache_beam as beam
@@ -20,63 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-TMP_PREFIX = ".tmp-"
-
-
-def write_atomically(path: str, write: Callable[[object], None],
-                     mime_type: str = "application/octet-stream") -> str:
-    """Write through `write(stream)` to a temp name beside `path`, then rename into place.
-
-    The temp name is unique per attempt (`.tmp-<random>-<name>`): a retried or speculative
-    bundle writing the same file never shares a temp file with another attempt. A failed
-    attempt deletes its temp file; whatever a killed worker leaves is removed by the next
-    run's prepare_output and before summary.json is written.
-    """
-    directory, name = path.rsplit("/", 1) if "/" in path else ("", path)
-    tmp_name = f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
-    tmp = FileSystems.join(directory, tmp_name) if directory else tmp_name
-    if directory:
-        _mkdirs(directory)
-    try:
-        with FileSystems.create(tmp, mime_type=mime_type) as stream:
-            write(stream)
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
-        FileSystems.rename([tmp], [path])
-    except BaseException as exc:
-        try:
-            if FileSystems.exists(tmp):
-                FileSystems.delete([tmp])
-        except Exception:   # noqa: BLE001 - the original error is the one to report
-            pass
-        if _is_disk_full(exc):
-            # Name the file: through Beam's wrapping the message is all that reaches the
-            # user, and pyarrow's own message does not say which file it was writing.
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from exc
-        raise
-    return path
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "[Errno 28]" in str(exc) or "No space left on device" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _mkdirs(directory: str) -> None:
-    """mkdir -p that tolerates another worker creating the same directory at the same time."""
-    if FileSystems.exists(directory):
-        return
-    try:
-        FileSystems.mkdirs(directory)
-    except IOError:
-        if not FileSystems.exists(directory):
-            raise
-
+from beam_curator.atomic import write_atomically
 
 def embeddings_to_arrow(vectors: List[np.ndarray]) -> pa.Array:
     """(n, d) float32 rows -> list<float32> without a Python float per value."""
@@ -145,6 +85,120 @@ class WriteParquetByShard(beam.PTransform):
                     self._directory, self._schema, self._vector_column, self._sort_key)))
 
 
+# ---- the public writers: samples/, errors/, embeddings/ ------------------------------------
+
+class WriteSamples(beam.PTransform):
+    """SampleResult -> OUTPUT/samples/<shard>.parquet (one row per sample, sorted by id).
+
+    Emits the paths written. Columns: schema.SAMPLES_SCHEMA (id, shard, key, status, reason,
+    scores, cluster, duplicate_of, cosine_sim, ...).
+
+    Args:
+      output_dir: the output directory (local, gs://, s3://).
+
+    Example::
+
+        results | WriteSamples("/tmp/out")
+    """
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self._output_dir = output_dir
+
+    def expand(self, results):
+        from beam_curator import outputs
+        from beam_curator.schema import SAMPLES_SCHEMA
+
+        return (results
+                | "SampleRows" >> beam.Map(lambda r: (r.info.shard, r.to_row()))
+                | "WriteSamples" >> WriteParquetByShard(outputs.samples_dir(self._output_dir),
+                                                        SAMPLES_SCHEMA))
+
+
+def _error_row(item) -> dict:
+    from beam_curator.schema import ErrorRecord
+
+    if isinstance(item, ErrorRecord):
+        return item.to_row()
+    info = item.info
+    return ErrorRecord(id=item.id, shard=info.shard, stage=item.stage or "",
+                       reason=item.reason or "",
+                       member=f"{info.key}.{info.image_ext}" if info.image_ext else None
+                       ).to_row()
+
+
+def _error_order(row: dict) -> tuple:
+    return (row["id"] or "", row["member"] or "", row["reason"])
+
+
+class WriteErrors(beam.PTransform):
+    """Errors -> OUTPUT/errors/<shard>.parquet: shard-level ErrorRecords (id null) and
+    SampleResults with status error (other statuses are ignored). Emits the paths written.
+
+    Args:
+      output_dir: the output directory.
+
+    Example::
+
+        (read.errors, results) | beam.Flatten() | WriteErrors("/tmp/out")
+    """
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self._output_dir = output_dir
+
+    def expand(self, items):
+        from beam_curator import outputs
+        from beam_curator.schema import ERROR, ERRORS_SCHEMA, ErrorRecord
+
+        return (items
+                | "OnlyErrors" >> beam.Filter(
+                    lambda i: isinstance(i, ErrorRecord) or i.status == ERROR)
+                | "ErrorRows" >> beam.Map(_error_row)
+                | "ByShard" >> beam.Map(lambda row: (row["shard"], row))
+                | "WriteErrors" >> WriteParquetByShard(outputs.errors_dir(self._output_dir),
+                                                       ERRORS_SCHEMA, sort_key=_error_order))
+
+
+def _embedding_row(element) -> tuple:
+    """(SampleInfo | SampleResult, embedding) -> (shard, row); a SampleResult (a filtered
+    sample) is written with passed_filters = false."""
+    item, embedding = element
+    info, passed = (item, True) if not hasattr(item, "info") else (item.info, False)
+    return info.shard, {"id": info.id, "embedding": embedding,
+                        "content_hash": info.content_hash, "passed_filters": passed}
+
+
+class WriteEmbeddings(beam.PTransform):
+    """(SampleInfo, embedding) -> OUTPUT/embeddings/<shard>.parquet; emits the paths written.
+
+    Columns: id, embedding (list<float32>), content_hash, passed_filters (true for a
+    SampleInfo, false for a (SampleResult, embedding) of a filtered sample): the input of
+    `DeduplicateEmbeddings` and of `python -m beam_curator dedup`.
+
+    Args:
+      output_dir: the output directory.
+
+    Example::
+
+        scored | WriteEmbeddings("/tmp/out")
+    """
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self._output_dir = output_dir
+
+    def expand(self, embedded):
+        from beam_curator import outputs
+        from beam_curator.schema import EMBEDDINGS_SCHEMA
+
+        return (embedded
+                | "EmbeddingRows" >> beam.Map(_embedding_row)
+                | "WriteEmbeddings" >> WriteParquetByShard(
+                    outputs.embeddings_dir(self._output_dir), EMBEDDINGS_SCHEMA,
+                    vector_column="embedding"))
+
+
 # ---- curated webdataset shards --------------------------------------------------------------
 
 def write_tar_members(stream, samples: Iterable) -> int:
@@ -175,8 +229,3 @@ def write_curated_shard(path: str, samples: Iterable) -> int:
 
     write_atomically(path, write)
     return counter["n"]
-
-
-def write_json(path: str, payload: dict) -> str:
-    data = (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    return write_atomically(path, lambda stream: stream.write(data))

@@ -1,0 +1,294 @@
+"""The public dedup transforms: `Deduplicate` (samples in a pipeline) and
+`DeduplicateEmbeddings` (embedding files: the three-step flow's step 2).
+
+Both run the same core (`transforms/semdedup.py`) on row-group chunks of embedding files, so a
+pipeline, `run`, and `embed` + `dedup` give the same answer for the same centroids.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+
+from beam_curator.dedup.blocks import DEFAULT_BLOCK_ROWS
+from beam_curator.schema import (EXACT_DUPLICATE, KEPT, SEMANTIC_DUPLICATE, DedupDecision,
+                                 SampleInfo, SampleResult, shard_of_id)
+from beam_curator.transforms.dedup_data import (Chunk, Decisions, chunk_names, embeddings_schema,
+                                                npy_chunks, npy_id_column, npy_shape,
+                                                resolve_embeddings, row_group_chunks)
+from beam_curator.transforms.dedup_plan import SHUFFLE, DedupConfig
+from beam_curator.transforms.semdedup import SemanticDedupCore
+
+__all__ = ["Deduplicate", "DeduplicateEmbeddings", "DedupResult"]
+
+_LOG = logging.getLogger(__name__)
+
+
+class DedupResult(NamedTuple):
+    """What the dedup transforms return.
+
+    results: one element per input embedding: a SampleResult (`Deduplicate`) or a
+        DedupDecision (`DeduplicateEmbeddings`), status kept / exact_duplicate /
+        semantic_duplicate.
+    written: one element once everything under OUTPUT/dedup/ is written.
+    info: one dict: what the data decided (k and how it was chosen, the k-means sample, the
+        largest cluster, how many clusters were cut into blocks).
+    """
+
+    results: beam.PCollection
+    written: beam.PCollection
+    info: beam.PCollection
+
+
+def _config(output_dir: str, **options) -> DedupConfig:
+    """Keywords -> DedupConfig, checked (a bad value fails while the graph is built)."""
+    from beam_curator.dedup.ranking import WHICH_TO_KEEP
+
+    config = DedupConfig(output=output_dir, **options)
+    if config.which_to_keep not in WHICH_TO_KEEP:
+        raise ValueError(f"which_to_keep must be one of {WHICH_TO_KEEP}, got "
+                         f"{config.which_to_keep!r}")
+    if not 0.0 <= config.eps < 1.0:
+        raise ValueError(f"eps must be in [0, 1), got {config.eps}")
+    for name in ("n_clusters", "sample_size"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 or None (from the data), got {value}")
+    if config.block_rows < 1:
+        raise ValueError(f"pairwise_block_size must be >= 1, got {config.block_rows}")
+    return config
+
+
+def _dedup_config(output_dir, n_clusters, eps, which_to_keep, centroids, kmeans_iterations,
+                  kmeans_seed, kmeans_sample_size, pairwise_block_size, border_margin,
+                  vector_transport, device, id_column="id",
+                  embedding_column="embedding") -> DedupConfig:
+    return _config(output_dir, n_clusters=n_clusters, eps=eps, which_to_keep=which_to_keep,
+                   centroids_path=centroids, kmeans_iterations=kmeans_iterations,
+                   seed=kmeans_seed, sample_size=kmeans_sample_size,
+                   block_rows=pairwise_block_size, border_margin=border_margin,
+                   transport=vector_transport, device=device, id_column=id_column,
+                   embedding_column=embedding_column)
+
+
+def _decision_rows(decisions: Decisions):
+    """Columnar Decisions -> one DedupDecision per member."""
+    n_dups = int(np.count_nonzero(decisions.is_duplicate))   # the live progress line
+    beam.metrics.Metrics.counter("curator", "semantic_duplicates").inc(n_dups)
+    beam.metrics.Metrics.counter("curator", "kept").inc(len(decisions.is_duplicate) - n_dups)
+    for id_, max_id, sim, dup in decisions.rows():
+        yield DedupDecision(id_, SEMANTIC_DUPLICATE if dup else KEPT, decisions.cluster,
+                            max_id, sim)
+
+
+def _decisions(core) -> beam.PCollection:
+    return ((core.decisions | "DecisionRows" >> beam.FlatMap(_decision_rows),
+             core.exact | "ExactRows" >> beam.Map(
+                 lambda e: DedupDecision(e.id, EXACT_DUPLICATE, None, e.survivor, 1.0)))
+            | "AllDecisions" >> beam.Flatten())
+
+
+def _result_of(info: SampleInfo, decision: DedupDecision) -> SampleResult:
+    duplicate = decision.status != KEPT
+    return SampleResult(info=info, status=decision.status, cluster=decision.cluster,
+                        duplicate_of=decision.duplicate_of if duplicate else None,
+                        cosine_sim=decision.cosine_sim)
+
+
+def _results_of_shard(element):
+    """One shard's candidates joined with their dedup answers -> SampleResult each."""
+    shard, grouped = element
+    infos = {info.id: info for info in grouped["info"]}
+    for decision in grouped["decision"]:
+        yield _result_of(infos.pop(decision.id), decision)
+    if infos:   # a bug, never a silent loss: the accounting check would fail anyway
+        raise RuntimeError(f"dedup gave no answer for {len(infos)} candidate(s) of shard "
+                           f"{shard}, e.g. {sorted(infos)[0]}")
+
+
+class Deduplicate(beam.PTransform):
+    """Exact + semantic dedup (SemDeDup) of samples: (SampleInfo, embedding) -> DedupResult.
+
+    The exact pre-pass keeps the smallest id among identical image bytes (same
+    `content_hash`); the semantic pass clusters the rest with spherical k-means (centroids
+    as a side input), and inside each cluster a member is a duplicate when its cosine
+    similarity to an earlier-ranked member is >= 1 - eps. Outputs under `output_dir/dedup/`:
+    centroids.npy, kmeans/, pairwise_results/ and duplicates/ (NeMo Curator's formats).
+
+    The embeddings are read back from parquet (vectors never travel as Python lists): pass
+    `embeddings_written`, the paths a `WriteEmbeddings` step emitted, when the pipeline writes
+    them anyway; otherwise this transform writes `output_dir/embeddings/` itself.
+
+    Args:
+      output_dir: where dedup/ (and, without embeddings_written, embeddings/) are written.
+      n_clusters: k; None = one cluster per 10,000 candidates (at least 1).
+      eps: duplicate when max cosine similarity to an earlier-ranked member >= 1 - eps.
+      which_to_keep: "hard" (farthest from the centroid kept), "easy" or "random".
+      centroids: a (k, d) .npy to use instead of training.
+      kmeans_iterations, kmeans_seed: k-means settings (the seed also orders "random").
+      kmeans_sample_size: training rows; None = 64 per centroid.
+      pairwise_block_size: most members of one cluster per pairwise work item and side.
+      border_margin: also place a point in its second cluster when within this cosine
+        distance of the nearest (raises recall); None = SemDeDup.
+      vector_transport: "shuffle" (anywhere) or "staged" (one machine, a local output_dir).
+      device: "auto", "cpu" or "cuda": where the dense math runs (same decisions).
+      embeddings_written: optional PCollection of embeddings parquet paths (see above).
+
+    Example::
+
+        import apache_beam as beam
+        import numpy as np
+        from beam_curator import Deduplicate, SampleInfo
+
+        rng = np.random.default_rng(0)
+        base = rng.normal(size=(20, 16)).astype(np.float32)
+        vectors = np.concatenate([base, base[:3] * 1.0001])
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        candidates = [(SampleInfo(id=f"s/{i:03d}", shard="s", shard_url="s.tar",
+                                  key=f"{i:03d}"), v) for i, v in enumerate(vectors)]
+        with beam.Pipeline() as p:
+            dedup = (p | beam.Create(candidates)
+                       | Deduplicate("/tmp/dedup-example", n_clusters=2))
+            dedup.results | beam.Map(lambda r: print(r.id, r.status))
+    """
+
+    def __init__(self, output_dir: str, *, n_clusters: Optional[int] = None,
+                 eps: float = 0.01, which_to_keep: str = "hard",
+                 centroids: Optional[str] = None, kmeans_iterations: int = 20,
+                 kmeans_seed: int = 0, kmeans_sample_size: Optional[int] = None,
+                 pairwise_block_size: int = DEFAULT_BLOCK_ROWS,
+                 border_margin: Optional[float] = None, vector_transport: str = SHUFFLE,
+                 device: str = "auto", embeddings_written: Optional[beam.PCollection] = None):
+        super().__init__()
+        self._config = _dedup_config(output_dir, n_clusters, eps, which_to_keep, centroids,
+                                     kmeans_iterations, kmeans_seed, kmeans_sample_size,
+                                     pairwise_block_size, border_margin, vector_transport,
+                                     device)
+        self._embeddings_written = embeddings_written
+
+    def expand(self, candidates):
+        from beam_curator.transforms.write import WriteEmbeddings
+
+        written = self._embeddings_written
+        if written is None:
+            written = candidates | "WriteEmbeddings" >> WriteEmbeddings(self._config.output)
+        config = self._config
+        chunks = written | "RowGroups" >> beam.FlatMap(
+            lambda path: row_group_chunks(path, chunk_names([path])[path], 0, config))
+        core = chunks | "SemDeDup" >> SemanticDedupCore(config, has_hash=True)
+        decisions = _decisions(core)
+        results = ({"info": candidates | "InfoByShard" >> beam.MapTuple(
+                        lambda info, _: (info.shard, info)),
+                    "decision": decisions | "DecisionByShard" >> beam.Map(
+                        lambda d: (shard_of_id(d.id), d))}
+                   | "JoinAnswersToShard" >> beam.CoGroupByKey()
+                   | "Results" >> beam.FlatMap(_results_of_shard))
+        return DedupResult(results=results, written=core.written, info=core.info)
+
+
+class DeduplicateEmbeddings(beam.PTransform):
+    """Exact + semantic dedup of embedding files -> DedupResult of DedupDecision rows.
+
+    Reads parquet files with an id and a list<float32> embedding column (an optional
+    `content_hash` column enables the exact pre-pass; an optional `passed_filters` column
+    limits dedup to the rows where it is true, as `embed` writes them), or clip-retrieval's
+    `clip inference` output (img_emb/img_emb_N.npy + metadata/metadata_N.parquet, float16
+    vectors re-normalised). Writes `output_dir/dedup/` like `Deduplicate`.
+
+    Args:
+      file_pattern: comma-separated globs or directories (a directory: its *.parquet, or
+        its clip-retrieval layout when it has img_emb/).
+      output_dir: where dedup/ is written.
+      id_column, embedding_column: the parquet column names (clip-retrieval: the id column,
+        else `key`, else `image_path`).
+      The other keywords: as for `Deduplicate`.
+
+    Example::
+
+        import apache_beam as beam
+        from beam_curator import DeduplicateEmbeddings
+
+        with beam.Pipeline() as p:
+            dedup = p | DeduplicateEmbeddings("emb/*.parquet", "/tmp/out", eps=0.02)
+            dedup.results | beam.Filter(lambda d: d.status != "kept") | beam.Map(print)
+    """
+
+    def __init__(self, file_pattern: str, output_dir: str, *, id_column: str = "id",
+                 embedding_column: str = "embedding", n_clusters: Optional[int] = None,
+                 eps: float = 0.01, which_to_keep: str = "hard",
+                 centroids: Optional[str] = None, kmeans_iterations: int = 20,
+                 kmeans_seed: int = 0, kmeans_sample_size: Optional[int] = None,
+                 pairwise_block_size: int = DEFAULT_BLOCK_ROWS,
+                 border_margin: Optional[float] = None, vector_transport: str = SHUFFLE,
+                 device: str = "auto",
+                 sources: Optional[Tuple[Sequence[str], Sequence[Tuple[str, str]]]] = None):
+        """`sources`: (parquet files, (npy, metadata) pairs) already resolved from
+        `file_pattern` (the command line resolves them before it claims the output)."""
+        super().__init__()
+        self._config = _dedup_config(output_dir, n_clusters, eps, which_to_keep, centroids,
+                                     kmeans_iterations, kmeans_seed, kmeans_sample_size,
+                                     pairwise_block_size, border_margin, vector_transport,
+                                     device, id_column, embedding_column)
+        paths, pairs = sources if sources is not None else resolve_embeddings(file_pattern)
+        if not paths and not pairs:
+            raise ValueError(f"{file_pattern!r} matches no embeddings file")
+        self._paths: List[str] = sorted(paths)
+        self._npy_pairs = sorted(pairs)
+
+    def _dim_and_hash(self) -> Tuple[int, bool]:
+        dim, has_hash = 0, not self._npy_pairs   # clip-retrieval writes no content hash
+        for npy, _ in self._npy_pairs[:1]:
+            dim = npy_shape(npy)[1]
+        for path in self._paths:   # the dim from the first file with a row
+            file_dim, file_hash = embeddings_schema(path, self._config)
+            has_hash = has_hash and file_hash
+            if file_dim:
+                dim = dim or file_dim
+                break
+        return dim, has_hash
+
+    def expand(self, pbegin):
+        config = self._config
+        dim, has_hash = self._dim_and_hash()
+        if config.transport == SHUFFLE:
+            _LOG.info("dedup: vectors travel through the shuffle as float32 bytes")
+        names = chunk_names(self._paths + [npy for npy, _ in self._npy_pairs])
+        sources = [("parquet", p, None, names[p], None) for p in self._paths]
+        if self._npy_pairs:
+            id_column = npy_id_column(self._npy_pairs[0][1], config.id_column)
+            _LOG.info("dedup: clip-retrieval layout, %d img_emb files, ids from column %r",
+                      len(self._npy_pairs), id_column)
+            sources += [("npy", npy, meta, names[npy], id_column)
+                        for npy, meta in self._npy_pairs]
+        chunks = (pbegin
+                  | "Files" >> beam.Create(sources)
+                  | "OneFilePerWorkItem" >> beam.Reshuffle()
+                  | "Chunks" >> beam.FlatMap(_source_chunks, dim, config))
+        core = chunks | "SemDeDup" >> SemanticDedupCore(config, has_hash)
+        return DedupResult(results=_decisions(core), written=core.written, info=core.info)
+
+
+def _source_chunks(source, dim: int, config: DedupConfig) -> List[Chunk]:
+    kind, path, metadata, name, id_column = source
+    if kind == "npy":
+        return npy_chunks(path, metadata, name, id_column)
+    return row_group_chunks(path, name, dim, config)
+
+
+def dedup_summary(decisions, info) -> beam.PCollection:
+    """The dedup command's counts (for summary.json): one dict, from combiners."""
+    counts = (decisions
+              | "StatusCounts" >> beam.Map(lambda d: (d.status, 1))
+              | "CountStatuses" >> beam.CombinePerKey(sum))
+    return (info
+            | "DedupCounts" >> beam.Map(_counts_summary, beam.pvalue.AsDict(counts)))
+
+
+def _counts_summary(info: dict, counts: dict) -> dict:
+    n = sum(counts.values())
+    exact = counts.get(EXACT_DUPLICATE, 0)
+    return {"n_embeddings": n, "n_duplicates": n - counts.get(KEPT, 0),
+            "n_exact_duplicates": exact, "n_clusters": info["n_clusters"], "dedup": info}
+
