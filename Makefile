@@ -10,7 +10,7 @@ DEMO_DATA ?= demo-data
 DEMO_MODELS ?= demo-models
 DEMO_OUTPUT ?= demo-output
 
-.PHONY: venv demo test test-fast clean chromium flink-fetch flink-up flink-down flink-status flink-logs
+.PHONY: venv demo test test-fast lint clean chromium flink-fetch flink-up flink-down flink-status flink-logs
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,11 @@ demo: venv
 # The browser test needs Debian's chromium; the Flink tests need Flink and Beam's Flink job
 # server (versions: scripts/flink-versions.env; fetched once into ~/.cache/beam-curator/flink,
 # then reused with no network). They start their own cluster on free ports.
-test: venv chromium flink-fetch
+test: venv lint chromium flink-fetch
 	$(PY) -m pytest -q
+
+lint: venv
+	RUFF=$(VENV)/bin/ruff bash scripts/lint.sh
 
 chromium:
 	@./scripts/install_chromium.sh || { [ -z "$$CI" ] && echo "chromium not installed: the browser test will be skipped"; }
@@ -51,7 +54,7 @@ flink-status:
 flink-logs:
 	bash scripts/flink_cluster.sh logs
 
-test-fast: venv
+test-fast: venv lint
 	$(PY) -m pytest -q -m "not slow and not flink and not browser"
 
 clean:

@@ -40,8 +40,12 @@ def run_pipeline(command: str, argv: List[str]) -> dict:
     from apache_beam.io.filesystems import FileSystems
 
     from beam_curator import outputs
-    from beam_curator.options import (CuratorOptions, curator_options, is_local_runner,
-                                      runner_name)
+    from beam_curator.options import (
+        CuratorOptions,
+        curator_options,
+        is_local_runner,
+        runner_name,
+    )
     from beam_curator.pipelines import build_pipeline
     from beam_curator.progress import run_with_progress
 
@@ -136,6 +140,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # faiss's loader tries its AVX512 and AVX2 builds first and logs each miss at INFO ("Could
+    # not load library with AVX2 support") even when the build it then loads works.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from beam_curator.errors import user_errors
 
     try:

@@ -26,7 +26,7 @@ class DiskFullError(OSError):
 
 def user_errors() -> tuple:
     """Every exception type whose message is for the user (no traceback)."""
-    from beam_curator.models import ModelDirError   # the models layer defines its own
+    from beam_curator.models import ModelDirError  # the models layer defines its own
 
     return (OptionError, ShardListError, ModelDirError, FileExistsError, DiskFullError)
 

@@ -13,10 +13,18 @@ from typing import Optional
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_curator.dedup.blocks import DEFAULT_BLOCK_ROWS
-from beam_curator.defaults import (DEFAULT_AESTHETIC_THRESHOLD, DEFAULT_EPS,
-                                   DEFAULT_INFERENCE_BATCH_SIZE, DEFAULT_MAX_IMAGE_PIXELS,
-                                   DEFAULT_NSFW_THRESHOLD, DEVICES, PRECISIONS, SHUFFLE,
-                                   STAGED, WHICH_TO_KEEP)
+from beam_curator.defaults import (
+    DEFAULT_AESTHETIC_THRESHOLD,
+    DEFAULT_EPS,
+    DEFAULT_INFERENCE_BATCH_SIZE,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_NSFW_THRESHOLD,
+    DEVICES,
+    PRECISIONS,
+    SHUFFLE,
+    STAGED,
+    WHICH_TO_KEEP,
+)
 from beam_curator.errors import OptionError
 
 # Runners that execute in this process: they never download anything (Beam 2.77's plain

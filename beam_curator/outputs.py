@@ -10,9 +10,9 @@ from typing import List
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_curator.atomic import TMP_PREFIX
 from beam_curator.errors import OptionError
 from beam_curator.options import CuratorOptions
-from beam_curator.atomic import TMP_PREFIX
 
 SUMMARY = "summary.json"
 FAILED_SUMMARY = "summary.FAILED.json"

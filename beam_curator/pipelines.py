@@ -16,18 +16,31 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_curator import outputs
 from beam_curator.errors import OptionError
-from beam_curator.options import CuratorOptions, resolve_vector_transport, validate_options
+from beam_curator.options import (
+    CuratorOptions,
+    resolve_vector_transport,
+    validate_options,
+)
 from beam_curator.ownership import OutputClaim, claim_output, finish_output, inputs_of
 from beam_curator.schema import KEPT, REJECTED_SCHEMA, SampleResult
 from beam_curator.transforms.decode import DecodeImages
 from beam_curator.transforms.filters import FilterByScores
-from beam_curator.transforms.read import (ReadResult, ReadWebDataset, list_shards, match_globs,
-                                          split_globs)
+from beam_curator.transforms.read import (
+    ReadResult,
+    ReadWebDataset,
+    list_shards,
+    match_globs,
+    split_globs,
+)
 from beam_curator.transforms.remove import RemoveSamples, WriteCuratedShards
 from beam_curator.transforms.scores import ScoreImages
 from beam_curator.transforms.summary import WriteSummary
-from beam_curator.transforms.write import (WriteEmbeddings, WriteErrors, WriteParquetByShard,
-                                           WriteSamples)
+from beam_curator.transforms.write import (
+    WriteEmbeddings,
+    WriteErrors,
+    WriteParquetByShard,
+    WriteSamples,
+)
 
 _LOG = logging.getLogger(__name__)
 

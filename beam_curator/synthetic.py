@@ -22,7 +22,8 @@ def draw_image(rng: random.Random, size: int) -> Image.Image:
                       tuple(rng.randrange(256) for _ in range(3)))
     draw = ImageDraw.Draw(image)
     for _ in range(rng.randint(2, 5)):
-        box = sorted(rng.randrange(size) for _ in range(2)), sorted(rng.randrange(size) for _ in range(2))
+        box = (sorted(rng.randrange(size) for _ in range(2)),
+               sorted(rng.randrange(size) for _ in range(2)))
         xy = [box[0][0], box[1][0], box[0][1] + 1, box[1][1] + 1]
         colour = tuple(rng.randrange(256) for _ in range(3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(xy, fill=colour)
@@ -119,7 +120,7 @@ def make_dataset(directory: str, n_shards: int = 3, per_shard: int = 100, seed: 
         members.clear()
         members.update({"jpg": encode(image, "jpg", quality=70), "txt": b"a re-encoded copy"})
         dataset.near_duplicates[target_id] = src_id
-    for n in range(n_corrupt):
+    for _ in range(n_corrupt):
         s, i, target_id = next_slot()
         members = shards[s][i].members
         ext = next(e for e in members if e in ("jpg", "png", "webp"))

@@ -34,7 +34,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from beam_curator.schema import IMAGE_EXTENSIONS, STAGE_READ, ErrorRecord, ShardSample, make_id
+from beam_curator.schema import (
+    IMAGE_EXTENSIONS,
+    STAGE_READ,
+    ErrorRecord,
+    ShardSample,
+    make_id,
+)
 
 # Samples held back at the start of a shard before any is emitted: scattered members are
 # almost always noticed within them, and the shard is then read again grouped by key.

@@ -49,8 +49,8 @@ def write_parquet(directory: str, ids, vectors: np.ndarray, rows_per_file: int =
 def child_plain(args) -> dict:
     import pyarrow.parquet as pq
 
-    from bench.dedup_plain import plain_semdedup
     from beam_curator.transforms.dedup_data import list_column_to_numpy
+    from bench.dedup_plain import plain_semdedup
 
     t0 = time.perf_counter()
     files = sorted(glob.glob(os.path.join(args.data, "*.parquet")))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -27,8 +28,12 @@ def bare_loop(shards, model_dir: str, batch_size: int) -> int:
 
     from beam_curator.models import load_clip
     from beam_curator.schema import ShardSample
-    from beam_curator.transforms.decode import (build_preprocess, normalization, open_rgb,
-                                                read_preprocess_cfg)
+    from beam_curator.transforms.decode import (
+        build_preprocess,
+        normalization,
+        open_rgb,
+        read_preprocess_cfg,
+    )
     from beam_curator.transforms.embed import LoadedClipModel, encode_pixels
     from beam_curator.webdataset import shard_samples
 
@@ -67,15 +72,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the working directory (model, shards, outputs: ~600 MB)")
     args = parser.parse_args()
+    work = args.workdir or tempfile.mkdtemp(prefix="bench-embed-")
+    try:
+        _measure(args, work)
+    finally:
+        if args.workdir is None and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
+
+def _measure(args, work: str) -> None:
     import torch
 
     from beam_curator.models import init_random
     from beam_curator.synthetic import make_dataset
     from beam_curator.transforms.read import list_shards
 
-    work = args.workdir or tempfile.mkdtemp(prefix="bench-embed-")
     data, models = os.path.join(work, "data"), os.path.join(work, "models")
     if not os.path.exists(os.path.join(models, "manifest.json")):
         init_random(models, arch=args.arch, seed=0)

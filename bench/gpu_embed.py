@@ -2,7 +2,8 @@
 model handler, CPU and GPU JPEG decode, and the Beam pipeline from tar shards to parquet.
 
     python bench/gpu_embed.py                                  # ViT-L/14, bf16, CUDA, all parts
-    python bench/gpu_embed.py --parts handler --batch-sizes 1024 --compile-modes default,max-autotune
+    python bench/gpu_embed.py --parts handler --batch-sizes 1024 \
+        --compile-modes default,max-autotune
     python bench/gpu_embed.py --device cpu --arch tiny         # smoke test (tests/)
 
 Weights are random (`beam_curator.models.init_random`, the real layout and the real
@@ -164,7 +165,8 @@ def bench_handler(model_dir: str, args, limit: Optional[float]) -> Dict:
                         model_alone(model, on_device), fs, args.iters, args.warmup,
                         loaded.device)
                     row[f"{prefix}handler_images_per_s"] = _rate(
-                        lambda: handler.run_inference(examples, model), bs, args.iters,
+                        lambda h=handler, e=examples, m=model: h.run_inference(e, m), bs,
+                        args.iters,
                         args.warmup, loaded.device)
                 if loaded.device == "cuda":
                     row["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -294,7 +296,11 @@ def _pillow_decoder(model_dir: str, draft: bool):
     """bytes -> (S, S, 3) uint8 as DecodeFn makes it; with `draft`, Pillow's JPEG draft mode
     first (libjpeg scales by 1/2, 1/4 or 1/8 while decoding: cheaper, other pixels)."""
     from beam_curator.options import DEFAULT_MAX_IMAGE_PIXELS
-    from beam_curator.transforms.decode import build_preprocess, open_rgb, read_preprocess_cfg
+    from beam_curator.transforms.decode import (
+        build_preprocess,
+        open_rgb,
+        read_preprocess_cfg,
+    )
 
     cfg = read_preprocess_cfg(model_dir)
     preprocess = build_preprocess(cfg)

@@ -33,10 +33,10 @@ sys.path.insert(0, REPO)
 
 
 def measure(n: int, args, runner_args) -> dict:
-    from bench.dedup import write_parquet
-    from bench.synthetic import make_planted_embeddings
     from beam_curator.options import curator_options
     from beam_curator.pipelines import build_pipeline
+    from bench.dedup import write_parquet
+    from bench.synthetic import make_planted_embeddings
 
     work = tempfile.mkdtemp(prefix="bench-scale-")
     try:

@@ -31,8 +31,11 @@ def template_argv(argv: List[str]) -> List[str]:
     (`curator_options` falls back to the offline FnApiRunner, which on a launcher VM would run
     the whole job on the launcher.)
     """
-    from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                      StandardOptions)
+    from apache_beam.options.pipeline_options import (
+        GoogleCloudOptions,
+        PipelineOptions,
+        StandardOptions,
+    )
 
     given = PipelineOptions(argv)
     if (not given.view_as(StandardOptions).runner

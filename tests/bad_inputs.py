@@ -416,7 +416,9 @@ def make_corpus(directory: str, seed: int = 7) -> Corpus:
     done(w, data + b"junk after the end" * 40)
 
     # a file matched by the glob that is not a tar at all (the run uses DIR/*)
-    stray = Case(kind="not_a_tar", description="a file of unknown type matched by the --input glob (clearly-not-tar names such as .txt are skipped)",
+    stray = Case(kind="not_a_tar",
+                 description="a file of unknown type matched by the --input glob (names that "
+                             "are clearly not tars, such as .txt, are skipped)",
                  shard="zz_notes.dat")
     stray.shard_errors.append(ShardErrorExpect("zz_notes.dat", "not a readable tar archive"))
     with open(os.path.join(directory, "zz_notes.dat"), "w") as handle:

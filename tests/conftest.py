@@ -128,10 +128,14 @@ def cli_fails(capsys, argv, *fragments):
 
 # Flink / portable runner fixtures (tests/flink_support.py): imported once, here, so a
 # session cluster is never started twice.
-from flink_support import (flink_cluster, flink_job_server_jar,  # noqa: E402,F401
-                           flink_session_cluster,
-                           pytest_runtest_makereport, python_job_service,
-                           reap_flink_job_servers)
+from flink_support import (  # noqa: E402,F401
+    flink_cluster,
+    flink_job_server_jar,
+    flink_session_cluster,
+    pytest_runtest_makereport,
+    python_job_service,
+    reap_flink_job_servers,
+)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -14,10 +14,21 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to, is_not_empty
 
 import beam_curator
-from beam_curator import (DecodeImages, Deduplicate, DeduplicateEmbeddings, EmbedImages,
-                          FilterByScores, ReadWebDataset, RemoveSamples, SampleInfo,
-                          ScoreImages, WriteCuratedShards, WriteEmbeddings, WriteErrors,
-                          WriteSamples)
+from beam_curator import (
+    DecodeImages,
+    Deduplicate,
+    DeduplicateEmbeddings,
+    EmbedImages,
+    FilterByScores,
+    ReadWebDataset,
+    RemoveSamples,
+    SampleInfo,
+    ScoreImages,
+    WriteCuratedShards,
+    WriteEmbeddings,
+    WriteErrors,
+    WriteSamples,
+)
 from tests.conftest import REPO, parquet_rows, tar_members
 
 

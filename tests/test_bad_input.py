@@ -22,7 +22,6 @@ from beam_curator.options import curator_options
 from tests.bad_inputs import ERROR, KEPT, KINDS, MAX_IMAGE_PIXELS, make_corpus
 from tests.conftest import FAST_S, cli_fails, parquet_rows, run_args, tar_members
 
-
 # ---- the corpus run -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -186,7 +185,7 @@ def test_incomplete_model_dir(warm, one_shard, tmp_path, capsys, no_pipeline_run
 
 def test_clip_dim_differs_from_the_heads(warm, one_shard, tmp_path, capsys, no_pipeline_run):
     from beam_curator.models.layout import AESTHETIC_PATHS, NSFW_PATHS, Manifest
-    from beam_curator.models.random_init import _write_safetensors, build_random_heads
+    from beam_curator.models.random_init import build_random_heads, write_safetensors
 
     models = tmp_path / "models"
     shutil.copytree(warm, models)
@@ -194,7 +193,7 @@ def test_clip_dim_differs_from_the_heads(warm, one_shard, tmp_path, capsys, no_p
     aesthetic, nsfw = build_random_heads(embed_dim * 2, seed=3)
     for rel, head in ((AESTHETIC_PATHS[1], aesthetic), (NSFW_PATHS[1], nsfw)):
         assert (models / rel).exists()
-        _write_safetensors(head, str(models / rel))
+        write_safetensors(head, str(models / rel))
     cli_fails(capsys, ["run"] + run_args(input_glob=one_shard, output=str(tmp_path / "o"),
                                          model_dir=str(models)),
               f"embeds to {embed_dim} dims", f"expects {embed_dim * 2}", "init-random")

@@ -9,10 +9,15 @@ import pytest
 from PIL import Image
 
 from beam_curator.errors import OptionError
-
 from beam_curator.options import curator_options, validate_options
-from beam_curator.schema import (ERROR, FILTERED_AESTHETIC, FILTERED_NSFW, STAGE_DECODE,
-                                 STAGE_READ, ShardSample)
+from beam_curator.schema import (
+    ERROR,
+    FILTERED_AESTHETIC,
+    FILTERED_NSFW,
+    STAGE_DECODE,
+    STAGE_READ,
+    ShardSample,
+)
 from beam_curator.transforms.decode import DecodeFn, ImageError, open_rgb
 from beam_curator.transforms.filters import filter_status
 

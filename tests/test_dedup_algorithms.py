@@ -139,7 +139,7 @@ def test_semdedup_cluster_matches_reference(which, eps):
             assert dup == bool(ref_max[r] >= 1 - eps)
     # Every block size gives the same ranking, max_id and decision; scores agree to float32
     # rounding (a matmul of another block shape may round a dot product differently).
-    for block_size, out in results.items():
+    for out in results.values():
         assert [r[:2] + r[3:] for r in out] == [r[:2] + r[3:] for r in results[n]]
         np.testing.assert_allclose([r[2] for r in out], [r[2] for r in results[n]], atol=1e-6)
 

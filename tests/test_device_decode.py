@@ -14,7 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from beam_curator.transforms.decode import build_preprocess, open_rgb, read_preprocess_cfg
+from beam_curator.transforms.decode import (
+    build_preprocess,
+    open_rgb,
+    read_preprocess_cfg,
+)
 from beam_curator.transforms.device_decode import DeviceJpegDecoder, device_decodable
 from bench.synthetic import textured_jpeg
 

@@ -14,8 +14,11 @@ from PIL import Image
 
 from beam_curator.options import CuratorOptions, curator_options
 from beam_curator.transforms.decode import build_preprocess, read_preprocess_cfg
-from beam_curator.transforms.embed import (OpenClipModelHandler, default_forward_batch_size,
-                                           stage_pixels)
+from beam_curator.transforms.embed import (
+    OpenClipModelHandler,
+    default_forward_batch_size,
+    stage_pixels,
+)
 
 
 def _photos(n: int, seed: int = 0):

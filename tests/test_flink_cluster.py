@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from flink_support import REPO_ROOT, fetch_flink, find_free_port
 
 pytestmark = [pytest.mark.flink, pytest.mark.timeout(900)]

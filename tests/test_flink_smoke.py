@@ -16,13 +16,10 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
-
 import apache_beam as beam
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
-
 from flink_support import flink_pipeline_args
-
 
 pytestmark = [pytest.mark.flink, pytest.mark.timeout(600)]
 

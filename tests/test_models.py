@@ -19,7 +19,13 @@ import torch
 from PIL import Image
 
 from beam_curator.models import layout
-from beam_curator.models.clip import QuickGeluError, load_clip, resolve_quick_gelu, verify_activations
+from beam_curator.models.check import check_model_dir
+from beam_curator.models.clip import (
+    QuickGeluError,
+    load_clip,
+    resolve_quick_gelu,
+    verify_activations,
+)
 from beam_curator.models.download import DownloadError, DownloadSources, download
 from beam_curator.models.heads import (
     AestheticHead,
@@ -32,7 +38,6 @@ from beam_curator.models.heads import (
     load_nsfw_head,
     load_state_dict_file,
 )
-from beam_curator.models.check import check_model_dir
 from beam_curator.models.layout import (
     Manifest,
     ModelDirError,
@@ -46,7 +51,6 @@ from beam_curator.models.random_init import (
     clip_model_cfg,
     init_random,
 )
-
 from tests.conftest import SHARED_MODELS
 
 REAL_AESTHETIC = SHARED_MODELS / "laion-aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"

@@ -8,7 +8,11 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_curator.progress import ProgressReporter, final_summary_lines, run_with_progress
+from beam_curator.progress import (
+    ProgressReporter,
+    final_summary_lines,
+    run_with_progress,
+)
 
 N = 120
 
@@ -49,11 +53,11 @@ def test_live_lines_while_a_single_bundle_runs():
     assert time.monotonic() - started > 0.2 * 2
     assert result.state == "DONE"
     lines = stream.getvalue().splitlines()
-    progress = [l for l in lines if l.startswith("[progress ")]
+    progress = [line for line in lines if line.startswith("[progress ")]
     assert progress, lines
     # The whole ParDo is ONE bundle on FnApiRunner: a count strictly between 0 and N can
     # only come from reading the bundle while it runs.
-    seen = [_numbers(l, "read") for l in progress if _numbers(l, "read") is not None]
+    seen = [_numbers(line, "read") for line in progress if _numbers(line, "read") is not None]
     assert any(0 < n < N for n in seen), lines
     assert seen == sorted(seen)                       # never goes down
     assert "img/s" in " ".join(progress)

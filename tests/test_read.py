@@ -8,8 +8,8 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_curator.schema import ErrorRecord, ShardSample
 from beam_curator.errors import ShardListError
+from beam_curator.schema import ErrorRecord, ShardSample
 from beam_curator.transforms.read import ReadWebDataset, list_shards
 from beam_curator.webdataset import shard_samples, split_member_name
 

@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from test_report import shared_runs   # the same real run as test_report.py (built once)
+from test_report import shared_runs  # the same real run as test_report.py (built once)
 
 pytestmark = pytest.mark.browser
 
@@ -244,8 +243,9 @@ def test_report_renders_in_chromium_without_running_payloads(chromium, tmp_path_
 
     png = facts["png"]
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     with Image.open(io.BytesIO(png)) as image:
         assert image.size == WINDOW

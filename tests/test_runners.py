@@ -9,9 +9,9 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from flink_support import flink_pipeline_args
 
 from beam_curator.cli import run_pipeline
-from flink_support import flink_pipeline_args
 from tests.conftest import run_args
 
 pytestmark = [pytest.mark.flink, pytest.mark.slow, pytest.mark.timeout(900)]

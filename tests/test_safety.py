@@ -22,9 +22,9 @@ import pytest
 from beam_curator import cli, ownership
 from beam_curator.errors import OptionError
 from beam_curator.options import curator_options
+from beam_curator.schema import ErrorRecord, ShardSample
 from beam_curator.transforms.read import list_shards
 from beam_curator.webdataset import iter_shard
-from beam_curator.schema import ErrorRecord, ShardSample
 from tests.conftest import REPO, cli_fails, run_args
 
 
@@ -270,8 +270,9 @@ def test_replaced_or_linked_weights_are_refused_with_the_fix(warm, one_shard, tm
 
 
 def test_verify_weights_false_skips_the_hash(warm, one_shard, tmp_path):
-    import apache_beam as beam
     import shutil
+
+    import apache_beam as beam
 
     from beam_curator.pipelines import build_run
 

@@ -444,7 +444,8 @@ def test_parser_handles_continuations_and_comments():
 
 def test_base_image_has_cuda(image):
     (base,) = image.froms
-    assert re.fullmatch(r"nvidia/cuda:12\.\d+(\.\d+)?-(cudnn\d*-)?runtime-ubuntu\d+\.\d+", base), base
+    pattern = r"nvidia/cuda:12\.\d+(\.\d+)?-(cudnn\d*-)?runtime-ubuntu\d+\.\d+"
+    assert re.fullmatch(pattern, base), base
     assert "cu12" in image.expand("${TORCH_INDEX_URL}"), "torch CUDA wheels for the CUDA 12 base"
 
 

@@ -55,7 +55,11 @@ def test_worker_dying_before_it_connects_fails_start_worker(tmp_path):
     """A worker killed during start-up turns into a StartWorker error, not a reply that the
     TaskManager would follow by waiting forever for a connection."""
     import grpc
-    from apache_beam.portability.api import beam_fn_api_pb2, beam_fn_api_pb2_grpc, endpoints_pb2
+    from apache_beam.portability.api import (
+        beam_fn_api_pb2,
+        beam_fn_api_pb2_grpc,
+        endpoints_pb2,
+    )
 
     port = free_port()
     # a "control endpoint" that accepts TCP but never speaks gRPC: the worker stays in start-up

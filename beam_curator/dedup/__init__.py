@@ -12,27 +12,31 @@ Every function is deterministic for its inputs; ties are broken by id or by lowe
 The dense math runs on numpy (the CPU reference) or torch on a GPU, with the same decisions:
 `backend` says how a `device=` / `backend=` keyword is resolved.
 """
-from beam_curator.dedup.assign import (assign_to_centroids, assign_top2,
-                                      assign_with_runner_up, border_assignments)
+from beam_curator.dedup.assign import (
+                                      assign_to_centroids,
+                                      assign_top2,
+                                      assign_with_runner_up,
+                                      border_assignments,
+)
 from beam_curator.dedup.kmeans import (
-    load_centroids,
-    sample_fraction,
-    sample_mask,
-    save_centroids,
-    train_kmeans,
-    validate_centroids,
+                                      load_centroids,
+                                      sample_fraction,
+                                      sample_mask,
+                                      save_centroids,
+                                      train_kmeans,
+                                      validate_centroids,
 )
 from beam_curator.dedup.pairwise import (
-    DEFAULT_BLOCK_SIZE,
-    block_pairs,
-    block_range,
-    combine_partials,
-    duplicate_threshold,
-    is_duplicate,
-    local_to_global,
-    max_sim_to_earlier,
-    partial_max,
-    semdedup_cluster,
+                                      DEFAULT_BLOCK_SIZE,
+                                      block_pairs,
+                                      block_range,
+                                      combine_partials,
+                                      duplicate_threshold,
+                                      is_duplicate,
+                                      local_to_global,
+                                      max_sim_to_earlier,
+                                      partial_max,
+                                      semdedup_cluster,
 )
 from beam_curator.dedup.ranking import WHICH_TO_KEEP, rank_cluster
 

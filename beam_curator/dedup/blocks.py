@@ -9,7 +9,7 @@ members; for each member it finds the best earlier-ranked member of the other bl
 answer is the best of its nb partials (`merge_partials`): the highest similarity, ties to the
 earliest-ranked member -- exactly what one pass over the whole ranked cluster gives, because
 the rank order (`rank_primary`, then the id) is global and every similarity is the same
-float64-accumulated dot product rounded once to float32 (`pairwise._block_similarities`).
+float64-accumulated dot product rounded once to float32 (`pairwise.block_similarities`).
 
 Plan defaults (`auto_n_clusters`, `auto_sample_size`) follow SemDeDup and NeMo Curator at
 scale: about 10,000 rows per cluster, and faiss's rule of thumb of tens to hundreds of
@@ -24,8 +24,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from beam_curator.dedup.backend import NUMPY, resolve
-from beam_curator.dedup.pairwise import _block_similarities, max_sim_to_earlier
-from beam_curator.dedup.ranking import WHICH_TO_KEEP, _random_keys
+from beam_curator.dedup.pairwise import block_similarities, max_sim_to_earlier
+from beam_curator.dedup.ranking import WHICH_TO_KEEP, random_rank_keys
 
 ROWS_PER_CLUSTER = 10_000       # SemDeDup: 50k clusters on LAION-440M; NeMo: ~10k rows each
 POINTS_PER_CENTROID = 64        # faiss trains well on 39-256 points per centroid
@@ -74,7 +74,7 @@ def rank_primary(ids: Sequence[str], cos_dist: np.ndarray, which_to_keep: str, s
         raise ValueError(f"which_to_keep must be one of {', '.join(WHICH_TO_KEEP)}; "
                          f"got {which_to_keep!r}")
     if which_to_keep == "random":
-        return _random_keys(list(ids), int(seed), int(cluster))
+        return random_rank_keys(list(ids), int(seed), int(cluster))
     dist = np.asarray(cos_dist, dtype=np.float32).astype(np.float64)
     return -dist if which_to_keep == "hard" else dist
 
@@ -142,7 +142,7 @@ def cross_partial(target_vectors: np.ndarray, target_primary: np.ndarray, target
                 continue
             for s0 in range(0, reach, TILE_ROWS):
                 s1 = min(reach, s0 + TILE_ROWS)
-                sims = _block_similarities(target_vectors[t0:t1], source_vectors[s0:s1])
+                sims = block_similarities(target_vectors[t0:t1], source_vectors[s0:s1])
                 sims[np.arange(s0, s1)[None, :] >= count[t0:t1, None]] = -np.inf
                 a = np.argmax(sims, axis=1)                # first max = earliest-ranked
                 m = sims[np.arange(t1 - t0), a]

@@ -104,7 +104,7 @@ def _train_faiss(x: np.ndarray, k: int, n_iter: int, seed: int, spherical: bool,
                  ) -> np.ndarray:
     """faiss seeds its initial pick of centroids from `seed` and sums each centroid in row
     order; it is told not to subsample again (every row given is used)."""
-    import faiss
+    faiss = _faiss_or_none()
 
     n, d = x.shape
     km = faiss.Kmeans(
@@ -119,6 +119,10 @@ def _train_faiss(x: np.ndarray, k: int, n_iter: int, seed: int, spherical: bool,
 
 
 def _faiss_or_none():
+    # faiss's loader tries its AVX512 and AVX2 builds first and logs each miss at INFO ("Could
+    # not load library with AVX2 support") even when the build it then loads works: quiet.
+    loader = logging.getLogger("faiss.loader")
+    loader.setLevel(max(loader.level, logging.WARNING))
     try:
         import faiss  # imported here: the rest of the package (and Beam workers) may not need it
     except ImportError:

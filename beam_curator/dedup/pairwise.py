@@ -24,7 +24,7 @@ Conventions (NeMo Curator's pairwise output is `id, max_id, cosine_sim_score`):
 
 On a GPU (`device`, `backend`: see `dedup.backend`) the blocks run in torch
 (`shortlist.exact_top_m`): a float32 (or TF32) matmul shortlists each row's candidates, and
-the candidates are re-scored exactly as `_block_similarities` scores them (float64, rounded
+the candidates are re-scored exactly as `block_similarities` scores them (float64, rounded
 once to float32), so the maxima, argmaxes and decisions equal the numpy path's (up to
 float64 summation order, see `dedup.shortlist`).
 """
@@ -64,7 +64,7 @@ def block_pairs(n: int, block_size: int) -> List[Tuple[int, int]]:
     return [(i, j) for j in range(nb) for i in range(j + 1)]
 
 
-def _block_similarities(block_j: np.ndarray, block_i: np.ndarray) -> np.ndarray:
+def block_similarities(block_j: np.ndarray, block_i: np.ndarray) -> np.ndarray:
     """(len_j, len_i) dot products, rounded to float32: the only place similarities are computed.
 
     Rows are block j's members, so the max over candidates runs along contiguous memory.
@@ -90,7 +90,7 @@ def _partial_max(bi: np.ndarray, bj: np.ndarray, same_block: bool
     lj = bj.shape[0]
     if bi.shape[0] == 0 or lj == 0:
         return np.full(lj, -np.inf, np.float32), np.full(lj, -1, np.int64)
-    sims = _block_similarities(bj, bi)                 # rows: block j, columns: candidates
+    sims = block_similarities(bj, bi)                 # rows: block j, columns: candidates
     if same_block:
         np.putmask(sims, _not_earlier_mask(lj), -np.inf)
     arg = np.argmax(sims, axis=1)                      # first max = earliest-ranked
@@ -265,8 +265,7 @@ def semdedup_cluster(ids: Sequence[str], vectors: np.ndarray, cos_dist: np.ndarr
     max_sim, argmax = max_sim_to_earlier(v[order], block_size, device, backend)
     dup = is_duplicate(max_sim, eps)
     out = []
-    for r, (id_, s, a, d) in enumerate(zip(ranked_ids, max_sim.tolist(), argmax.tolist(),
-                                          dup.tolist())):
+    for id_, s, a, d in zip(ranked_ids, max_sim.tolist(), argmax.tolist(), dup.tolist()):
         if a < 0:   # the first-ranked member: nothing earlier
             out.append((id_, id_, 0.0, False))
         else:

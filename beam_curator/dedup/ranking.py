@@ -19,8 +19,6 @@ from beam_curator.dedup._checks import as_float_vector
 from beam_curator.defaults import WHICH_TO_KEEP
 
 
-
-
 def _check_ids(ids: Sequence[str]) -> np.ndarray:
     if len(set(ids)) != len(ids):
         raise ValueError("ids inside one cluster must be unique")
@@ -28,7 +26,7 @@ def _check_ids(ids: Sequence[str]) -> np.ndarray:
     return np.asarray(list(ids), dtype=str) if len(ids) else np.empty(0, dtype="U1")
 
 
-def _random_keys(ids: Sequence[str], seed: int, cluster: int) -> np.ndarray:
+def random_rank_keys(ids: Sequence[str], seed: int, cluster: int) -> np.ndarray:
     """A 64-bit key per member from blake2b("rank:{seed}:{cluster}:{id}").
 
     A hash rather than a numpy Generator permutation: numpy does not promise the same stream
@@ -56,7 +54,7 @@ def rank_cluster(ids: Sequence[str], cos_dist: np.ndarray, which_to_keep: str, s
     n = len(ids)
     id_arr = _check_ids(ids)
     if which_to_keep == "random":
-        keys = _random_keys(id_arr.tolist(), int(seed), int(cluster))
+        keys = random_rank_keys(id_arr.tolist(), int(seed), int(cluster))
         order = np.lexsort((id_arr, keys))
     else:
         dist = as_float_vector(cos_dist, "cos_dist", n).astype(np.float64)

@@ -62,9 +62,10 @@ def exact_top_m(a, b, b64, m: int, score_dtype, causal: bool = False, limit=None
 
     `b64` is `b` in float64 (the caller keeps it when it reuses `b`). With `causal` (a == b,
     a diagonal block), row r may only pick columns q < r; with `limit` (int64 (na,)), row r
-    only columns q < limit[r] (rank-sorted blocks of one cluster: `dedup.blocks`). Returns `(index (na, m) int64,
-    score (na, m) score_dtype)`, best first, ties to the lowest column; -1 and -inf where a
-    row has fewer than m columns to pick from. All tensors stay on a's device.
+    only columns q < limit[r] (rank-sorted blocks of one cluster: `dedup.blocks`). Returns
+    `(index (na, m) int64, score (na, m) score_dtype)`, best first, ties to the lowest
+    column; -1 and -inf where a row has fewer than m columns to pick from. All tensors stay
+    on a's device.
     """
     import torch
 

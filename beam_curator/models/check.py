@@ -10,8 +10,17 @@ import os
 
 from .clip import resolve_quick_gelu
 from .heads import check_head_dims, load_heads
-from .layout import (CLIP_CONFIG_PATH, MANIFEST_NAME, Manifest, ModelDirError, derive_manifest,
-                     file_sha256, fix_hint, read_clip_config, resolve_model_files)
+from .layout import (
+    CLIP_CONFIG_PATH,
+    MANIFEST_NAME,
+    Manifest,
+    ModelDirError,
+    derive_manifest,
+    file_sha256,
+    fix_hint,
+    read_clip_config,
+    resolve_model_files,
+)
 
 logger = logging.getLogger(__name__)
 

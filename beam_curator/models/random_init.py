@@ -170,7 +170,7 @@ def calibrate_random_nsfw(nsfw: NsfwHead, embed_dim: int, seed: int,
     nsfw.linear_4.bias.copy_((nsfw.linear_4.bias - logits.mean()) * scale + RANDOM_NSFW_LOGIT_MEAN)
 
 
-def _write_safetensors(module: nn.Module, path: str) -> None:
+def write_safetensors(module: nn.Module, path: str) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -205,9 +205,9 @@ def init_random(model_dir: str, arch: str = TINY_ARCH, seed: int = 0, overwrite:
     written = {
         CLIP_CONFIG_PATH: lambda p: atomic_write_bytes(
             p, (json.dumps(open_clip_config, indent=2, sort_keys=True) + "\n").encode()),
-        CLIP_WEIGHT_PATHS[0]: lambda p: _write_safetensors(model, p),
-        f"{AESTHETIC_SUBDIR}/{AESTHETIC_STEM}.safetensors": lambda p: _write_safetensors(aesthetic, p),
-        f"{NSFW_SUBDIR}/{NSFW_STEM}.safetensors": lambda p: _write_safetensors(nsfw, p),
+        CLIP_WEIGHT_PATHS[0]: lambda p: write_safetensors(model, p),
+        f"{AESTHETIC_SUBDIR}/{AESTHETIC_STEM}.safetensors": lambda p: write_safetensors(aesthetic, p),
+        f"{NSFW_SUBDIR}/{NSFW_STEM}.safetensors": lambda p: write_safetensors(nsfw, p),
     }
     for rel, write in written.items():
         write(os.path.join(model_dir, rel))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 from typing import Dict, Optional
 
-
 from beam_curator import outputs
 from beam_curator.report.load import ReportError, RunData, load_run
 from beam_curator.report.render import render_report

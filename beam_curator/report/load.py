@@ -23,8 +23,15 @@ from apache_beam.io.filesystems import FileSystems
 from beam_curator import outputs
 from beam_curator.errors import OptionError
 from beam_curator.report.charts import FineHistogram
-from beam_curator.schema import (EXACT_DUPLICATE, FILTERED_AESTHETIC, FILTERED_NSFW,
-                                 KEPT, SEMANTIC_DUPLICATE, STATUSES, shard_of_id)
+from beam_curator.schema import (
+    EXACT_DUPLICATE,
+    FILTERED_AESTHETIC,
+    FILTERED_NSFW,
+    KEPT,
+    SEMANTIC_DUPLICATE,
+    STATUSES,
+    shard_of_id,
+)
 
 MAX_PAIRS = 24            # duplicate pairs in the gallery
 MAX_EXACT_PAIRS = 8       # of which exact duplicates, when there are semantic ones to show
@@ -153,13 +160,12 @@ def load_run(output_dir: str, summary: Optional[dict] = None) -> RunData:
 
 
 def _load_samples(data: RunData) -> None:
+    """One pass over samples/*.parquet, each file read once and folded into the aggregates
+    (`_fold_statuses_and_scores`), the gallery's pairs (`_PairPicker`) and the spotlight
+    strips (`_Spotlight`); then the statuses of the ids those show."""
     counts = collections.Counter()
     clusters: Dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
-    exact_heap: List[Tuple[str, str, float]] = []          # smallest ids, as a max-heap
-    # fine cosine bin (0.001 wide) -> the MAX_PAIRS smallest ids in it (a max-heap)
-    semantic_by_bin: Dict[int, List[Tuple[str, Tuple[str, str, float]]]] = {}
-    best: List[Tuple[float, str]] = []                      # min-heap of the highest kept scores
-    worst: List[Tuple[float, str]] = []                     # max-heap of the lowest filtered
+    pairs, spotlight = _PairPicker(), _Spotlight()
     files = _glob(FileSystems.join(outputs.samples_dir(data.output_dir), "*.parquet"))
     data.samples_files = len(files)
     for path in files:
@@ -170,61 +176,12 @@ def _load_samples(data: RunData) -> None:
         data.rows += n
         if not n:
             continue
-        status = cols["status"].astype(str)
-        values, n_each = np.unique(status, return_counts=True)
-        counts.update(dict(zip(values.tolist(), n_each.tolist())))
-        for shard, url in zip(cols.get("shard", []), cols.get("shard_url", [])):
-            if shard is not None and url is not None and shard not in data.shard_urls:
-                data.shard_urls[shard] = url
-        aest = _floats(cols.get("aesthetic_score"), n)
-        nsfw = _floats(cols.get("nsfw_score"), n)
-        cos = _floats(cols.get("cosine_sim"), n)
-        scored_series = {
-            "passed": np.isin(status, [KEPT, EXACT_DUPLICATE, SEMANTIC_DUPLICATE]),
-            FILTERED_AESTHETIC: status == FILTERED_AESTHETIC,
-            FILTERED_NSFW: status == FILTERED_NSFW,
-        }
-        for series, mask in scored_series.items():
-            data.aesthetic.add(series, aest[mask])
-            data.nsfw.add(series, nsfw[mask])
-        # A cluster's first-ranked member has no earlier member: score exactly 0.0, not drawn.
-        first = (status == KEPT) & (cos == 0.0)
-        data.first_ranked += int(first.sum())
-        for series in COSINE_SERIES:
-            data.cosine.add(series, cos[(status == series) & ~first])
-
-        ids = cols["id"]
-        cluster = _floats(cols.get("cluster"), n)
-        assigned = np.isfinite(cluster)
-        for value in np.unique(status[assigned]):
-            ids_of = cluster[assigned & (status == value)].astype(np.int64)
-            for c, k in zip(*np.unique(ids_of, return_counts=True)):
-                clusters[int(c)][str(value)] += int(k)
-        dup_of = cols.get("duplicate_of")
-        if dup_of is not None:
-            has_dup = np.array([d is not None for d in dup_of], dtype=bool)
-            # Only the candidates that can make the cut go through the Python heaps.
-            exact_rows = np.flatnonzero((status == EXACT_DUPLICATE) & has_dup)
-            for i in _smallest_ids(ids, exact_rows, np.zeros(len(exact_rows), np.int64)):
-                _push_smallest(exact_heap, (str(ids[i]), str(dup_of[i]), float(cos[i])))
-            sem_rows = np.flatnonzero((status == SEMANTIC_DUPLICATE) & has_dup
-                                      & np.isfinite(cos))
-            bins = np.clip(np.floor((cos[sem_rows] + 1.0) * 1000), 0, 1999).astype(np.int64)
-            for i, b in zip(*_smallest_ids(ids, sem_rows, bins, with_groups=True)):
-                _push_smallest(semantic_by_bin.setdefault(int(b), []),
-                               (str(ids[i]), str(dup_of[i]), float(cos[i])))
-        for i in _top(aest, (status == KEPT) & np.isfinite(aest), SPOTLIGHT):
-            item = (float(aest[i]), _neg_key(str(ids[i])))
-            if len(best) < SPOTLIGHT:
-                heapq.heappush(best, item)
-            elif item > best[0]:
-                heapq.heapreplace(best, item)
-        for i in _top(-aest, (status == FILTERED_AESTHETIC) & np.isfinite(aest), SPOTLIGHT):
-            item = (-float(aest[i]), _neg_key(str(ids[i])))
-            if len(worst) < SPOTLIGHT:
-                heapq.heappush(worst, item)
-            elif item > worst[0]:
-                heapq.heapreplace(worst, item)
+        cols["status"] = cols["status"].astype(str)
+        cols["aesthetic_score"] = _floats(cols.get("aesthetic_score"), n)
+        cols["cosine_sim"] = _floats(cols.get("cosine_sim"), n)
+        _fold_statuses_and_scores(data, counts, clusters, cols, n)
+        pairs.add(cols)
+        spotlight.add(cols)
 
     data.counts_from_samples = {s: counts.get(s, 0) for s in STATUSES}
     for s in sorted(set(counts) - set(STATUSES)):
@@ -232,32 +189,126 @@ def _load_samples(data: RunData) -> None:
     data.clusters = {c: dict(v) for c, v in sorted(clusters.items())}
     data.n_pairs = {EXACT_DUPLICATE: counts.get(EXACT_DUPLICATE, 0),
                     SEMANTIC_DUPLICATE: counts.get(SEMANTIC_DUPLICATE, 0)}
-    exact = sorted(e for _, e in exact_heap)
-    # Sorted by similarity (ties by id); dense regions hold at most MAX_PAIRS per 0.001.
-    semantic = sorted((e for b in semantic_by_bin.values() for _, e in b),
-                      key=lambda e: (e[2], e[0]))
-    n_exact = min(len(exact), MAX_EXACT_PAIRS if semantic else MAX_PAIRS)
-    n_semantic = min(len(semantic), MAX_PAIRS - n_exact)
-    n_exact = min(len(exact), MAX_PAIRS - n_semantic)
-    pairs = [Pair(EXACT_DUPLICATE, i, d, s) for i, d, s in exact[:n_exact]]
-    # Spread over the similarity range: the borderline pairs (near 1 - eps) and the obvious
-    # ones both show, most similar first.
-    for i, d, s in reversed(_spread(semantic, n_semantic)):
-        pairs.append(Pair(SEMANTIC_DUPLICATE, i, d, s))
-    data.pairs = pairs
-    data.spotlight_best = sorted(((s, _unneg(k)) for s, k in best), key=lambda t: (-t[0], t[1]))
-    data.spotlight_worst = sorted(((-s, _unneg(k)) for s, k in worst), key=lambda t: (t[0], t[1]))
-    shown = {p.id for p in pairs} | {p.duplicate_of for p in pairs}
+    data.pairs = pairs.pick()
+    data.spotlight_best, data.spotlight_worst = spotlight.best(), spotlight.worst()
+    shown = {p.id for p in data.pairs} | {p.duplicate_of for p in data.pairs}
     shown |= {i for _, i in data.spotlight_best} | {i for _, i in data.spotlight_worst}
-    if shown:
-        shards = {shard_of_id(i) for i in shown}   # samples/<shard>.parquet
-        for path in files:
-            if posixpath.basename(path)[:-len(".parquet")] not in shards:
-                continue
-            table = _read_parquet(path, ["id", "status"])
-            for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()):
-                if i in shown:
-                    data.id_status[i] = s
+    data.id_status.update(_statuses_of(shown, files))
+
+
+def _fold_statuses_and_scores(data: RunData, counts, clusters, cols: dict, n: int) -> None:
+    """Counts per status and per cluster, shard urls, the score and cosine histograms."""
+    status, aest, cos = cols["status"], cols["aesthetic_score"], cols["cosine_sim"]
+    values, n_each = np.unique(status, return_counts=True)
+    counts.update(dict(zip(values.tolist(), n_each.tolist())))
+    for shard, url in zip(cols.get("shard", []), cols.get("shard_url", [])):
+        if shard is not None and url is not None and shard not in data.shard_urls:
+            data.shard_urls[shard] = url
+    nsfw = _floats(cols.get("nsfw_score"), n)
+    scored_series = {
+        "passed": np.isin(status, [KEPT, EXACT_DUPLICATE, SEMANTIC_DUPLICATE]),
+        FILTERED_AESTHETIC: status == FILTERED_AESTHETIC,
+        FILTERED_NSFW: status == FILTERED_NSFW,
+    }
+    for series, mask in scored_series.items():
+        data.aesthetic.add(series, aest[mask])
+        data.nsfw.add(series, nsfw[mask])
+    # A cluster's first-ranked member has no earlier member: score exactly 0.0, not drawn.
+    first = (status == KEPT) & (cos == 0.0)
+    data.first_ranked += int(first.sum())
+    for series in COSINE_SERIES:
+        data.cosine.add(series, cos[(status == series) & ~first])
+    cluster = _floats(cols.get("cluster"), n)
+    assigned = np.isfinite(cluster)
+    for value in np.unique(status[assigned]):
+        ids_of = cluster[assigned & (status == value)].astype(np.int64)
+        for c, k in zip(*np.unique(ids_of, return_counts=True)):
+            clusters[int(c)][str(value)] += int(k)
+
+
+class _PairPicker:
+    """The gallery's duplicate pairs: the smallest ids of the exact copies, and the
+    semantic ones spread over the similarity range, in bounded heaps."""
+
+    def __init__(self):
+        self._exact: List[Tuple[str, str, float]] = []   # smallest ids, as a max-heap
+        # fine cosine bin (0.001 wide) -> the MAX_PAIRS smallest ids in it (a max-heap)
+        self._semantic_by_bin: Dict[int, List[Tuple[str, Tuple[str, str, float]]]] = {}
+
+    def add(self, cols: dict) -> None:
+        dup_of = cols.get("duplicate_of")
+        if dup_of is None:
+            return
+        ids, status, cos = cols["id"], cols["status"], cols["cosine_sim"]
+        has_dup = np.array([d is not None for d in dup_of], dtype=bool)
+        # Only the candidates that can make the cut go through the Python heaps.
+        exact_rows = np.flatnonzero((status == EXACT_DUPLICATE) & has_dup)
+        for i in _smallest_ids(ids, exact_rows, np.zeros(len(exact_rows), np.int64)):
+            _push_smallest(self._exact, (str(ids[i]), str(dup_of[i]), float(cos[i])))
+        sem_rows = np.flatnonzero((status == SEMANTIC_DUPLICATE) & has_dup & np.isfinite(cos))
+        bins = np.clip(np.floor((cos[sem_rows] + 1.0) * 1000), 0, 1999).astype(np.int64)
+        for i, b in zip(*_smallest_ids(ids, sem_rows, bins, with_groups=True)):
+            _push_smallest(self._semantic_by_bin.setdefault(int(b), []),
+                           (str(ids[i]), str(dup_of[i]), float(cos[i])))
+
+    def pick(self) -> List[Pair]:
+        exact = sorted(e for _, e in self._exact)
+        # Sorted by similarity (ties by id); dense regions hold at most MAX_PAIRS per 0.001.
+        semantic = sorted((e for b in self._semantic_by_bin.values() for _, e in b),
+                          key=lambda e: (e[2], e[0]))
+        n_exact = min(len(exact), MAX_EXACT_PAIRS if semantic else MAX_PAIRS)
+        n_semantic = min(len(semantic), MAX_PAIRS - n_exact)
+        n_exact = min(len(exact), MAX_PAIRS - n_semantic)
+        pairs = [Pair(EXACT_DUPLICATE, i, d, s) for i, d, s in exact[:n_exact]]
+        # Spread over the similarity range: the borderline pairs (near 1 - eps) and the
+        # obvious ones both show, most similar first.
+        for i, d, s in reversed(_spread(semantic, n_semantic)):
+            pairs.append(Pair(SEMANTIC_DUPLICATE, i, d, s))
+        return pairs
+
+
+class _Spotlight:
+    """The highest-scored kept samples and the lowest-scored filtered ones (bounded heaps)."""
+
+    def __init__(self):
+        self._best: List[Tuple[float, str]] = []    # min-heap of the highest kept scores
+        self._worst: List[Tuple[float, str]] = []   # max-heap of the lowest filtered
+
+    @staticmethod
+    def _keep(heap: list, item) -> None:
+        if len(heap) < SPOTLIGHT:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
+
+    def add(self, cols: dict) -> None:
+        ids, status, aest = cols["id"], cols["status"], cols["aesthetic_score"]
+        for i in _top(aest, (status == KEPT) & np.isfinite(aest), SPOTLIGHT):
+            self._keep(self._best, (float(aest[i]), _neg_key(str(ids[i]))))
+        for i in _top(-aest, (status == FILTERED_AESTHETIC) & np.isfinite(aest), SPOTLIGHT):
+            self._keep(self._worst, (-float(aest[i]), _neg_key(str(ids[i]))))
+
+    def best(self) -> List[Tuple[float, str]]:
+        return sorted(((s, _unneg(k)) for s, k in self._best), key=lambda t: (-t[0], t[1]))
+
+    def worst(self) -> List[Tuple[float, str]]:
+        return sorted(((-s, _unneg(k)) for s, k in self._worst), key=lambda t: (t[0], t[1]))
+
+
+def _statuses_of(ids: set, files: List[str]) -> Dict[str, str]:
+    """The status of each id, read from its own shard's samples file only."""
+    found: Dict[str, str] = {}
+    if not ids:
+        return found
+    shards = {shard_of_id(i) for i in ids}   # samples/<shard>.parquet
+    for path in files:
+        if posixpath.basename(path)[:-len(".parquet")] not in shards:
+            continue
+        table = _read_parquet(path, ["id", "status"])
+        for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()):
+            if i in ids:
+                found[i] = s
+    return found
 
 
 def _smallest_ids(ids, rows: np.ndarray, groups: np.ndarray, with_groups: bool = False):

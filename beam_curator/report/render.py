@@ -15,12 +15,25 @@ import json
 import math
 from typing import Dict, List, Optional
 
-from beam_curator.report.charts import (Threshold, bars_svg, esc, fmt_num, histogram_svg,
-                                        legend_html)
+from beam_curator.report.charts import (
+    Threshold,
+    bars_svg,
+    esc,
+    fmt_num,
+    histogram_svg,
+    legend_html,
+)
 from beam_curator.report.load import Pair, RunData
 from beam_curator.report.thumbs import THUMB_PX, Thumb
-from beam_curator.schema import (ERROR, EXACT_DUPLICATE, FILTERED_AESTHETIC, FILTERED_NSFW,
-                                 KEPT, SEMANTIC_DUPLICATE, STATUSES)
+from beam_curator.schema import (
+    ERROR,
+    EXACT_DUPLICATE,
+    FILTERED_AESTHETIC,
+    FILTERED_NSFW,
+    KEPT,
+    SEMANTIC_DUPLICATE,
+    STATUSES,
+)
 
 CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; "
        "form-action 'none'")

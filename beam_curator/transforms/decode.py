@@ -200,7 +200,8 @@ class DecodeFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(ERRORS, SampleResult(
                 info=info, status=ERROR, reason=sample.error, stage=STAGE_READ))
             return
-        info = dataclasses.replace(info, content_hash=hashlib.sha256(sample.image_bytes).hexdigest())
+        digest = hashlib.sha256(sample.image_bytes).hexdigest()
+        info = dataclasses.replace(info, content_hash=digest)
         try:
             image = open_rgb(sample.image_bytes, self._max_pixels)
             info = dataclasses.replace(info, width=image.width, height=image.height)

@@ -13,11 +13,26 @@ import apache_beam as beam
 import numpy as np
 
 from beam_curator.dedup.blocks import DEFAULT_BLOCK_ROWS
-from beam_curator.schema import (EXACT_DUPLICATE, KEPT, SEMANTIC_DUPLICATE, DedupDecision,
-                                 SampleInfo, SampleResult, shard_of_id)
-from beam_curator.transforms.dedup_data import (Chunk, Decisions, chunk_names, embeddings_schema,
-                                                npy_chunks, npy_id_column, npy_shape,
-                                                resolve_embeddings, row_group_chunks)
+from beam_curator.schema import (
+    EXACT_DUPLICATE,
+    KEPT,
+    SEMANTIC_DUPLICATE,
+    DedupDecision,
+    SampleInfo,
+    SampleResult,
+    shard_of_id,
+)
+from beam_curator.transforms.dedup_data import (
+    Chunk,
+    Decisions,
+    chunk_names,
+    embeddings_schema,
+    npy_chunks,
+    npy_id_column,
+    npy_shape,
+    resolve_embeddings,
+    row_group_chunks,
+)
 from beam_curator.transforms.dedup_plan import SHUFFLE, DedupConfig
 from beam_curator.transforms.semdedup import SemanticDedupCore
 

@@ -26,7 +26,6 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator.atomic import write_atomically
-
 from beam_curator.transforms.dedup_plan import STAGED, DedupConfig
 
 

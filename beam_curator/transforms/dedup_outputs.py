@@ -2,10 +2,10 @@
 cluster), and the exact copies' rows per chunk. NeMo Curator's formats (see schema.py)."""
 from __future__ import annotations
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-import apache_beam as beam
 
 from beam_curator.schema import DUPLICATES_SCHEMA, KMEANS_SCHEMA, PAIRWISE_SCHEMA
 from beam_curator.transforms.write import write_parquet

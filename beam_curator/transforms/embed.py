@@ -15,8 +15,12 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
-                                           RunInference)
+from apache_beam.ml.inference.base import (
+    KeyedModelHandler,
+    ModelHandler,
+    PredictionResult,
+    RunInference,
+)
 
 from beam_curator.defaults import DEFAULT_INFERENCE_BATCH_SIZE
 

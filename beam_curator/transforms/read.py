@@ -80,8 +80,8 @@ def list_shards(pattern: str) -> List[Tuple[str, str]]:
     are never input, whatever the glob: `--input 'DIR/*'` next to an output in DIR reads the
     shards only.
     """
-    from beam_curator.outputs import OWN_FILE_NAMES
     from beam_curator.atomic import TMP_PREFIX
+    from beam_curator.outputs import OWN_FILE_NAMES
 
     matched = match_globs(pattern, directory_glob="*.tar")
     own = [u for u in matched if posixpath.basename(u) in OWN_FILE_NAMES

@@ -12,8 +12,9 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator.schema import ShardSample, shard_of_id
-from beam_curator.webdataset import shard_samples
 from beam_curator.transforms.write import write_curated_shard
+from beam_curator.webdataset import shard_samples
+
 
 class RemoveCounts(NamedTuple):
     shard: str

@@ -35,14 +35,33 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_curator.dedup import blocks
 from beam_curator.dedup import kmeans as km
-from beam_curator.dedup.assign import (assign_to_centroids, assign_with_runner_up,
-                                      border_assignments)
+from beam_curator.dedup.assign import (
+    assign_to_centroids,
+    assign_with_runner_up,
+    border_assignments,
+)
 from beam_curator.dedup.pairwise import is_duplicate, max_sim_to_earlier
-from beam_curator.transforms.dedup_data import (Assigned, BlockPartial, Chunk, Decisions,
-                                                ExactDuplicate, Members, count_candidates,
-                                                read_staged_rows, without_vectors)
-from beam_curator.transforms.dedup_outputs import WriteClusterOutputsFn, write_exact_outputs
-from beam_curator.transforms.dedup_plan import SHUFFLE, DedupConfig, DedupPlan, make_plan
+from beam_curator.transforms.dedup_data import (
+    Assigned,
+    BlockPartial,
+    Chunk,
+    Decisions,
+    ExactDuplicate,
+    Members,
+    count_candidates,
+    read_staged_rows,
+    without_vectors,
+)
+from beam_curator.transforms.dedup_outputs import (
+    WriteClusterOutputsFn,
+    write_exact_outputs,
+)
+from beam_curator.transforms.dedup_plan import (
+    SHUFFLE,
+    DedupConfig,
+    DedupPlan,
+    make_plan,
+)
 
 _LOG = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Dict, List, Optional, Tuple
 import apache_beam as beam
 
 from beam_curator import outputs
+from beam_curator.atomic import write_json
 from beam_curator.ownership import finish_output
 from beam_curator.schema import STATUSES
-from beam_curator.atomic import write_json
 
 # The summary lists at most this many offending ids / shard-level errors (all of them are
 # in samples/ and errors/); the counts are always exact.

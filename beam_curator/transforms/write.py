@@ -18,6 +18,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_curator.atomic import write_atomically
 
+
 def embeddings_to_arrow(vectors: List[np.ndarray]) -> pa.Array:
     """(n, d) float32 rows -> list<float32> without a Python float per value."""
     if not vectors:
