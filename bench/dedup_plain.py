@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `beam_curator
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beam_curator.dedup import (  # noqa: E402
-    DEFAULT_BLOCK_SIZE,
+    TILE_ROWS,
     assign_to_centroids,
     is_duplicate,
     max_sim_to_earlier,
@@ -50,7 +50,7 @@ class PlainResult:
 
 def plain_semdedup(embeddings: np.ndarray, ids: Sequence[str], n_clusters: int, n_iter: int,
                    eps: float, which_to_keep: str, seed: int, sample_size: Optional[int],
-                   block_size: int = DEFAULT_BLOCK_SIZE, centroids: Optional[np.ndarray] = None,
+                   block_size: int = TILE_ROWS, centroids: Optional[np.ndarray] = None,
                    device: Optional[str] = None, backend: Optional[str] = None,
                    kmeans_backend: Optional[str] = None) -> PlainResult:
     """SemDeDup over L2-normalised `embeddings` (n, d) float32 with ids aligned to the rows.
@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eps", type=float, default=DEFAULT_EPS)
     ap.add_argument("--which-to-keep", default="hard")
     ap.add_argument("--sample-size", type=int, default=100_000)
-    ap.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    ap.add_argument("--block-size", type=int, default=TILE_ROWS)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 

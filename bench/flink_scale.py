@@ -179,6 +179,7 @@ def main() -> None:
     try:
         cluster = start_cluster(work)
         small = measure(args.n, args, cluster, work)
+        print(json.dumps({"small": small}), flush=True)   # kept even if the big run fails
         big = measure(args.n * args.scale, args, cluster, work)
         report = {"benchmark": "flink_scale", "small": small, "big": big,
                   "time_ratio": round(big["flink_s"] / small["flink_s"], 2),

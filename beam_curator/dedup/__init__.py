@@ -27,7 +27,7 @@ from beam_curator.dedup.kmeans import (
                                       validate_centroids,
 )
 from beam_curator.dedup.pairwise import (
-                                      DEFAULT_BLOCK_SIZE,
+                                      TILE_ROWS,
                                       block_pairs,
                                       block_range,
                                       combine_partials,
@@ -41,7 +41,7 @@ from beam_curator.dedup.pairwise import (
 from beam_curator.dedup.ranking import WHICH_TO_KEEP, rank_cluster
 
 __all__ = [
-    "DEFAULT_BLOCK_SIZE",
+    "TILE_ROWS",
     "WHICH_TO_KEEP",
     "assign_to_centroids",
     "assign_top2",

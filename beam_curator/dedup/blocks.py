@@ -24,13 +24,12 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from beam_curator.dedup.backend import NUMPY, resolve
-from beam_curator.dedup.pairwise import block_similarities, max_sim_to_earlier
+from beam_curator.dedup.pairwise import TILE_ROWS, block_similarities, max_sim_to_earlier
 from beam_curator.dedup.ranking import WHICH_TO_KEEP, random_rank_keys
 
 ROWS_PER_CLUSTER = 10_000       # SemDeDup: 50k clusters on LAION-440M; NeMo: ~10k rows each
 POINTS_PER_CENTROID = 64        # faiss trains well on 39-256 points per centroid
 DEFAULT_BLOCK_ROWS = 16_384     # members per block: ~50 MB of 768-d vectors per side
-TILE_ROWS = 4096                # rows per similarity tile: bounds one matmul's memory
 
 
 # ---- the plan: how many clusters, how large a training sample, how many blocks -------------

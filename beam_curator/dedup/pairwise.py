@@ -39,7 +39,7 @@ from beam_curator.dedup._checks import as_float32_matrix, check_positive_int
 from beam_curator.dedup.backend import NUMPY, Backend, resolve
 from beam_curator.dedup.ranking import rank_cluster
 
-DEFAULT_BLOCK_SIZE = 1024
+TILE_ROWS = 4096   # rows per similarity tile: one tile of float32 similarities is 64 MB
 
 
 # ---- blocks ------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def combine_partials(partials: Iterable[Tuple[np.ndarray, np.ndarray]]
     return _finish(acc_max, acc_arg)
 
 
-def max_sim_to_earlier(vectors_ranked: np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE,
+def max_sim_to_earlier(vectors_ranked: np.ndarray, block_size: int = TILE_ROWS,
                        device: Optional[str] = None, backend: Optional[str] = None
                        ) -> Tuple[np.ndarray, np.ndarray]:
     """For each ranked row r: max over q < r of cos(v_r, v_q), and that q.
@@ -244,7 +244,7 @@ def is_duplicate(max_sim: np.ndarray, eps: float) -> np.ndarray:
 
 def semdedup_cluster(ids: Sequence[str], vectors: np.ndarray, cos_dist: np.ndarray,
                      which_to_keep: str, eps: float, seed: int, cluster: int,
-                     block_size: int = DEFAULT_BLOCK_SIZE, device: Optional[str] = None,
+                     block_size: int = TILE_ROWS, device: Optional[str] = None,
                      backend: Optional[str] = None
                      ) -> List[Tuple[str, str, float, bool]]:
     """Dedup one cluster that fits in memory: rank, pairwise, decide.

@@ -269,8 +269,7 @@ class PairwiseFn(beam.DoFn):
                        sizes[0] * sizes[1])
         if nb == 1:
             members, vectors, _ = ranked[0]
-            max_sim, argmax = max_sim_to_earlier(vectors, blocks.TILE_ROWS,
-                                                 device=self._config.device)
+            max_sim, argmax = max_sim_to_earlier(vectors, device=self._config.device)
             max_ids = [members.ids[a] if a >= 0 else None for a in argmax.tolist()]
             yield _cluster_file(cluster), _decide(cluster, members, max_sim, argmax >= 0,
                                                   max_ids, self._config.eps)
