@@ -35,7 +35,7 @@ BOUNDED_SIDE_INPUTS = [
 # Global combines whose output grows with their input (the rest are counts, sums, Top-n).
 COLLECTING_FNS = ("ToListCombineFn", "ToDictCombineFn", "ToSetCombineFn")
 BOUNDED_GLOBAL_LISTS = [
-    (r".*/GatherSample(/GatherSample)?", "the k-means sample: ~64 rows per centroid"),
+    (r".*/GatherSample(/GatherSample)?", "k-means sample: a file path per chunk"),
     (r"Total(/Total)?", "(shard, written) per shard"),
 ]
 CONSTANT_FNS = ("CountCombineFn", "TopCombineFn", "_SizeStats", "sum", "sum_pairs",

@@ -18,6 +18,7 @@ on their own. Everything here is a module-level class or function: Beam pickles 
 from __future__ import annotations
 
 import dataclasses
+import io
 from typing import FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -128,6 +129,22 @@ def write_staged(path: str, vectors: np.ndarray) -> str:
     data = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
     write_atomically(path, lambda stream: stream.write(data))
     return path
+
+
+def write_sample(path: str, ids: Sequence[str], vectors: np.ndarray) -> str:
+    """A chunk's k-means sample rows as one .npz (ids and float32 vectors); returns path."""
+    buffer = io.BytesIO()
+    np.savez(buffer, ids=np.asarray(ids, dtype=str),
+             vectors=np.ascontiguousarray(vectors, dtype=np.float32))
+    data = buffer.getvalue()
+    write_atomically(path, lambda stream: stream.write(data))
+    return path
+
+
+def read_sample(path: str) -> Tuple[List[str], np.ndarray]:
+    with FileSystems.open(path) as handle:
+        with np.load(io.BytesIO(handle.read())) as npz:
+            return npz["ids"].tolist(), npz["vectors"]
 
 
 def read_staged_rows(path: str, dim: int, rows: Optional[Sequence[int]]) -> np.ndarray:

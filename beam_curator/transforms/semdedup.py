@@ -25,9 +25,10 @@ The pure algorithms live in `beam_curator.dedup`; the elements moved here and th
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -49,8 +50,9 @@ from beam_curator.transforms.dedup_data import (
     ExactDuplicate,
     Members,
     count_candidates,
-    read_staged_rows,
+    read_sample,
     without_vectors,
+    write_sample,
 )
 from beam_curator.transforms.dedup_outputs import (
     WriteClusterOutputsFn,
@@ -99,7 +101,12 @@ def _with_exclusions(element) -> Chunk:
 # ---- centroids --------------------------------------------------------------------------
 
 class SampleForTrainingFn(beam.DoFn):
-    """Chunk -> (ids, float32 rows or (staged file, dim, rows)) of its training-sample rows."""
+    """Chunk -> the path of a small file holding its training-sample rows (ids + vectors).
+
+    Only the path travels to the trainer. Shipping the rows themselves made one record of
+    every bundle's sample (Beam lifts the gathering combine into the SDK): ~100 MB at 1M rows,
+    which Flink's batch sort refused ("Record too large"), and O(k) bytes per record at scale.
+    """
 
     def __init__(self, config: DedupConfig):
         self._config = config
@@ -109,22 +116,25 @@ class SampleForTrainingFn(beam.DoFn):
         fraction = km.sample_fraction(plan.n_candidates, plan.sample_size)
         rows = [r for r in np.flatnonzero(km.sample_mask(ids, fraction, self._config.seed))
                 if ids[r] not in chunk.excluded]
-        if not rows:
-            return
-        staged = chunk.staged_copy(self._config)
-        # Staged: only (file, rows) travel to the trainer, not 3 kB per sampled row.
-        yield [ids[r] for r in rows], ((staged, chunk.dim, np.asarray(rows)) if staged
-                                       else vectors[rows])
+        if rows:
+            path = FileSystems.join(self._config.staging_dir, f"sample-{chunk.name}.npz")
+            yield write_sample(path, [ids[r] for r in rows], vectors[rows])
 
 
-def train_centroids(sample: List[Tuple[List[str], np.ndarray]], config: DedupConfig,
+# Sample files are read in parallel: at 1B rows the trainer opens ~100k small remote files.
+_SAMPLE_READERS = 16
+
+
+def train_centroids(sample_files: List[str], config: DedupConfig,
                     plan: DedupPlan) -> np.ndarray:
     """Sorted by id first, so every runner and chunking trains on the same matrix."""
-    ids = [i for part_ids, _ in sample for i in part_ids]
+    with concurrent.futures.ThreadPoolExecutor(_SAMPLE_READERS) as pool:
+        parts = list(pool.map(read_sample, sorted(sample_files)))
+    ids = [i for part_ids, _ in parts for i in part_ids]
     if not ids:
         return np.zeros((0, 0), dtype=np.float32)
-    parts = [v if isinstance(v, np.ndarray) else read_staged_rows(*v) for _, v in sample]
-    vectors = np.concatenate(parts)[np.argsort(np.array(ids), kind="stable")]
+    vectors = np.concatenate([v for _, v in parts])[np.argsort(np.array(ids), kind="stable")]
+    del parts
     k = min(plan.n_clusters, len(ids))
     _LOG.info("k-means: %d clusters (%s) trained on %d embeddings", k, plan.n_clusters_from,
               len(ids))
@@ -441,7 +451,7 @@ class SemanticDedupCore(beam.PTransform):
             centroids = (chunks
                          | "SampleForKMeans" >> beam.ParDo(SampleForTrainingFn(config),
                                                            beam.pvalue.AsSingleton(plan))
-                         # bounded by the plan: ~64 rows per centroid, never by N
+                         # one path per chunk; the rows (~64 per centroid) stay in files
                          | "GatherSample" >> beam.combiners.ToList()
                          | "TrainKMeans" >> beam.Map(train_centroids, config,
                                                      beam.pvalue.AsSingleton(plan)))
