@@ -203,6 +203,13 @@ class CuratorOptions(PipelineOptions):
 # look like no known one are passed on to them.
 FORWARDING_RUNNERS = ("flinkrunner", "sparkrunner", "portablerunner", "prismrunner")
 
+# Flink's default batch exchange is pipelined, and our graph has diamonds through side inputs
+# (dedup routes the assigned chunks by the cluster sizes that the same chunks produce): once
+# the rows outgrow the network buffers, the producer waits on the blocked consumer forever
+# (FLINK-10672; seen at 1M x 768 here). Blocking exchanges cannot deadlock that way, and they
+# make each stage its own failover region. An explicit --execution_mode_for_batch wins.
+FLINK_BATCH_MODE = "--execution_mode_for_batch=BATCH_FORCED"
+
 
 def curator_options(argv=None, **overrides) -> PipelineOptions:
     """PipelineOptions from argv, with a runner that works offline when none is named.
@@ -217,6 +224,10 @@ def curator_options(argv=None, **overrides) -> PipelineOptions:
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = DEFAULT_LOCAL_RUNNER
+    if (runner_name(options).lower().split(".")[-1] == "flinkrunner"
+            and not any(a.split("=", 1)[0] == FLINK_BATCH_MODE.split("=")[0] for a in argv)):
+        argv.append(FLINK_BATCH_MODE)
+        options = PipelineOptions(argv, **overrides)
     _check_runner(options)
     _check_flags(argv, options)
     return options

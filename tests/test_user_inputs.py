@@ -84,6 +84,19 @@ def test_beam_options_pass_and_a_bad_runner_names_the_closest(capsys):
     assert "did you mean DirectRunner?" in err and "Traceback" not in err
 
 
+
+def test_flink_batch_exchanges_are_blocking_unless_the_user_says_otherwise():
+    def mode(argv):
+        return curator_options(argv).get_all_options(retain_unknown_options=True).get(
+            "execution_mode_for_batch")
+
+    # pipelined exchanges deadlocked dedup at 1M rows (a side input fed by the same stage)
+    assert mode(["--runner", "FlinkRunner"]) == "BATCH_FORCED"
+    assert mode(["--runner", "FlinkRunner", "--execution_mode_for_batch", "PIPELINED"]) \
+        == "PIPELINED"
+    assert mode(["--runner", "FlinkRunner", "--execution_mode_for_batch=BATCH"]) == "BATCH"
+    assert mode(["--runner", "FnApiRunner"]) is None
+
 # ---- 2. member order: webdataset's, GNU tar's sorted and scattered -------------------------
 
 def test_every_tar_order_gives_the_same_samples_with_their_sidecars(tmp_path):
