@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -108,6 +109,9 @@ def _duplicates(out: str) -> list:
                   .column("id").to_pylist())
 
 
+JOB_TIMEOUT_S = 3600   # a hung job (e.g. a TaskManager out of heap) ends the bench
+
+
 def _dedup(data: str, out: str, k: int, extra: list) -> float:
     started = time.perf_counter()
     with open(out + ".log", "w") as log:   # the job server is chatty on stderr
@@ -115,7 +119,7 @@ def _dedup(data: str, out: str, k: int, extra: list) -> float:
             [sys.executable, "-m", "beam_curator", "dedup", "--embeddings",
              os.path.join(data, "*.parquet"), "--output", out, "--n_clusters", str(k),
              "--kmeans_iterations", "10", "--progress_interval", "0", *extra],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=JOB_TIMEOUT_S)
     if proc.returncode:
         raise SystemExit(open(out + ".log").read()[-5000:])
     return time.perf_counter() - started
@@ -175,6 +179,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench-flink-scale-")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # still stop the cluster
     cluster = None
     try:
         cluster = start_cluster(work)

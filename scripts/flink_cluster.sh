@@ -35,7 +35,7 @@
 #                                its SDK workers must import beam_curator)
 #   BEAM_CURATOR_FLINK_WORKER_DEVICE the pools' --device: auto (default), cpu or cuda
 #   BEAM_CURATOR_FLINK_TIMEOUT   seconds to wait for the cluster (default 180)
-#   BEAM_CURATOR_FLINK_TM_MEMORY / BEAM_CURATOR_FLINK_JM_MEMORY  process sizes (2048m / 1024m)
+#   BEAM_CURATOR_FLINK_TM_MEMORY / BEAM_CURATOR_FLINK_JM_MEMORY  process sizes (5120m / 1024m)
 #   LOG_LINES                    lines per file for `logs` (default 200; 0 = whole files)
 set -euo pipefail
 
@@ -52,7 +52,7 @@ POOL_PORT="${BEAM_CURATOR_FLINK_POOL_PORT:-18099}"
 N_TM="${BEAM_CURATOR_FLINK_TASKMANAGERS:-2}"
 TIMEOUT="${BEAM_CURATOR_FLINK_TIMEOUT:-180}"
 SLOTS="${BEAM_CURATOR_FLINK_TASK_SLOTS:-2}"
-TM_MEM="${BEAM_CURATOR_FLINK_TM_MEMORY:-2048m}"
+TM_MEM="${BEAM_CURATOR_FLINK_TM_MEMORY:-5120m}"
 JM_MEM="${BEAM_CURATOR_FLINK_JM_MEMORY:-1024m}"
 WORKER_PYTHON="${BEAM_CURATOR_FLINK_WORKER_PYTHON:-$REPO_ROOT/.venv/bin/python}"
 WORKER_DEVICE="${BEAM_CURATOR_FLINK_WORKER_DEVICE:-auto}"
@@ -247,6 +247,10 @@ jobmanager.rpc.port: $RPC_PORT
 jobmanager.memory.process.size: $JM_MEM
 taskmanager.numberOfTaskSlots: $SLOTS
 taskmanager.memory.process.size: $TM_MEM
+# Task heap (~2.5 GB of 5120m, ~1.3 GB a slot): Beam's TaskManager side queues up to 100
+# data messages from each SDK worker it reads (the Python SDK sends ~10 MB ones), so one
+# busy stage can hold ~1 GB of heap a slot. With 2048m (~0.5 GB of heap) dedup of 1M x 768
+# died with "OutOfMemoryError: Java heap space" on a gRPC thread, and the job then hung.
 env.pid.dir: $RUN_DIR/pids
 env.log.dir: $RUN_DIR/log
 io.tmp.dirs: $RUN_DIR/tmp
