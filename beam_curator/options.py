@@ -203,11 +203,10 @@ class CuratorOptions(PipelineOptions):
 # look like no known one are passed on to them.
 FORWARDING_RUNNERS = ("flinkrunner", "sparkrunner", "portablerunner", "prismrunner")
 
-# Flink's default batch exchange is pipelined, and our graph has diamonds through side inputs
-# (dedup routes the assigned chunks by the cluster sizes that the same chunks produce): once
-# the rows outgrow the network buffers, the producer waits on the blocked consumer forever
-# (FLINK-10672; seen at 1M x 768 here). Blocking exchanges cannot deadlock that way, and they
-# make each stage its own failover region. An explicit --execution_mode_for_batch wins.
+# Flink's default batch exchange is pipelined, and Beam documents BATCH_FORCED as the remedy
+# for batch pipelines that block (FLINK-10672). Our graph has that shape: dedup routes the
+# assigned chunks by cluster sizes counted from the same chunks (a side input). Blocking
+# exchanges also make each stage its own failover region. An explicit mode wins.
 FLINK_BATCH_MODE = "--execution_mode_for_batch=BATCH_FORCED"
 
 

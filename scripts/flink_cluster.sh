@@ -35,7 +35,7 @@
 #                                its SDK workers must import beam_curator)
 #   BEAM_CURATOR_FLINK_WORKER_DEVICE the pools' --device: auto (default), cpu or cuda
 #   BEAM_CURATOR_FLINK_TIMEOUT   seconds to wait for the cluster (default 180)
-#   BEAM_CURATOR_FLINK_TM_MEMORY / BEAM_CURATOR_FLINK_JM_MEMORY  process sizes (5120m / 1024m)
+#   BEAM_CURATOR_FLINK_TM_MEMORY / BEAM_CURATOR_FLINK_JM_MEMORY  process sizes (6144m / 1024m)
 #   LOG_LINES                    lines per file for `logs` (default 200; 0 = whole files)
 set -euo pipefail
 
@@ -52,7 +52,7 @@ POOL_PORT="${BEAM_CURATOR_FLINK_POOL_PORT:-18099}"
 N_TM="${BEAM_CURATOR_FLINK_TASKMANAGERS:-2}"
 TIMEOUT="${BEAM_CURATOR_FLINK_TIMEOUT:-180}"
 SLOTS="${BEAM_CURATOR_FLINK_TASK_SLOTS:-2}"
-TM_MEM="${BEAM_CURATOR_FLINK_TM_MEMORY:-5120m}"
+TM_MEM="${BEAM_CURATOR_FLINK_TM_MEMORY:-6144m}"
 JM_MEM="${BEAM_CURATOR_FLINK_JM_MEMORY:-1024m}"
 WORKER_PYTHON="${BEAM_CURATOR_FLINK_WORKER_PYTHON:-$REPO_ROOT/.venv/bin/python}"
 WORKER_DEVICE="${BEAM_CURATOR_FLINK_WORKER_DEVICE:-auto}"
@@ -247,10 +247,11 @@ jobmanager.rpc.port: $RPC_PORT
 jobmanager.memory.process.size: $JM_MEM
 taskmanager.numberOfTaskSlots: $SLOTS
 taskmanager.memory.process.size: $TM_MEM
-# Task heap (~2.5 GB of 5120m, ~1.3 GB a slot): Beam's TaskManager side queues up to 100
-# data messages from each SDK worker it reads (the Python SDK sends ~10 MB ones), so one
-# busy stage can hold ~1 GB of heap a slot. With 2048m (~0.5 GB of heap) dedup of 1M x 768
-# died with "OutOfMemoryError: Java heap space" on a gRPC thread, and the job then hung.
+# Heap and direct memory for Beam's data streams (6144m: ~2.7 GB task heap, ~2 GB direct).
+# Beam's TaskManager side queues up to 100 data messages from each SDK worker (the Python
+# SDK sends ~10 MB ones) and sends to the workers faster than they read, buffering in netty's
+# direct memory. Dedup of 1M x 768 ran a 2048m TaskManager out of heap, then a 5120m one
+# (384m task off-heap) out of direct memory, both on gRPC threads; the first job hung.
 env.pid.dir: $RUN_DIR/pids
 env.log.dir: $RUN_DIR/log
 io.tmp.dirs: $RUN_DIR/tmp
@@ -262,16 +263,15 @@ env.stdout-err.redirect-to-file: true
 taskmanager.memory.network.min: 256m
 taskmanager.memory.network.max: 256m
 taskmanager.memory.segment-size: 8kb
-# Beam's gRPC to the SDK workers (netty) buffers data in direct memory, which Flink caps at
-# framework + task off-heap; with none for tasks, a stage shipping a few MB per element
-# (dedup's k-means sample) failed with "OutOfMemoryError: Direct buffer memory". Managed
-# memory (batch sorts) gives up the room.
-taskmanager.memory.task.off-heap.size: 384m
-taskmanager.memory.managed.fraction: 0.2
+# Direct memory is capped at framework + task off-heap + network; with no task off-heap, a
+# stage shipping a few MB per element failed with "OutOfMemoryError: Direct buffer memory".
+# Managed memory (batch sorts, which spill) gives up the room.
+taskmanager.memory.task.off-heap.size: 1536m
+taskmanager.memory.managed.fraction: 0.15
 # Recovery, chosen for batch. Beam's Flink batch translation takes no checkpoints: a failed
 # task is re-run from its inputs. Region failover re-runs only the pipelined region that
-# lost a task (with --execution_mode_for_batch BATCH_FORCED every exchange is blocking and a
-# region is one stage). Exponential delay: a TaskManager or pool that its supervisor brings
+# lost a task (beam-curator submits --execution_mode_for_batch BATCH_FORCED: every exchange
+# is blocking and a region is one stage). Exponential delay: a TaskManager or pool that its supervisor brings
 # back in seconds is waited for instead of burning the attempts; a job that keeps failing
 # gives up after 6 restarts (about a minute) rather than hiding a bug.
 jobmanager.execution.failover-strategy: region

@@ -90,7 +90,7 @@ def test_flink_batch_exchanges_are_blocking_unless_the_user_says_otherwise():
         return curator_options(argv).get_all_options(retain_unknown_options=True).get(
             "execution_mode_for_batch")
 
-    # pipelined exchanges deadlocked dedup at 1M rows (a side input fed by the same stage)
+    # dedup's route step reads a side input counted from its own input (FLINK-10672's shape)
     assert mode(["--runner", "FlinkRunner"]) == "BATCH_FORCED"
     assert mode(["--runner", "FlinkRunner", "--execution_mode_for_batch", "PIPELINED"]) \
         == "PIPELINED"
