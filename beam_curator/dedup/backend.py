@@ -58,7 +58,8 @@ def _is_indexed_cuda(device: str) -> bool:
     return prefix == "cuda" and index.isdigit()
 
 
-def cuda_visible() -> bool:
+@lru_cache(maxsize=1)   # once per process: each torch.cuda.is_available() on a box without a
+def cuda_visible() -> bool:   # GPU costs ~14 ms, and DoFns resolve the device per element
     try:
         import torch
     except ImportError:   # numpy-only environments: no GPU path at all
