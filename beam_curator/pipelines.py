@@ -215,9 +215,9 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
                          + _centroids_input(opts))
     dedup = p | "Dedup" >> DeduplicateEmbeddings(
         opts.embeddings, opts.output, id_column=opts.id_column,
-        embedding_column=opts.embedding_column, sources=(files, npy_pairs),
+        embedding_column=opts.embedding_column, sources=(files, npy_pairs), with_rows=False,
         **dedup_kwargs(options))
-    counts = dedup_summary(dedup.results, dedup.info)
+    counts = dedup_summary(dedup.counts, dedup.info)
     out, token = opts.output, claim.token
     summary = {"command": "dedup", "options": outputs.recorded_options(opts), "eps": opts.eps,
                "which_to_keep": opts.which_to_keep}

@@ -18,7 +18,10 @@ with the numpy path's rounding and tie rules (`dedup.shortlist`).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
+import os
+import sys
 from functools import lru_cache
 from typing import Optional
 
@@ -58,8 +61,19 @@ def _is_indexed_cuda(device: str) -> bool:
     return prefix == "cuda" and index.isdigit()
 
 
+def _no_gpu_device_files() -> bool:
+    """True on a Linux box with no NVIDIA (or ROCm, or WSL) device files: there torch cannot
+    see a GPU, and asking it would cost its import (~4 s) in every worker process."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")
+                or os.path.exists("/dev/dxg"))
+
+
 @lru_cache(maxsize=1)   # once per process: each torch.cuda.is_available() on a box without a
 def cuda_visible() -> bool:   # GPU costs ~14 ms, and DoFns resolve the device per element
+    if _no_gpu_device_files():
+        return False
     try:
         import torch
     except ImportError:   # numpy-only environments: no GPU path at all
