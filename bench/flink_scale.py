@@ -9,9 +9,12 @@ FnApiRunner, and prints, N beside scale x N:
 * wall time of the Flink job (goal: <= 1.1 x scale),
 * peak RSS (VmHWM from /proc, sampled every 0.2 s) of every Python SDK worker process and of
   each TaskManager JVM (goal: flat, <= 1.3x),
-* whether the Flink duplicates equal FnApiRunner's.
+* whether the Flink duplicates equal FnApiRunner's,
+* which Flink vertices (fused stages) were running when the largest SDK workers reached their
+  peaks (from the JobManager's REST API): where the memory goes.
 
     python bench/flink_scale.py --n 100000 --scale 10
+    python bench/flink_scale.py --n 1000000 --single     # one size: attribute its memory
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -73,6 +77,7 @@ class PeakRss:
     def __init__(self, run_dir: str):
         self._run_dir = run_dir
         self.tm, self.workers = {}, {}
+        self.peak_at = {}   # worker pid -> wall time (s) its high-water mark last rose
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -91,7 +96,10 @@ class PeakRss:
                 self.tm[pid] = max(self.tm.get(pid, 0), _vm_hwm(pid))
             for pool in self._pids("pool[0-9].pid"):
                 for worker in _descendants(pool):
-                    self.workers[worker] = max(self.workers.get(worker, 0), _vm_hwm(worker))
+                    hwm = _vm_hwm(worker)
+                    if hwm > self.workers.get(worker, 0):
+                        self.workers[worker] = hwm
+                        self.peak_at[worker] = time.time()
 
     def __enter__(self):
         self._thread.start()
@@ -107,6 +115,35 @@ def _duplicates(out: str) -> list:
 
     return sorted(pq.ParquetDataset(os.path.join(out, "dedup", "duplicates")).read()
                   .column("id").to_pylist())
+
+
+def _job_vertices(master: str) -> list:
+    """(name, start s, end s) of every vertex of the last job the JobManager ran."""
+    def get(path):
+        with urllib.request.urlopen(f"http://{master}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    jobs = sorted(get("/jobs/overview")["jobs"], key=lambda j: j["start-time"])
+    vertices = get(f"/jobs/{jobs[-1]['jid']}")["vertices"]
+    now = time.time()
+    return [(v["name"], v["start-time"] / 1000,
+             v["end-time"] / 1000 if v["end-time"] > 0 else now) for v in vertices]
+
+
+def _short(vertex_name: str) -> str:
+    """Flink's vertex names list every fused Beam transform; keep the step names."""
+    return " ".join(vertex_name.split())[:160]
+
+
+def _where_peaks_were(rss: PeakRss, vertices: list, top: int = 3) -> list:
+    """The largest SDK workers and the vertices running when each reached its peak."""
+    out = []
+    for pid, peak in sorted(rss.workers.items(), key=lambda kv: -kv[1])[:top]:
+        at = rss.peak_at.get(pid, 0)
+        out.append({"peak_rss_mb": round(peak / 2**20),
+                    "running": [_short(n) for n, start, end in vertices
+                                if start - 1 <= at <= end + 1]})
+    return out
 
 
 JOB_TIMEOUT_S = 3600   # a hung job (e.g. a TaskManager out of heap) ends the bench
@@ -139,13 +176,18 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
     flink_out = os.path.join(work, f"flink-{n}")
     with PeakRss(cluster["run_dir"]) as rss:
         flink_s = _dedup(data, flink_out, k, cluster["args"])
+    try:
+        peaks = _where_peaks_were(rss, _job_vertices(cluster["master"]))
+    except OSError as exc:   # the numbers above stand without it
+        peaks = f"REST API not reachable: {exc}"
     same = _duplicates(flink_out) == _duplicates(os.path.join(work, f"local-{n}"))
     shutil.rmtree(data, ignore_errors=True)
     return {"n": n, "k": k, "flink_s": round(flink_s, 1), "fnapi_s": round(local_s, 1),
             "sdk_workers": len(rss.workers),
             "peak_rss_sdk_worker_mb": round(max(rss.workers.values(), default=0) / 2**20),
             "peak_rss_taskmanagers_mb": sorted(round(v / 2**20) for v in rss.tm.values()),
-            "same_duplicates_as_fnapi": same, "n_duplicates": len(_duplicates(flink_out))}
+            "same_duplicates_as_fnapi": same, "n_duplicates": len(_duplicates(flink_out)),
+            "largest_sdk_workers": peaks}
 
 
 def start_cluster(work: str) -> dict:
@@ -177,6 +219,7 @@ def main() -> None:
     ap.add_argument("--rows-per-cluster", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
+    ap.add_argument("--single", action="store_true", help="run N only (memory attribution)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench-flink-scale-")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # still stop the cluster
@@ -184,7 +227,9 @@ def main() -> None:
     try:
         cluster = start_cluster(work)
         small = measure(args.n, args, cluster, work)
-        print(json.dumps({"small": small}), flush=True)   # kept even if the big run fails
+        print(json.dumps({"small": small}, indent=1), flush=True)   # kept if the big run fails
+        if args.single:
+            return
         big = measure(args.n * args.scale, args, cluster, work)
         report = {"benchmark": "flink_scale", "small": small, "big": big,
                   "time_ratio": round(big["flink_s"] / small["flink_s"], 2),
