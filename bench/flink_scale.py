@@ -71,11 +71,25 @@ def _descendants(pid: int) -> list:
     return out
 
 
+def _heap_kb(pid: int) -> tuple:
+    """(committed, used) Java heap of a JVM in kB, from `jcmd <pid> GC.heap_info`."""
+    out = subprocess.run(["jcmd", str(pid), "GC.heap_info"], capture_output=True, text=True,
+                         timeout=20).stdout
+    for line in out.splitlines():
+        if "total" in line and "used" in line:   # "garbage-first heap total 12K, used 5K [.."
+            words = line.replace(",", " ").split()
+            return (int(words[words.index("total") + 1].rstrip("K")),
+                    int(words[words.index("used") + 1].rstrip("K")))
+    return (0, 0)
+
+
 class PeakRss:
-    """Samples VmHWM of the TaskManagers and of every SDK worker under the pools."""
+    """Samples VmHWM of the TaskManagers and of every SDK worker under the pools, and each
+    TaskManager's Java heap (committed and used, every 5 s: jcmd is not free)."""
 
     def __init__(self, run_dir: str):
         self._run_dir = run_dir
+        self.tm_heap = {}   # TaskManager pid -> [peak committed kB, peak used kB]
         self.tm, self.workers = {}, {}
         self.peak_at = {}   # worker pid -> wall time (s) its high-water mark last rose
         self._stop = threading.Event()
@@ -90,8 +104,21 @@ class PeakRss:
                 pass
         return pids
 
+    def _sample_heaps(self):
+        for pid in self._pids("tm[0-9].pid"):
+            try:
+                committed, used = _heap_kb(pid)
+            except (OSError, ValueError, subprocess.SubprocessError):
+                continue   # a missed sample; RSS is still sampled
+            peak = self.tm_heap.setdefault(pid, [0, 0])
+            peak[0], peak[1] = max(peak[0], committed), max(peak[1], used)
+
     def _loop(self):
+        tick = 0
         while not self._stop.wait(0.2):
+            tick += 1
+            if tick % 25 == 0:
+                self._sample_heaps()
             for pid in self._pids("tm[0-9].pid"):   # not tm<i>.supervisor.pid
                 self.tm[pid] = max(self.tm.get(pid, 0), _vm_hwm(pid))
             for pool in self._pids("pool[0-9].pid"):
@@ -117,14 +144,15 @@ def _duplicates(out: str) -> list:
                   .column("id").to_pylist())
 
 
+def _rest(master: str, path: str):
+    with urllib.request.urlopen(f"http://{master}{path}", timeout=10) as response:
+        return json.loads(response.read())
+
+
 def _job_vertices(master: str) -> list:
     """(name, start s, end s) of every vertex of the last job the JobManager ran."""
-    def get(path):
-        with urllib.request.urlopen(f"http://{master}{path}", timeout=10) as response:
-            return json.loads(response.read())
-
-    jobs = sorted(get("/jobs/overview")["jobs"], key=lambda j: j["start-time"])
-    vertices = get(f"/jobs/{jobs[-1]['jid']}")["vertices"]
+    jobs = sorted(_rest(master, "/jobs/overview")["jobs"], key=lambda j: j["start-time"])
+    vertices = _rest(master, f"/jobs/{jobs[-1]['jid']}")["vertices"]
     now = time.time()
     return [(v["name"], v["start-time"] / 1000,
              v["end-time"] / 1000 if v["end-time"] > 0 else now) for v in vertices]
@@ -172,21 +200,32 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
     write_parquet(data, ids, vectors, rows_per_file=10_000)
     del vectors, ids
     k = max(1, n // args.rows_per_cluster)
-    local_s = _dedup(data, os.path.join(work, f"local-{n}"), k, ["--runner", "FnApiRunner"])
+    extra = (["--pairwise_block_size", str(args.pairwise_block_size)]
+             if args.pairwise_block_size else [])
+    local_s = _dedup(data, os.path.join(work, f"local-{n}"), k,
+                     ["--runner", "FnApiRunner", *extra])
     flink_out = os.path.join(work, f"flink-{n}")
     with PeakRss(cluster["run_dir"]) as rss:
-        flink_s = _dedup(data, flink_out, k, cluster["args"])
+        flink_s = _dedup(data, flink_out, k, cluster["args"] + extra)
     try:
         peaks = _where_peaks_were(rss, _job_vertices(cluster["master"]))
     except OSError as exc:   # the numbers above stand without it
         peaks = f"REST API not reachable: {exc}"
     same = _duplicates(flink_out) == _duplicates(os.path.join(work, f"local-{n}"))
+    with open(os.path.join(flink_out, "summary.json")) as handle:
+        info = json.load(handle)["dedup"]
     shutil.rmtree(data, ignore_errors=True)
     return {"n": n, "k": k, "flink_s": round(flink_s, 1), "fnapi_s": round(local_s, 1),
             "sdk_workers": len(rss.workers),
             "peak_rss_sdk_worker_mb": round(max(rss.workers.values(), default=0) / 2**20),
             "peak_rss_taskmanagers_mb": sorted(round(v / 2**20) for v in rss.tm.values()),
             "same_duplicates_as_fnapi": same, "n_duplicates": len(_duplicates(flink_out)),
+            "largest_cluster": info.get("largest_cluster"),
+            "pairwise_block_size": info.get("pairwise_block_size"),
+            "clusters_split_into_blocks": info.get("clusters_split_into_blocks"),
+            "taskmanager_heap_peak_mb": [
+                {"committed": round(c / 1024), "used": round(u / 1024)}
+                for _, (c, u) in sorted(rss.tm_heap.items())],
             "largest_sdk_workers": peaks}
 
 
@@ -220,6 +259,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
     ap.add_argument("--single", action="store_true", help="run N only (memory attribution)")
+    ap.add_argument("--pairwise-block-size", type=int, default=None,
+                    help="--pairwise_block_size for both runs (default: the product's); "
+                         "below the largest cluster of both sizes, every key is bounded "
+                         "by it at N and 10N alike")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench-flink-scale-")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # still stop the cluster

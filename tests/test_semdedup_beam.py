@@ -168,3 +168,16 @@ def test_default_k_comes_from_the_data_and_small_inputs_still_dedup(planted, tmp
     for copy, (source, cos) in plants.items():
         if cos >= 1 - EPS:
             assert (copy in dups) != (source in dups), copy
+
+
+def test_staged_rows_come_back_in_the_order_asked_and_a_short_file_is_an_error(tmp_path):
+    from beam_curator.transforms.dedup_data import read_staged_rows, write_staged
+
+    vectors = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+    path = write_staged(str(tmp_path / "chunk.f32"), vectors)
+    # runs, gaps, repeats and reversed order: what a cluster's members ask of one chunk
+    for rows in ([], [7], [5, 6, 7, 8], [299, 0, 150, 151, 151, 3], list(range(299, -1, -1))):
+        assert np.array_equal(read_staged_rows(path, 5, rows), vectors[rows].reshape(-1, 5))
+    assert np.array_equal(read_staged_rows(path, 5, None), vectors)
+    with pytest.raises(OSError, match="past its end"):
+        read_staged_rows(path, 5, [298, 299, 300])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from typing import FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -148,17 +149,42 @@ def read_sample(path: str) -> Tuple[List[str], np.ndarray]:
 
 
 def read_staged_rows(path: str, dim: int, rows: Optional[Sequence[int]]) -> np.ndarray:
-    """Rows of a staged float32 file; local files are memory-mapped so only those rows load."""
-    local = path[7:] if path.startswith("file://") else path
-    if "://" not in local:
-        mapped = np.memmap(local, dtype=np.float32, mode="r").reshape(-1, dim)
-        out = np.array(mapped if rows is None else mapped[np.asarray(rows, dtype=np.int64)])
-        del mapped   # unmap now: pages read stay in the page cache, not in this process
-        return out
-    with FileSystems.open(path) as handle:
-        array = np.frombuffer(handle.read(), dtype=np.float32).reshape(-1, dim)
-    return array if rows is None else array[np.asarray(rows, dtype=np.int64)]
+    """Rows (in the order given; None = all) of a staged float32 file.
 
+    Local files are read with one positioned read per run of consecutive rows, straight into
+    the result: a memory map per call cost ~0.1 ms (a 1M-row dedup makes ~100k such calls),
+    and mapped pages would count in this process's RSS; read pages stay in the page cache.
+    """
+    local = path[7:] if path.startswith("file://") else path
+    if "://" in local:
+        with FileSystems.open(path) as handle:
+            array = np.frombuffer(handle.read(), dtype=np.float32).reshape(-1, dim)
+        return array if rows is None else array[np.asarray(rows, dtype=np.int64)]
+    if rows is None:
+        return np.fromfile(local, dtype=np.float32).reshape(-1, dim)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    found = np.empty((rows.size, dim), dtype=np.float32)
+    row_bytes = dim * 4
+    runs = np.flatnonzero(np.diff(wanted) != 1) + 1
+    buffer = memoryview(found.reshape(-1).view(np.uint8))
+    fd = os.open(local, os.O_RDONLY)
+    try:
+        for start, stop in zip([0, *runs.tolist()], [*runs.tolist(), rows.size]):
+            size = (stop - start) * row_bytes
+            got = os.preadv(fd, [buffer[start * row_bytes:stop * row_bytes]],
+                            int(wanted[start]) * row_bytes)
+            if got != size:
+                raise OSError(f"{path}: rows {wanted[start]}..{wanted[stop - 1]} are past "
+                              "its end (a staged file was truncated or replaced)")
+    finally:
+        os.close(fd)
+    out = np.empty_like(found)
+    out[order] = found
+    return out
 
 
 def read_candidate_ids(ref: Tuple[str, int], config: DedupConfig, with_hash: bool):

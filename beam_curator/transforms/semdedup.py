@@ -213,8 +213,8 @@ class RouteFn(beam.DoFn):
             members = dataclasses.replace(members, vectors=vectors[members.rows], paths=(),
                                           path_index=None, rows=None)
         for clusters, index, border in assigned.memberships:
-            for cluster in np.unique(clusters).tolist():
-                group = members.take(index[clusters == cluster])
+            for cluster, rows in _rows_by_cluster(clusters):
+                group = members.take(index[rows])
                 if border:
                     group = dataclasses.replace(group, border=np.ones(len(group), dtype=bool))
                 nb = blocks.n_blocks(sizes[cluster], self._config.block_rows)
@@ -228,6 +228,17 @@ class RouteFn(beam.DoFn):
                     for lo, hi in blocks.pair_keys(b, nb):
                         self._count(part)
                         yield (cluster, nb, lo, hi), (b, part)
+
+
+def _rows_by_cluster(clusters: np.ndarray):
+    """(cluster, its positions in ascending order) for each cluster present: one sort, not
+    one pass over the chunk per cluster (k passes of chunk rows each)."""
+    order = np.argsort(clusters, kind="stable")
+    ordered = clusters[order]
+    starts = np.flatnonzero(np.diff(ordered)) + 1
+    for start, stop in zip([0, *starts.tolist()], [*starts.tolist(), ordered.size]):
+        if stop > start:
+            yield int(ordered[start]), order[start:stop]
 
 
 def _cluster_file(cluster: int, nb: int = 1, block: int = 0) -> str:
