@@ -174,6 +174,17 @@ def test_deduplicate_embeddings_gives_decisions(tmp_path):
                     | beam.Map(lambda d: frozenset((d.id, d.duplicate_of))),
                     equal_to([frozenset({"s/037", "s/000"}), frozenset({"s/038", "s/001"}),
                               frozenset({"s/039", "s/002"})]))
+        assert_that(dedup.counts, equal_to([("kept", 37), ("semantic_duplicate", 3)]),
+                    label="counts")
+    # Without rows (what the `dedup` command runs): the same counts, the same files.
+    with pipeline() as p:
+        dedup = p | DeduplicateEmbeddings(str(tmp_path / "*.parquet"), str(tmp_path / "out2"),
+                                          n_clusters=2, with_rows=False)
+        assert_that(dedup.results, equal_to([]), label="no rows")
+        assert_that(dedup.counts, equal_to([("kept", 37), ("semantic_duplicate", 3)]),
+                    label="counts")
+    assert (parquet_rows(tmp_path / "out2" / "dedup" / "duplicates")
+            == parquet_rows(tmp_path / "out" / "dedup" / "duplicates"))
 
 
 def test_writers_and_curated_shards(shards, tmp_path, small_dataset):
