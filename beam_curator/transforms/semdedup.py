@@ -163,7 +163,8 @@ class AssignFn(beam.DoFn):
                         dtype=np.int64)
         if not keep.size or centroids.size == 0:
             return
-        vectors = vectors[keep]
+        if keep.size < len(ids):   # exact copies out; else no copy of the chunk's vectors
+            vectors = vectors[keep]
         with_border = self._config.border_margin is not None and centroids.shape[0] > 1
         if with_border:   # one similarity pass gives the nearest and the runner-up
             labels, cos_dist, l2_dist, labels2, dists2 = assign_with_runner_up(
