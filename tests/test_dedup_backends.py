@@ -328,3 +328,20 @@ def test_cuda_torch_kmeans_equals_cpu_torch_kmeans():
     on_gpu = train_kmeans(x, 5, n_iter=10, seed=1, device="cuda", backend="torch")
     on_cpu = train_kmeans(x, 5, n_iter=10, seed=1, device="cpu", backend="torch")
     np.testing.assert_array_max_ulp(on_gpu, on_cpu, maxulp=1)
+
+
+def test_auto_on_a_box_without_gpu_device_files_does_not_import_torch():
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    gpu_files = (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")
+                 or os.path.exists("/dev/dxg"))
+    if gpu_files or not sys.platform.startswith("linux"):
+        pytest.skip("this box has GPU device files (or is not Linux): torch is asked")
+    code = ("import sys; from beam_curator.dedup.backend import resolve_device; "
+            "print(resolve_device('auto'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["cpu", "False"]   # each worker process would import it (~4 s, ~500 MB)

@@ -4,7 +4,8 @@ Every dedup function that does dense math (`train_kmeans`, the assignment functi
 `partial_max`, `max_sim_to_earlier`, `semdedup_cluster`) takes two optional keywords:
 
 * `device`: None or "cpu" (the default: the CPU), "auto" (a CUDA GPU when one is visible,
-  else the CPU, said once in the log at INFO), "cuda" or "cuda:N" (a GPU; when none is
+  else the CPU, said once in the log at INFO; a Linux box without GPU device files is
+  answered without importing torch), "cuda" or "cuda:N" (a GPU; when none is
   visible the CPU is used and a WARNING says so once -- the same rule as `--device` for
   embedding, so a GPU job that lands on a CPU worker still finishes);
 * `backend`: None (chosen by the device: torch on a GPU, numpy on the CPU), "numpy" (CPU
