@@ -238,7 +238,7 @@ class DeduplicateEmbeddings(beam.PTransform):
         else `key`, else `image_path`).
       with_rows: False leaves `results` empty: the answers are still written under dedup/
         and counted in `counts`, without a Python object per embedding (what the `dedup`
-        command does: at 1M embeddings the rows cost ~20 % of its time).
+        command does: the rows were the largest cost of its 1M benchmark's regression).
       The other keywords: as for `Deduplicate`.
 
     Example::
