@@ -84,11 +84,13 @@ def _heap_kb(pid: int) -> tuple:
 
 
 class PeakRss:
-    """Samples VmHWM of the TaskManagers and of every SDK worker under the pools, and each
-    TaskManager's Java heap (committed and used, every 5 s: jcmd is not free)."""
+    """Samples VmHWM of the TaskManagers and of every SDK worker under the pools, and, when
+    asked, each TaskManager's Java heap (committed and used, every 5 s). The heap is opt-in:
+    each jcmd starts a JVM, CPU taken from the job whose wall time is measured."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, heaps: bool = False):
         self._run_dir = run_dir
+        self._heaps = heaps
         self.tm_heap = {}   # TaskManager pid -> [peak committed kB, peak used kB]
         self.tm, self.workers = {}, {}
         self.peak_at = {}   # worker pid -> wall time (s) its high-water mark last rose
@@ -117,7 +119,7 @@ class PeakRss:
         tick = 0
         while not self._stop.wait(0.2):
             tick += 1
-            if tick % 25 == 0:
+            if self._heaps and tick % 25 == 0:
                 self._sample_heaps()
             for pid in self._pids("tm[0-9].pid"):   # not tm<i>.supervisor.pid
                 self.tm[pid] = max(self.tm.get(pid, 0), _vm_hwm(pid))
@@ -205,7 +207,7 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
     local_s = _dedup(data, os.path.join(work, f"local-{n}"), k,
                      ["--runner", "FnApiRunner", *extra])
     flink_out = os.path.join(work, f"flink-{n}")
-    with PeakRss(cluster["run_dir"]) as rss:
+    with PeakRss(cluster["run_dir"], heaps=args.sample_heap) as rss:
         flink_s = _dedup(data, flink_out, k, cluster["args"] + extra)
     try:
         peaks = _where_peaks_were(rss, _job_vertices(cluster["master"]))
@@ -259,6 +261,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
     ap.add_argument("--single", action="store_true", help="run N only (memory attribution)")
+    ap.add_argument("--sample-heap", action="store_true",
+                    help="also sample each TaskManager's Java heap with jcmd (costs CPU)")
     ap.add_argument("--pairwise-block-size", type=int, default=None,
                     help="--pairwise_block_size for both runs (default: the product's); "
                          "below the largest cluster of both sizes, every key is bounded "
