@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from beam_curator.dedup import pairwise
 from beam_curator.dedup import (
     assign_to_centroids,
     assign_top2,
@@ -213,6 +214,23 @@ def test_split_partials_combine_to_unsplit_bit_identically(block_size):
     np.testing.assert_array_equal(f32_bits(np.concatenate(got_max)), f32_bits(want_max))
     np.testing.assert_array_equal(np.concatenate(got_arg), want_arg)
     assert want_arg[0] == -1 and want_max[0] == 0.0
+
+
+@pytest.mark.parametrize("strip_rows", [1, 4, 13])
+@pytest.mark.parametrize("block_size", [5, 45])
+def test_strips_inside_a_block_change_no_bit(strip_rows, block_size, monkeypatch):
+    """Block j is scored a strip of rows at a time (bounded scratch per key); the strip size
+    must change neither a score's bits nor an argmax, on and off the diagonal."""
+    ids, vectors, center, _ = planted_cluster(seed=9)
+    ranked = vectors[rank_cluster(ids, cos_dist_to(vectors, center), "hard", 0, 0)]
+    want_max, want_arg = max_sim_to_earlier(ranked, block_size)
+    monkeypatch.setattr(pairwise, "STRIP_ROWS", strip_rows)
+    got_max, got_arg = max_sim_to_earlier(ranked, block_size)
+    np.testing.assert_array_equal(f32_bits(got_max), f32_bits(want_max))
+    np.testing.assert_array_equal(got_arg, want_arg)
+    ref_max, ref_arg = reference_pairwise(ranked)
+    np.testing.assert_array_equal(got_arg, ref_arg)
+    np.testing.assert_allclose(got_max, ref_max, atol=2e-6)
 
 
 def test_max_sim_to_earlier_ties_and_edges():

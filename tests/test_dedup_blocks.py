@@ -56,6 +56,7 @@ def _blocked(ids, v, cos, which, cluster, nb, backend=None):
 @pytest.mark.parametrize("backend", ["numpy", "torch"])   # torch: the GPU code, on the CPU
 def test_hash_blocks_give_the_one_pass_answer_bit_for_bit(which, nb, backend, monkeypatch):
     monkeypatch.setattr(blocks, "TILE_ROWS", 37)   # tiles inside a block pair, too
+    monkeypatch.setattr(blocks, "STRIP_ROWS", 11)  # and target strips inside a tile
     ids, v, cos = _cluster()
     want = _one_pass(ids, v, cos, which, cluster=7)
     got = _blocked(ids, v, cos, which, cluster=7, nb=nb, backend=backend)

@@ -24,7 +24,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from beam_curator.dedup.backend import NUMPY, resolve
-from beam_curator.dedup.pairwise import TILE_ROWS, block_similarities, max_sim_to_earlier
+from beam_curator.dedup.pairwise import (STRIP_ROWS, TILE_ROWS, block_similarities,
+                                        max_sim_to_earlier)
 from beam_curator.dedup.ranking import WHICH_TO_KEEP, random_rank_keys
 
 ROWS_PER_CLUSTER = 10_000       # SemDeDup: 50k clusters on LAION-440M; NeMo: ~10k rows each
@@ -132,8 +133,10 @@ def cross_partial(target_vectors: np.ndarray, target_primary: np.ndarray, target
         is_target = order >= n_s
         count[order[is_target] - n_s] = sources_so_far[is_target]
         choice = resolve(device, backend)
-        for t0 in range(0, n_t, TILE_ROWS):
-            t1 = min(n_t, t0 + TILE_ROWS)
+        # numpy: bounded scratch (pairwise.STRIP_ROWS); a GPU keeps its large tiles
+        step = STRIP_ROWS if choice.name == NUMPY else TILE_ROWS
+        for t0 in range(0, n_t, step):
+            t1 = min(n_t, t0 + step)
             reach = int(count[t0:t1].max())
             if choice.name != NUMPY:
                 best[t0:t1], arg[t0:t1] = _cross_tile_torch(

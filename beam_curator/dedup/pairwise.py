@@ -30,7 +30,6 @@ float64 summation order, see `dedup.shortlist`).
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -39,7 +38,12 @@ from beam_curator.dedup._checks import as_float32_matrix, check_positive_int
 from beam_curator.dedup.backend import NUMPY, Backend, resolve
 from beam_curator.dedup.ranking import rank_cluster
 
-TILE_ROWS = 4096   # rows per similarity tile: one tile of float32 similarities is 64 MB
+TILE_ROWS = 4096   # rows per block of candidates
+# Rows of block j scored against block i at once. A strip of 1024 x 4096 float64 scores is
+# 32 MiB (+16 MiB rounded to float32), so one key's similarity scratch stays ~75 MB whatever
+# its size, where a whole 4096 x 4096 tile took ~200 MB -- the largest part of an SDK
+# worker's peak in the pairwise stage, and it grew with the largest cluster up to 4096 rows.
+STRIP_ROWS = 1024
 
 
 # ---- blocks ------------------------------------------------------------------------------
@@ -77,25 +81,24 @@ def block_similarities(block_j: np.ndarray, block_i: np.ndarray) -> np.ndarray:
     return (block_j.astype(np.float64) @ block_i.astype(np.float64).T).astype(np.float32)
 
 
-@lru_cache(maxsize=2)   # the full block size and the last, shorter one
-def _not_earlier_mask(size: int) -> np.ndarray:
-    """Within a diagonal block, candidate a is not earlier than member b iff a >= b."""
-    mask = np.triu(np.ones((size, size), dtype=bool))
-    mask.flags.writeable = False
-    return mask
-
-
 def _partial_max(bi: np.ndarray, bj: np.ndarray, same_block: bool
                  ) -> Tuple[np.ndarray, np.ndarray]:
     lj = bj.shape[0]
+    best = np.full(lj, -np.inf, np.float32)
+    arg = np.full(lj, -1, np.int64)
     if bi.shape[0] == 0 or lj == 0:
-        return np.full(lj, -np.inf, np.float32), np.full(lj, -1, np.int64)
-    sims = block_similarities(bj, bi)                 # rows: block j, columns: candidates
-    if same_block:
-        np.putmask(sims, _not_earlier_mask(lj), -np.inf)
-    arg = np.argmax(sims, axis=1)                      # first max = earliest-ranked
-    best = np.take_along_axis(sims, arg[:, None], axis=1)[:, 0]
-    arg = np.where(best == -np.inf, -1, arg).astype(np.int64)
+        return best, arg
+    for r0 in range(0, lj, STRIP_ROWS):
+        r1 = min(lj, r0 + STRIP_ROWS)
+        # On the diagonal only candidates above the strip's last row can be earlier.
+        reach = r1 if same_block else bi.shape[0]
+        sims = block_similarities(bj[r0:r1], bi[:reach])   # rows: block j, cols: candidates
+        if same_block:   # candidate a is not earlier than member b iff a >= b
+            np.putmask(sims, np.arange(reach)[None, :] >= np.arange(r0, r1)[:, None], -np.inf)
+        a = np.argmax(sims, axis=1)                        # first max = earliest-ranked
+        m = sims[np.arange(r1 - r0), a]
+        best[r0:r1] = m
+        arg[r0:r1] = np.where(m == -np.inf, -1, a)
     return best, arg
 
 
