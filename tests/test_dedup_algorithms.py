@@ -9,7 +9,6 @@ import random
 import numpy as np
 import pytest
 
-from beam_curator.dedup import pairwise
 from beam_curator.dedup import (
     assign_to_centroids,
     assign_top2,
@@ -23,6 +22,7 @@ from beam_curator.dedup import (
     load_centroids,
     local_to_global,
     max_sim_to_earlier,
+    pairwise,
     partial_max,
     rank_cluster,
     sample_fraction,

@@ -24,8 +24,12 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from beam_curator.dedup.backend import NUMPY, resolve
-from beam_curator.dedup.pairwise import (STRIP_ROWS, TILE_ROWS, block_similarities,
-                                        max_sim_to_earlier)
+from beam_curator.dedup.pairwise import (
+    STRIP_ROWS,
+    TILE_ROWS,
+    block_similarities,
+    max_sim_to_earlier,
+)
 from beam_curator.dedup.ranking import WHICH_TO_KEEP, random_rank_keys
 
 ROWS_PER_CLUSTER = 10_000       # SemDeDup: 50k clusters on LAION-440M; NeMo: ~10k rows each
