@@ -10,6 +10,8 @@ FnApiRunner, and prints, N beside scale x N:
 * peak RSS (VmHWM from /proc, sampled every 0.2 s) of every Python SDK worker process and of
   each TaskManager JVM (goal: flat, <= 1.3x),
 * whether the Flink duplicates equal FnApiRunner's,
+* each TaskManager's peak heap (used, committed), managed, direct and non-heap memory, from
+  Flink's metrics: what its RSS is made of,
 * which Flink vertices (fused stages) were running when the largest SDK workers reached their
   peaks (from the JobManager's REST API): where the memory goes.
 
@@ -83,15 +85,26 @@ def _heap_kb(pid: int) -> tuple:
     return (0, 0)
 
 
-class PeakRss:
-    """Samples VmHWM of the TaskManagers and of every SDK worker under the pools, and, when
-    asked, each TaskManager's Java heap (committed and used, every 5 s). The heap is opt-in:
-    each jcmd starts a JVM, CPU taken from the job whose wall time is measured."""
+# What a TaskManager's memory holds, from Flink's own metrics (one cheap REST call per TM).
+TM_METRICS = {"heap_used": "Status.JVM.Memory.Heap.Used",
+              "heap_committed": "Status.JVM.Memory.Heap.Committed",
+              "managed_used": "Status.Flink.Memory.Managed.Used",
+              "direct_used": "Status.JVM.Memory.Direct.MemoryUsed",
+              "non_heap_used": "Status.JVM.Memory.NonHeap.Used"}
 
-    def __init__(self, run_dir: str, heaps: bool = False):
+
+class PeakRss:
+    """Samples VmHWM of the TaskManagers and of every SDK worker under the pools; each
+    TaskManager's Flink memory metrics (REST, every 1 s) when `master` is given; and, when
+    asked, each TaskManager's Java heap by jcmd (every 5 s). jcmd is opt-in: each call starts
+    a JVM, CPU taken from the job whose wall time is measured."""
+
+    def __init__(self, run_dir: str, heaps: bool = False, master: str = ""):
         self._run_dir = run_dir
         self._heaps = heaps
+        self._master = master
         self.tm_heap = {}   # TaskManager pid -> [peak committed kB, peak used kB]
+        self.tm_metrics = {}   # TaskManager id -> {TM_METRICS key: peak bytes}
         self.tm, self.workers = {}, {}
         self.peak_at = {}   # worker pid -> wall time (s) its high-water mark last rose
         self._stop = threading.Event()
@@ -115,12 +128,26 @@ class PeakRss:
             peak = self.tm_heap.setdefault(pid, [0, 0])
             peak[0], peak[1] = max(peak[0], committed), max(peak[1], used)
 
+    def _sample_metrics(self):
+        try:
+            for tm in _rest(self._master, "/taskmanagers")["taskmanagers"]:
+                got = _rest(self._master, f"/taskmanagers/{tm['id']}/metrics?get="
+                            + ",".join(TM_METRICS.values()))
+                values = {m["id"]: int(float(m["value"])) for m in got}
+                peak = self.tm_metrics.setdefault(tm["id"], dict.fromkeys(TM_METRICS, 0))
+                for key, metric in TM_METRICS.items():
+                    peak[key] = max(peak[key], values.get(metric, 0))
+        except (OSError, ValueError, KeyError):
+            pass   # a missed sample; RSS is still sampled
+
     def _loop(self):
         tick = 0
         while not self._stop.wait(0.2):
             tick += 1
             if self._heaps and tick % 25 == 0:
                 self._sample_heaps()
+            if self._master and tick % 5 == 0:
+                self._sample_metrics()
             for pid in self._pids("tm[0-9].pid"):   # not tm<i>.supervisor.pid
                 self.tm[pid] = max(self.tm.get(pid, 0), _vm_hwm(pid))
             for pool in self._pids("pool[0-9].pid"):
@@ -207,7 +234,7 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
     local_s = _dedup(data, os.path.join(work, f"local-{n}"), k,
                      ["--runner", "FnApiRunner", *extra])
     flink_out = os.path.join(work, f"flink-{n}")
-    with PeakRss(cluster["run_dir"], heaps=args.sample_heap) as rss:
+    with PeakRss(cluster["run_dir"], heaps=args.sample_heap, master=cluster["master"]) as rss:
         flink_s = _dedup(data, flink_out, k, cluster["args"] + extra)
     try:
         peaks = _where_peaks_were(rss, _job_vertices(cluster["master"]))
@@ -228,6 +255,9 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
             "taskmanager_heap_peak_mb": [
                 {"committed": round(c / 1024), "used": round(u / 1024)}
                 for _, (c, u) in sorted(rss.tm_heap.items())],
+            "taskmanager_memory_peak_mb": [
+                {key: round(v / 2**20) for key, v in peaks_of_tm.items()}
+                for _, peaks_of_tm in sorted(rss.tm_metrics.items())],
             "largest_sdk_workers": peaks}
 
 
