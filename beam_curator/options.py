@@ -332,6 +332,47 @@ def resolve_vector_transport(options: PipelineOptions) -> str:
     return STAGED if _one_machine(options, opts.output) else SHUFFLE
 
 
+# Beam's Flink batch runner (2.62 here) hands each task's whole partition to the SDK worker as
+# ONE bundle and reads that bundle's output only once the bundle has finished
+# (SdkHarnessClient.ActiveBundle.close). Until then the output waits in 100 gRPC messages
+# (~10 MB each) on the TaskManager's heap and ~200 MB of the SDK worker's send queues; a task
+# whose output passes ~1.2 GB stalls the job, with no error. dedup's route step emits its
+# share of the vectors (more where clusters are split into blocks), so each task's share of
+# the embedding files is kept to half that. Measured: 1M x 768 (3.1 GB) on 4 tasks ran, 2.5M
+# on 4 tasks and 1M with 1,000-row blocks (3x the route output) on 4 tasks stalled.
+FLINK_MAX_INPUT_BYTES_PER_TASK = 512 << 20
+
+
+def flink_parallelism_for(options: PipelineOptions, input_bytes: int, flag: str) -> None:
+    """On FlinkRunner: at least ceil(input_bytes / 512 MiB) tasks per step. Without
+    --parallelism it is set to that (when above 1); a smaller --parallelism fails fast."""
+    if runner_name(options).lower().split(".")[-1] != "flinkrunner":
+        return
+    import logging
+
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    flink = options.view_as(FlinkRunnerOptions)
+    need = max(1, math.ceil(input_bytes / FLINK_MAX_INPUT_BYTES_PER_TASK))
+    given = flink.parallelism if flink.parallelism and flink.parallelism > 0 else None
+    gib = input_bytes / 2**30
+    if given is None:
+        if need > 1:
+            flink.parallelism = need
+            logging.getLogger(__name__).warning(
+                "--parallelism not given: set to %d for %.1f GiB of %s (at most 512 MiB per "
+                "Flink task; tasks beyond the free slots run in waves). Pass --parallelism to "
+                "choose more.", need, gib, flag)
+        return
+    if given < need:
+        raise OptionError(
+            f"--parallelism {given} gives each Flink task ~{input_bytes / given / 2**20:,.0f} "
+            f"MiB of the {gib:.1f} GiB of {flag}; Beam's Flink batch runner stalls, without "
+            "an error, when one task's output passes ~1 GB (it reads a task's output only "
+            f"after the task's input is done). Pass --parallelism {need} or more: tasks "
+            "beyond the free slots run in waves.")
+
+
 def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
     """Check values, fail fast with the fix. `needs` names the options the command requires."""
     opts = options.view_as(CuratorOptions)

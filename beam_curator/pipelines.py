@@ -18,6 +18,7 @@ from beam_curator import outputs
 from beam_curator.errors import OptionError
 from beam_curator.options import (
     CuratorOptions,
+    flink_parallelism_for,
     resolve_vector_transport,
     validate_options,
 )
@@ -201,15 +202,16 @@ def build_run(p: beam.Pipeline, options) -> OutputClaim:
 def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
     """Step 2: semantic dedup of embeddings -> OUTPUT/dedup/ and summary.json."""
     from beam_curator.transforms.dedup import DeduplicateEmbeddings, dedup_summary
-    from beam_curator.transforms.dedup_data import resolve_embeddings
+    from beam_curator.transforms.dedup_data import resolve_embeddings_sized
 
     opts = validate_options(options, needs=("embeddings", "output"))
-    files, npy_pairs = resolve_embeddings(opts.embeddings)
+    files, npy_pairs, input_bytes = resolve_embeddings_sized(opts.embeddings)
     if not files and not npy_pairs:
         raise OptionError(
             f"--embeddings {opts.embeddings!r} matches no file. Point it at embeddings "
             "parquet files (e.g. 'OUTPUT/embeddings/*.parquet' of an `embed` run, or their "
             "directory) or at a clip-retrieval output directory (img_emb/ + metadata/).")
+    flink_parallelism_for(options, input_bytes, "--embeddings")
     inputs = files + [path for pair in npy_pairs for path in pair]
     claim = claim_output(opts, "dedup", inputs_of("--embeddings", inputs)
                          + _centroids_input(opts))

@@ -261,7 +261,7 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
             "largest_sdk_workers": peaks}
 
 
-def start_cluster(work: str) -> dict:
+def start_cluster(work: str, parallelism: int = 4) -> dict:
     from tests.flink_support import fetch_flink
 
     run_dir = os.path.join(work, "flink-run")
@@ -278,7 +278,7 @@ def start_cluster(work: str) -> dict:
             f"--flink_job_server_jar={facts['BEAM_FLINK_JOB_SERVER_JAR']}",
             "--environment_type=EXTERNAL",
             f"--environment_config=beam-worker-pool:{env['BEAM_CURATOR_FLINK_POOL_PORT']}",
-            "--parallelism=4", "--dedup_vector_transport", "shuffle"]
+            f"--parallelism={parallelism}", "--dedup_vector_transport", "shuffle"]
     return {"run_dir": run_dir, "env": env, "args": args, "master": master}
 
 
@@ -293,6 +293,8 @@ def main() -> None:
     ap.add_argument("--single", action="store_true", help="run N only (memory attribution)")
     ap.add_argument("--sample-heap", action="store_true",
                     help="also sample each TaskManager's Java heap with jcmd (costs CPU)")
+    ap.add_argument("--parallelism", type=int, default=4,
+                    help="Flink --parallelism (tasks per stage; 4 slots run them in waves)")
     ap.add_argument("--pairwise-block-size", type=int, default=None,
                     help="--pairwise_block_size for both runs (default: the product's); "
                          "below the largest cluster of both sizes, every key is bounded "
@@ -302,7 +304,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # still stop the cluster
     cluster = None
     try:
-        cluster = start_cluster(work)
+        cluster = start_cluster(work, args.parallelism)
         small = measure(args.n, args, cluster, work)
         print(json.dumps({"small": small}, indent=1), flush=True)   # kept if the big run fails
         if args.single:

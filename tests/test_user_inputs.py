@@ -97,6 +97,39 @@ def test_flink_batch_exchanges_are_blocking_unless_the_user_says_otherwise():
     assert mode(["--runner", "FlinkRunner", "--execution_mode_for_batch=BATCH"]) == "BATCH"
     assert mode(["--runner", "FnApiRunner"]) is None
 
+def test_flink_tasks_get_at_most_512_mib_of_embeddings_each(tmp_path, capsys, caplog):
+    """Beam's Flink batch runner stalls, silently, when one task's output passes ~1 GB: dedup
+    on FlinkRunner takes at least one task per 512 MiB of embedding files."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    from beam_curator.options import flink_parallelism_for
+
+    def parallelism(argv, size):
+        options = curator_options(argv)
+        flink_parallelism_for(options, size, "--embeddings")
+        return options.view_as(FlinkRunnerOptions).parallelism
+
+    gib = 2**30
+    assert parallelism(["--runner", "FlinkRunner"], 3 * gib // 2) == 3     # set when absent
+    assert "set to 3 for 1.5 GiB" in caplog.text
+    assert parallelism(["--runner", "FlinkRunner"], gib // 4) == -1        # small: untouched
+    assert parallelism(["--runner", "FlinkRunner", "--parallelism", "8"], 3 * gib) == 8
+    assert parallelism(["--runner", "FnApiRunner"], 100 * gib) == -1      # one process
+    with pytest.raises(OptionError, match="--parallelism 6 or more"):
+        parallelism(["--runner", "FlinkRunner", "--parallelism=4"], 3 * gib)
+    # The CLI measures the files it is given (sizes from the listing; sparse files here)
+    # and refuses before anything runs or --output is claimed.
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    for name in ("a.parquet", "b.parquet"):
+        with open(emb / name, "wb") as handle:
+            handle.truncate(400 << 20)
+    cli_fails(capsys, ["dedup", "--embeddings", str(emb), "--output", str(tmp_path / "out"),
+                       "--runner", "FlinkRunner", "--parallelism", "1"],
+              "--parallelism 2 or more", "0.8 GiB of --embeddings")
+    assert not (tmp_path / "out").exists()
+
+
 # ---- 2. member order: webdataset's, GNU tar's sorted and scattered -------------------------
 
 def test_every_tar_order_gives_the_same_samples_with_their_sidecars(tmp_path):
@@ -230,6 +263,11 @@ def test_embeddings_dir_and_the_clip_retrieval_layout(tmp_path):
     emb.mkdir()
     pq.write_table(pa.table({"id": ids, "embedding": pa.array(
         [v.tolist() for v in vectors], type=pa.list_(pa.float32()))}), emb / "e.parquet")
+    # The bytes that size Flink's tasks: the vector files, not the clip-retrieval metadata.
+    from beam_curator.transforms.dedup_data import resolve_embeddings_sized
+    assert resolve_embeddings_sized(str(emb))[2] == os.path.getsize(emb / "e.parquet")
+    assert resolve_embeddings_sized(str(clip))[2] == sum(
+        os.path.getsize(p) for p in (clip / "img_emb").iterdir())
     found = {}
     for name, source in (("parquet", emb), ("clip", clip)):
         out = tmp_path / f"out-{name}"

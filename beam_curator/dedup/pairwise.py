@@ -10,8 +10,9 @@ The work is cut into square blocks of `block_size` ranked rows. Block i against 
 partials of all i <= j gives the answer for j (`combine_partials`). `max_sim_to_earlier` runs
 exactly those calls in one process; a runner can instead send each (i, j) to its own worker.
 Both paths compute every dot product with the same float32 matmul on the same block shapes,
-so they agree bit for bit (for the same `block_size`). Memory: O(block_size^2) per block pair
-plus O(n) for the results -- never n x n.
+so they agree bit for bit (for the same `block_size`). Memory: O(STRIP_ROWS x block_size)
+per block pair (block j is scored a strip of rows at a time) plus O(n) for the results --
+never n x n.
 
 Conventions (NeMo Curator's pairwise output is `id, max_id, cosine_sim_score`):
 * the first-ranked member has no earlier member: max_sim 0.0 and argmax -1 here;

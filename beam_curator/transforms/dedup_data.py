@@ -294,18 +294,27 @@ def resolve_embeddings(pattern: str) -> Tuple[List[str], List[Tuple[str, str]]]:
     Comma-separated parts; a part that is a directory means its clip-retrieval layout when it
     has `img_emb/`, else its `*.parquet` files.
     """
-    from beam_curator.transforms.read import is_directory, match_globs, split_globs
+    files, pairs, _ = resolve_embeddings_sized(pattern)
+    return files, pairs
 
-    files, pairs = set(), []
+
+def resolve_embeddings_sized(pattern: str) -> Tuple[List[str], List[Tuple[str, str]], int]:
+    """`resolve_embeddings`, and the bytes of the files holding the vectors (parquet files,
+    .npy arrays): what a runner's dedup tasks share between them (options.FLINK_*)."""
+    from beam_curator.transforms.read import is_directory, matched_sizes, split_globs
+
+    files, pairs, npy_bytes = {}, [], 0
     for part in split_globs(pattern):
         if is_directory(part):
             found = clip_retrieval_pairs(part)
             if found:
                 pairs += found
+                npy_bytes += sum(matched_sizes(
+                    FileSystems.join(part, "img_emb", "img_emb_*.npy")).values())
                 continue
             part = FileSystems.join(part, "*.parquet")
-        files.update(match_globs(part))
-    return sorted(files), sorted(set(pairs))
+        files.update(matched_sizes(part))
+    return sorted(files), sorted(set(pairs)), sum(files.values()) + npy_bytes
 
 
 def _npy_header(handle) -> Tuple[np.dtype, Tuple[int, ...], int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -35,20 +35,27 @@ def split_globs(pattern: str) -> List[str]:
     return [part.strip() for part in pattern.split(",") if part.strip()]
 
 
-def match_globs(pattern: str, directory_glob: Optional[str] = None) -> List[str]:
-    """Comma-separated globs -> the sorted paths they match, each once (globs may overlap).
+def matched_sizes(pattern: str, directory_glob: Optional[str] = None) -> Dict[str, int]:
+    """Comma-separated globs -> {path: size in bytes} of the files they match, each once
+    (globs may overlap); the sizes come with the listing, at no extra request.
 
     With `directory_glob` (e.g. "*.tar"), a part that names a directory stands for the files
     of that directory matching it (`--input DIR` = `--input 'DIR/*.tar'`).
     """
-    paths = set()
+    found = {}
     for part in split_globs(pattern):
         if directory_glob and is_directory(part):
             _LOG.info("%s is a directory: reading %s", part,
                       FileSystems.join(part, directory_glob))
             part = FileSystems.join(part, directory_glob)
-        paths.update(m.path for m in FileSystems.match([part])[0].metadata_list)
-    return sorted(paths)
+        found.update((m.path, m.size_in_bytes)
+                     for m in FileSystems.match([part])[0].metadata_list)
+    return found
+
+
+def match_globs(pattern: str, directory_glob: Optional[str] = None) -> List[str]:
+    """Comma-separated globs -> the sorted paths they match (see `matched_sizes`)."""
+    return sorted(matched_sizes(pattern, directory_glob))
 
 
 def is_directory(path: str) -> bool:
