@@ -3,8 +3,9 @@
 Starts the production-shaped session cluster of scripts/flink_cluster.sh (a JobManager, two
 TaskManagers, each with its own Python SDK worker pool, EXTERNAL environment) on its own
 ports, then for N and scale x N synthetic 768-d embeddings (rows per cluster held constant,
-k = n / rows) runs `python -m beam_curator dedup` on it (shuffle transport) and on the local
-FnApiRunner, and prints, N beside scale x N:
+k = n / rows; rows per Flink task held constant, --parallelism = n / --rows-per-task) runs
+`python -m beam_curator dedup` on it (shuffle transport) and on the local FnApiRunner, and
+prints, N beside scale x N:
 
 * wall time of the Flink job (goal: <= 1.1 x scale),
 * peak RSS (VmHWM from /proc, sampled every 0.2 s) of every Python SDK worker process and of
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -229,13 +231,15 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
     write_parquet(data, ids, vectors, rows_per_file=10_000)
     del vectors, ids
     k = max(1, n // args.rows_per_cluster)
+    tasks = max(4, math.ceil(n / args.rows_per_task))
     extra = (["--pairwise_block_size", str(args.pairwise_block_size)]
              if args.pairwise_block_size else [])
     local_s = _dedup(data, os.path.join(work, f"local-{n}"), k,
                      ["--runner", "FnApiRunner", *extra])
     flink_out = os.path.join(work, f"flink-{n}")
     with PeakRss(cluster["run_dir"], heaps=args.sample_heap, master=cluster["master"]) as rss:
-        flink_s = _dedup(data, flink_out, k, cluster["args"] + extra)
+        flink_s = _dedup(data, flink_out, k,
+                         cluster["args"] + [f"--parallelism={tasks}"] + extra)
     try:
         peaks = _where_peaks_were(rss, _job_vertices(cluster["master"]))
     except OSError as exc:   # the numbers above stand without it
@@ -244,7 +248,8 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
     with open(os.path.join(flink_out, "summary.json")) as handle:
         info = json.load(handle)["dedup"]
     shutil.rmtree(data, ignore_errors=True)
-    return {"n": n, "k": k, "flink_s": round(flink_s, 1), "fnapi_s": round(local_s, 1),
+    return {"n": n, "k": k, "flink_parallelism": tasks,
+            "flink_s": round(flink_s, 1), "fnapi_s": round(local_s, 1),
             "sdk_workers": len(rss.workers),
             "peak_rss_sdk_worker_mb": round(max(rss.workers.values(), default=0) / 2**20),
             "peak_rss_taskmanagers_mb": sorted(round(v / 2**20) for v in rss.tm.values()),
@@ -261,7 +266,7 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
             "largest_sdk_workers": peaks}
 
 
-def start_cluster(work: str, parallelism: int = 4) -> dict:
+def start_cluster(work: str) -> dict:
     from tests.flink_support import fetch_flink
 
     run_dir = os.path.join(work, "flink-run")
@@ -278,7 +283,7 @@ def start_cluster(work: str, parallelism: int = 4) -> dict:
             f"--flink_job_server_jar={facts['BEAM_FLINK_JOB_SERVER_JAR']}",
             "--environment_type=EXTERNAL",
             f"--environment_config=beam-worker-pool:{env['BEAM_CURATOR_FLINK_POOL_PORT']}",
-            f"--parallelism={parallelism}", "--dedup_vector_transport", "shuffle"]
+            "--dedup_vector_transport", "shuffle"]
     return {"run_dir": run_dir, "env": env, "args": args, "master": master}
 
 
@@ -293,8 +298,10 @@ def main() -> None:
     ap.add_argument("--single", action="store_true", help="run N only (memory attribution)")
     ap.add_argument("--sample-heap", action="store_true",
                     help="also sample each TaskManager's Java heap with jcmd (costs CPU)")
-    ap.add_argument("--parallelism", type=int, default=4,
-                    help="Flink --parallelism (tasks per stage; 4 slots run them in waves)")
+    ap.add_argument("--rows-per-task", type=int, default=25_000,
+                    help="Flink --parallelism = ceil(n / this), at least 4: the rows one task "
+                         "(one SDK bundle) holds, constant across sizes like the rows per "
+                         "cluster; the 4 slots run extra tasks in waves")
     ap.add_argument("--pairwise-block-size", type=int, default=None,
                     help="--pairwise_block_size for both runs (default: the product's); "
                          "below the largest cluster of both sizes, every key is bounded "
@@ -304,7 +311,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # still stop the cluster
     cluster = None
     try:
-        cluster = start_cluster(work, args.parallelism)
+        cluster = start_cluster(work)
         small = measure(args.n, args, cluster, work)
         print(json.dumps({"small": small}, indent=1), flush=True)   # kept if the big run fails
         if args.single:
