@@ -369,7 +369,7 @@ def flink_parallelism_for(options: PipelineOptions, input_bytes: int, flag: str)
             f"--parallelism {given} gives each Flink task ~{input_bytes / given / 2**20:,.0f} "
             f"MiB of the {gib:.1f} GiB of {flag}; Beam's Flink batch runner stalls, without "
             "an error, when one task's output passes ~1 GB (it reads a task's output only "
-            f"after the task's input is done). Pass --parallelism {need} or more: tasks "
+            f"after the whole task has run). Pass --parallelism {need} or more: tasks "
             "beyond the free slots run in waves.")
 
 

@@ -299,8 +299,9 @@ def resolve_embeddings(pattern: str) -> Tuple[List[str], List[Tuple[str, str]]]:
 
 
 def resolve_embeddings_sized(pattern: str) -> Tuple[List[str], List[Tuple[str, str]], int]:
-    """`resolve_embeddings`, and the bytes of the files holding the vectors (parquet files,
-    .npy arrays): what a runner's dedup tasks share between them (options.FLINK_*)."""
+    """`resolve_embeddings`, and the bytes of the vectors: parquet files as they are, .npy
+    arrays twice (clip-retrieval writes float16; they travel as float32). What a runner's
+    dedup tasks share between them (options.flink_parallelism_for)."""
     from beam_curator.transforms.read import is_directory, matched_sizes, split_globs
 
     files, pairs, npy_bytes = {}, [], 0
@@ -309,7 +310,7 @@ def resolve_embeddings_sized(pattern: str) -> Tuple[List[str], List[Tuple[str, s
             found = clip_retrieval_pairs(part)
             if found:
                 pairs += found
-                npy_bytes += sum(matched_sizes(
+                npy_bytes += 2 * sum(matched_sizes(
                     FileSystems.join(part, "img_emb", "img_emb_*.npy")).values())
                 continue
             part = FileSystems.join(part, "*.parquet")
