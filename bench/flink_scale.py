@@ -75,18 +75,6 @@ def _descendants(pid: int) -> list:
     return out
 
 
-def _heap_kb(pid: int) -> tuple:
-    """(committed, used) Java heap of a JVM in kB, from `jcmd <pid> GC.heap_info`."""
-    out = subprocess.run(["jcmd", str(pid), "GC.heap_info"], capture_output=True, text=True,
-                         timeout=20).stdout
-    for line in out.splitlines():
-        if "total" in line and "used" in line:   # "garbage-first heap total 12K, used 5K [.."
-            words = line.replace(",", " ").split()
-            return (int(words[words.index("total") + 1].rstrip("K")),
-                    int(words[words.index("used") + 1].rstrip("K")))
-    return (0, 0)
-
-
 # What a TaskManager's memory holds, from Flink's own metrics (one cheap REST call per TM).
 TM_METRICS = {"heap_used": "Status.JVM.Memory.Heap.Used",
               "heap_committed": "Status.JVM.Memory.Heap.Committed",
@@ -96,16 +84,12 @@ TM_METRICS = {"heap_used": "Status.JVM.Memory.Heap.Used",
 
 
 class PeakRss:
-    """Samples VmHWM of the TaskManagers and of every SDK worker under the pools; each
-    TaskManager's Flink memory metrics (REST, every 1 s) when `master` is given; and, when
-    asked, each TaskManager's Java heap by jcmd (every 5 s). jcmd is opt-in: each call starts
-    a JVM, CPU taken from the job whose wall time is measured."""
+    """Samples VmHWM of the TaskManagers and of every SDK worker under the pools, and each
+    TaskManager's Flink memory metrics (REST, every 1 s) when `master` is given."""
 
-    def __init__(self, run_dir: str, heaps: bool = False, master: str = ""):
+    def __init__(self, run_dir: str, master: str = ""):
         self._run_dir = run_dir
-        self._heaps = heaps
         self._master = master
-        self.tm_heap = {}   # TaskManager pid -> [peak committed kB, peak used kB]
         self.tm_metrics = {}   # TaskManager id -> {TM_METRICS key: peak bytes}
         self.tm, self.workers = {}, {}
         self.peak_at = {}   # worker pid -> wall time (s) its high-water mark last rose
@@ -120,15 +104,6 @@ class PeakRss:
             except (OSError, ValueError):
                 pass
         return pids
-
-    def _sample_heaps(self):
-        for pid in self._pids("tm[0-9].pid"):
-            try:
-                committed, used = _heap_kb(pid)
-            except (OSError, ValueError, subprocess.SubprocessError):
-                continue   # a missed sample; RSS is still sampled
-            peak = self.tm_heap.setdefault(pid, [0, 0])
-            peak[0], peak[1] = max(peak[0], committed), max(peak[1], used)
 
     def _sample_metrics(self):
         try:
@@ -146,8 +121,6 @@ class PeakRss:
         tick = 0
         while not self._stop.wait(0.2):
             tick += 1
-            if self._heaps and tick % 25 == 0:
-                self._sample_heaps()
             if self._master and tick % 5 == 0:
                 self._sample_metrics()
             for pid in self._pids("tm[0-9].pid"):   # not tm<i>.supervisor.pid
@@ -237,7 +210,7 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
     local_s = _dedup(data, os.path.join(work, f"local-{n}"), k,
                      ["--runner", "FnApiRunner", *extra])
     flink_out = os.path.join(work, f"flink-{n}")
-    with PeakRss(cluster["run_dir"], heaps=args.sample_heap, master=cluster["master"]) as rss:
+    with PeakRss(cluster["run_dir"], master=cluster["master"]) as rss:
         flink_s = _dedup(data, flink_out, k,
                          cluster["args"] + [f"--parallelism={tasks}"] + extra)
     try:
@@ -257,9 +230,6 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
             "largest_cluster": info.get("largest_cluster"),
             "pairwise_block_size": info.get("pairwise_block_size"),
             "clusters_split_into_blocks": info.get("clusters_split_into_blocks"),
-            "taskmanager_heap_peak_mb": [
-                {"committed": round(c / 1024), "used": round(u / 1024)}
-                for _, (c, u) in sorted(rss.tm_heap.items())],
             "taskmanager_memory_peak_mb": [
                 {key: round(v / 2**20) for key, v in peaks_of_tm.items()}
                 for _, peaks_of_tm in sorted(rss.tm_metrics.items())],
@@ -296,8 +266,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
     ap.add_argument("--single", action="store_true", help="run N only (memory attribution)")
-    ap.add_argument("--sample-heap", action="store_true",
-                    help="also sample each TaskManager's Java heap with jcmd (costs CPU)")
     ap.add_argument("--rows-per-task", type=int, default=25_000,
                     help="Flink --parallelism = ceil(n / this), at least 4: the rows one task "
                          "(one SDK bundle) holds, constant across sizes like the rows per "
