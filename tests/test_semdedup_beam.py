@@ -130,6 +130,12 @@ def test_random_keep_is_seeded_and_exact_copies_resolve_to_the_smallest_id(plant
     pairs = {r["id"]: r for r in runs[0]}
     assert all(pairs[c]["max_id"] == survivor and pairs[c]["cosine_sim_score"] == 1.0
                for c in copies)
+    # The shuffle transport drops the copies from the vectors it routes: the same answer.
+    dedup(embeddings, tmp_path / "shuffle", "--n_clusters", 4, "--which_to_keep", "random",
+          "--kmeans_seed", 5, "--dedup_vector_transport", "shuffle")
+    assert read_dir(tmp_path / "shuffle" / "dedup" / "pairwise_results") == runs[0]
+    assert read_dir(tmp_path / "shuffle" / "dedup" / "duplicates") == read_dir(
+        tmp_path / "a" / "dedup" / "duplicates")
 
 
 def test_border_margin_only_adds_duplicates(planted, trained, tmp_path):

@@ -211,7 +211,9 @@ class RouteFn(beam.DoFn):
         members = assigned.members
         if self._config.transport == SHUFFLE:   # vectors travel inline: read them once more
             _, vectors = assigned.chunk.load(self._config)
-            members = dataclasses.replace(members, vectors=vectors[members.rows], paths=(),
+            if members.rows.size < len(vectors):   # exact copies out (rows ascend), else as is
+                vectors = vectors[members.rows]
+            members = dataclasses.replace(members, vectors=vectors, paths=(),
                                           path_index=None, rows=None)
         for clusters, index, border in assigned.memberships:
             for cluster, rows in _rows_by_cluster(clusters):
