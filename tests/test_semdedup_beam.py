@@ -101,6 +101,7 @@ def test_block_split_shuffle_and_workers_give_the_unsplit_answer(planted, traine
     baseline = read_dir(out / "dedup" / "pairwise_results")
     variants = {
         "split": ["--pairwise_block_size", 7],
+        "bins": ["--pairwise_block_size", 60],   # ~25-row clusters: two per key
         "shuffle": ["--dedup_vector_transport", "shuffle"],
         "two_workers": ["--direct_num_workers", 2, "--direct_running_mode", "multi_processing",
                         "--pairwise_block_size", 5],
@@ -187,3 +188,51 @@ def test_staged_rows_come_back_in_the_order_asked_and_a_short_file_is_an_error(t
     assert np.array_equal(read_staged_rows(path, 5, None), vectors)
     with pytest.raises(OSError, match="past its end"):
         read_staged_rows(path, 5, [298, 299, 300])
+
+
+def test_a_chunk_sends_one_element_per_bin_of_whole_clusters_read_in_one_run(tmp_path):
+    """Assign stages a chunk's vectors in cluster order; Route packs small clusters into bins
+    of at most block_rows members: one element per (chunk, bin) whose staged rows are one run
+    of the file, so the pairwise step reads them with one read, and gets the right vectors."""
+    from beam_curator.dedup import blocks
+    from beam_curator.transforms.dedup_data import Members, row_group_chunks
+    from beam_curator.transforms.dedup_plan import DedupConfig
+    from beam_curator.transforms.semdedup import AssignFn, RouteFn
+
+    rng = np.random.default_rng(4)
+    ids = [f"s{i:03d}" for i in range(200)]
+    vectors = rng.normal(size=(200, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    pattern = write_embeddings(str(tmp_path / "emb"), ids, vectors, files=1, row_group=200)
+    config = DedupConfig(output=str(tmp_path / "out"), block_rows=70)
+    (chunk,) = row_group_chunks(glob.glob(pattern)[0], "part", 8, config)
+    chunk.load(config)   # as the sampling pass does: the chunk staged in its own order
+    assert os.listdir(config.staging_dir) == [f"chunk-{chunk.name}.f32"]
+    centroids = vectors[:8]
+    (assigned,) = AssignFn(config).process(chunk, centroids)
+    sizes = dict(assigned.cluster_counts())
+    assert len(sizes) > 3 and max(sizes.values()) <= 70
+    routed = list(RouteFn(config).process(assigned, sizes))
+    bins = blocks.pack_clusters(sizes, 70)
+    assert sorted(key[0] for key, _ in routed) == sorted(set(bins.values()))
+    assert len(routed) < len(sizes)                        # fewer elements than clusters
+    by_id = dict(zip(ids, vectors))
+    for (first, nb, _, _), (_, members) in routed:
+        assert nb == 1 and len(members) <= 70
+        assert set(members.cluster.tolist()) == {c for c, b in bins.items() if b == first}
+        assert np.array_equal(np.diff(members.rows), np.ones(len(members) - 1))   # one run
+        assert np.array_equal(members.load_vectors(), np.stack([by_id[i] for i in members.ids]))
+        for cluster, part in members.by_cluster():
+            assert len(part) == sizes[cluster] and part.cluster is None
+    staging = os.listdir(config.staging_dir)
+    assert staging == [f"chunk-{chunk.name}.by-cluster.f32"]   # the first copy is dropped
+
+
+def test_small_clusters_pack_in_order_and_never_past_the_bound():
+    from beam_curator.dedup import blocks
+
+    sizes = {5: 5, 0: 30, 1: 30, 2: 100, 3: 10, 4: 50, 6: 60, 7: 1}
+    bins = blocks.pack_clusters(sizes, 60)
+    assert bins == {0: 0, 1: 0, 3: 3, 4: 3, 5: 5, 6: 6, 7: 7}   # 2 is cut into blocks
+    for first in set(bins.values()):
+        assert sum(sizes[c] for c, b in bins.items() if b == first) <= 60

@@ -28,6 +28,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator.atomic import write_atomically
+from beam_curator.dedup.blocks import positions_by_cluster
 from beam_curator.transforms.dedup_plan import STAGED, DedupConfig
 
 
@@ -70,12 +71,14 @@ class Chunk:
             return ((i, None) for i in read_npy_ids(self.npy))
         return read_candidate_ids(self.parquet, config, with_hash)
 
-    def load(self, config: DedupConfig) -> Tuple[List[str], np.ndarray]:
+    def load(self, config: DedupConfig, stage: bool = True) -> Tuple[List[str], np.ndarray]:
         """(ids, vectors float32 (n, d)) of the candidate rows of this chunk, exact
         duplicates included (callers drop `excluded`, keeping row numbers stable).
 
         A chunk is decoded once in the staged transport: its vectors are written to the
-        staging dir on first load, and later loads read that raw file.
+        staging dir on first load (unless `stage` is False), and later loads read that raw
+        file. The assign step, the last to load, stages them again in cluster order
+        (`staged_by_cluster`) and drops this copy.
         """
         staged = self.staged_copy(config)
         if staged and FileSystems.exists(staged):
@@ -85,7 +88,7 @@ class Chunk:
             ids, vectors = read_npy_ids(self.npy), read_npy_rows(self.npy)
         else:
             ids, vectors = read_parquet_chunk(self.parquet, config)
-        if staged:
+        if staged and stage:
             write_staged(staged, vectors)
         return ids, vectors
 
@@ -94,6 +97,12 @@ class Chunk:
         if config.transport != STAGED:
             return None
         return FileSystems.join(config.staging_dir, f"chunk-{self.name}.f32")
+
+    def staged_by_cluster(self, config: DedupConfig) -> Optional[str]:
+        """Where the assign step stages this chunk's candidates sorted by cluster, so that
+        the rows of one (chunk, cluster) are one run of the file; None when not staging."""
+        staged = self.staged_copy(config)
+        return staged[: -len(".f32")] + ".by-cluster.f32" if staged else None
 
 
 def read_parquet_chunk(ref: Tuple[str, int], config: DedupConfig):
@@ -130,6 +139,12 @@ def write_staged(path: str, vectors: np.ndarray) -> str:
     data = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
     write_atomically(path, lambda stream: stream.write(data))
     return path
+
+
+def discard(path: str) -> None:
+    """Delete a file that may not exist (a retried step may already have deleted it)."""
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
 
 
 def write_sample(path: str, ids: Sequence[str], vectors: np.ndarray) -> str:
@@ -388,7 +403,8 @@ class Members:
     shuffle moves a few arrays instead of one pickled object per sample.
 
     Vectors come inline (`vectors`, shuffle transport) or as references: `rows[i]` of the
-    staged file `paths[path_index[i]]` (staged transport).
+    staged file `paths[path_index[i]]` (staged transport). `cluster` is set where one element
+    carries several whole clusters (a bin of small clusters: `blocks.pack_clusters`).
     """
 
     ids: Tuple[str, ...]
@@ -400,6 +416,7 @@ class Members:
     paths: Tuple[str, ...] = ()
     path_index: Optional[np.ndarray] = None
     rows: Optional[np.ndarray] = None
+    cluster: Optional[np.ndarray] = None  # int64 per member (bins only)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -411,7 +428,7 @@ class Members:
             ids=tuple(self.ids[i] for i in index), cos_dist=self.cos_dist[index],
             l2_dist=self.l2_dist[index], border=self.border[index],
             vectors=pick(self.vectors), dim=self.dim, paths=self.paths,
-            path_index=pick(self.path_index), rows=pick(self.rows))
+            path_index=pick(self.path_index), rows=pick(self.rows), cluster=pick(self.cluster))
 
     @staticmethod
     def concat(parts: Sequence["Members"]) -> "Members":
@@ -432,7 +449,8 @@ class Members:
             vectors=cat("vectors") if parts[0].vectors is not None else None,
             dim=parts[0].dim,
             paths=paths, path_index=path_index,
-            rows=cat("rows") if parts[0].rows is not None else None)
+            rows=cat("rows") if parts[0].rows is not None else None,
+            cluster=cat("cluster") if parts[0].cluster is not None else None)
 
     def load_vectors(self) -> np.ndarray:
         if self.vectors is not None:
@@ -443,6 +461,19 @@ class Members:
             if where.size:
                 out[where] = read_staged_rows(path, self.dim, self.rows[where])
         return out
+
+    def with_vectors(self) -> "Members":
+        """The same members with their vectors inline (staged rows read once, in runs)."""
+        if self.vectors is not None:
+            return self
+        return dataclasses.replace(self, vectors=self.load_vectors(), paths=(),
+                                   path_index=None, rows=None)
+
+    def by_cluster(self):
+        """(cluster, its members in their order here, without the cluster column) for each
+        cluster of a bin, in cluster order."""
+        for cluster, positions in positions_by_cluster(self.cluster):
+            yield cluster, dataclasses.replace(self.take(positions), cluster=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -465,7 +496,8 @@ class Decisions:
 
 
 def without_vectors(members: Members) -> Members:
-    return dataclasses.replace(members, vectors=None, paths=(), path_index=None, rows=None)
+    return dataclasses.replace(members, vectors=None, paths=(), path_index=None, rows=None,
+                               cluster=None)
 
 
 @dataclasses.dataclass(frozen=True)

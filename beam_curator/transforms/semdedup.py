@@ -50,9 +50,11 @@ from beam_curator.transforms.dedup_data import (
     ExactDuplicate,
     Members,
     count_candidates,
+    discard,
     read_sample,
     without_vectors,
     write_sample,
+    write_staged,
 )
 from beam_curator.transforms.dedup_outputs import (
     WriteClusterOutputsFn,
@@ -60,6 +62,7 @@ from beam_curator.transforms.dedup_outputs import (
 )
 from beam_curator.transforms.dedup_plan import (
     SHUFFLE,
+    STAGED,
     DedupConfig,
     DedupPlan,
     make_plan,
@@ -158,7 +161,7 @@ class AssignFn(beam.DoFn):
         self.assigned = beam.metrics.Metrics.counter("curator", "dedup_assigned")
 
     def process(self, chunk: Chunk, centroids: np.ndarray):
-        ids, vectors = chunk.load(self._config)
+        ids, vectors = chunk.load(self._config, stage=False)
         keep = np.array([r for r, i in enumerate(ids) if i not in chunk.excluded],
                         dtype=np.int64)
         if not keep.size or centroids.size == 0:
@@ -172,12 +175,14 @@ class AssignFn(beam.DoFn):
         else:
             labels, cos_dist, l2_dist = assign_to_centroids(vectors, centroids,
                                                             device=self._config.device)
-        staged = chunk.staged_copy(self._config)
+        paths, path_index, rows = (), None, keep
+        if self._config.transport == STAGED:
+            paths, rows = _stage_by_cluster(chunk, self._config, vectors, labels)
+            path_index = np.zeros(keep.size, dtype=np.int32)
         members = Members(
             ids=tuple(ids[r] for r in keep), cos_dist=cos_dist, l2_dist=l2_dist,
             border=np.zeros(keep.size, dtype=bool), dim=chunk.dim,
-            paths=(staged,) if staged else (),
-            path_index=np.zeros(keep.size, dtype=np.int32) if staged else None, rows=keep)
+            paths=paths, path_index=path_index, rows=rows)
         memberships = [(labels, np.arange(keep.size), False)]
         if with_border:
             extra = border_assignments(labels2, dists2, self._config.border_margin)
@@ -191,12 +196,29 @@ class AssignFn(beam.DoFn):
         yield Assigned(chunk=chunk, members=members, memberships=tuple(memberships))
 
 
+def _stage_by_cluster(chunk: Chunk, config: DedupConfig, vectors: np.ndarray,
+                      labels: np.ndarray):
+    """Writes the candidates' vectors sorted by cluster and drops the chunk's first staged
+    copy; returns (the file, each candidate's row in it). The pairwise step then reads the
+    members of one (chunk, bin) as one run of rows, not one read per scattered row."""
+    order = np.argsort(labels, kind="stable")
+    path = chunk.staged_by_cluster(config)
+    write_staged(path, vectors[order])
+    discard(chunk.staged_copy(config))   # nothing reads it again; a retry decodes the chunk
+    rows = np.empty(order.size, dtype=np.int64)
+    rows[order] = np.arange(order.size)
+    return (path,), rows
+
+
 class RouteFn(beam.DoFn):
-    """Assigned -> ((cluster, nb, lo, hi), (block, Members)): one key per cluster of at most
-    block_rows members; for larger ones one key per block pair, each member in nb of them."""
+    """Assigned -> (key, (block, Members)). Clusters of at most block_rows members are packed
+    into bins (`blocks.pack_clusters`): key (bin's first cluster, 1, 0, 0), one element per
+    bin carrying its members' clusters. A larger cluster is cut into nb blocks and every
+    block pair is a key (cluster, nb, lo, hi); each of its members goes to nb of them."""
 
     def __init__(self, config: DedupConfig):
         self._config = config
+        self._bins, self._bins_from = None, None
         # What crosses the cluster shuffle (docs/scaling.md checks its formulas with these).
         self.routed_rows = beam.metrics.Metrics.counter("curator", "dedup_routed_rows")
         self.routed_vector_bytes = beam.metrics.Metrics.counter("curator",
@@ -207,7 +229,14 @@ class RouteFn(beam.DoFn):
         if members.vectors is not None:
             self.routed_vector_bytes.inc(int(members.vectors.nbytes))
 
+    def _bin_of(self, sizes: dict) -> dict:
+        if self._bins_from is not sizes:   # the side input: one dict per bundle
+            self._bins = blocks.pack_clusters(sizes, self._config.block_rows)
+            self._bins_from = sizes
+        return self._bins
+
     def process(self, assigned: Assigned, sizes: dict):
+        bin_of = self._bin_of(sizes)
         members = assigned.members
         if self._config.transport == SHUFFLE:   # vectors travel inline: read them once more
             _, vectors = assigned.chunk.load(self._config)
@@ -216,32 +245,34 @@ class RouteFn(beam.DoFn):
             members = dataclasses.replace(members, vectors=vectors, paths=(),
                                           path_index=None, rows=None)
         for clusters, index, border in assigned.memberships:
-            for cluster, rows in _rows_by_cluster(clusters):
-                group = members.take(index[rows])
-                if border:
-                    group = dataclasses.replace(group, border=np.ones(len(group), dtype=bool))
+            binned = {}
+            for cluster, rows in blocks.positions_by_cluster(clusters):
                 nb = blocks.n_blocks(sizes[cluster], self._config.block_rows)
                 if nb == 1:
-                    self._count(group)
-                    yield (cluster, 1, 0, 0), (0, group)
+                    binned.setdefault(bin_of[cluster], []).append((cluster, rows))
                     continue
+                group = _flagged(members.take(index[rows]), border)
                 block = blocks.block_of(group.ids, nb, cluster)
                 for b in np.unique(block).tolist():
                     part = group.take(np.flatnonzero(block == b))
                     for lo, hi in blocks.pair_keys(b, nb):
                         self._count(part)
                         yield (cluster, nb, lo, hi), (b, part)
+            for first, parts in binned.items():
+                rows = np.concatenate([r for _, r in parts])
+                group = dataclasses.replace(
+                    _flagged(members.take(index[rows]), border),
+                    cluster=np.repeat(np.array([c for c, _ in parts], dtype=np.int64),
+                                      [r.size for _, r in parts]))
+                self._count(group)
+                yield (first, 1, 0, 0), (0, group)
 
 
-def _rows_by_cluster(clusters: np.ndarray):
-    """(cluster, its positions in ascending order) for each cluster present: one sort, not
-    one pass over the chunk per cluster (k passes of chunk rows each)."""
-    order = np.argsort(clusters, kind="stable")
-    ordered = clusters[order]
-    starts = np.flatnonzero(np.diff(ordered)) + 1
-    for start, stop in zip([0, *starts.tolist()], [*starts.tolist(), ordered.size]):
-        if stop > start:
-            yield int(ordered[start]), order[start:stop]
+def _flagged(group: Members, border: bool) -> Members:
+    """A second membership's members carry border=True (their home is another cluster)."""
+    if not border:
+        return group
+    return dataclasses.replace(group, border=np.ones(len(group), dtype=bool))
 
 
 def _cluster_file(cluster: int, nb: int = 1, block: int = 0) -> str:
@@ -281,6 +312,9 @@ class PairwiseFn(beam.DoFn):
 
     def process(self, element):
         (cluster, nb, lo, hi), parts = element
+        if nb == 1:
+            yield from self._whole_clusters(parts)
+            return
         by_block = {}
         for b, members in parts:
             by_block.setdefault(b, []).append(members)
@@ -290,14 +324,7 @@ class PairwiseFn(beam.DoFn):
         self.key_rows.update(sum(sizes))
         # similarities computed: n(n-1)/2 on a diagonal, n_a x n_b between two blocks
         self.similarities.inc(sizes[0] * (sizes[0] - 1) // 2 if len(sizes) == 1 else
-                       sizes[0] * sizes[1])
-        if nb == 1:
-            members, vectors, _ = ranked[0]
-            max_sim, argmax = max_sim_to_earlier(vectors, device=self._config.device)
-            max_ids = [members.ids[a] if a >= 0 else None for a in argmax.tolist()]
-            yield _cluster_file(cluster), _decide(cluster, members, max_sim, argmax >= 0,
-                                                  max_ids, self._config.eps)
-            return
+                              sizes[0] * sizes[1])
         if lo == hi:
             members, vectors, primary = ranked[lo]
             sim, source_primary, source_id = blocks.diagonal_partial(
@@ -315,6 +342,19 @@ class PairwiseFn(beam.DoFn):
                 device=self._config.device)
             yield beam.pvalue.TaggedOutput(self.PARTIALS, ((cluster, nb, target), BlockPartial(
                 None, sim, source_primary, source_id)))
+
+
+    def _whole_clusters(self, parts):
+        """A bin: each of its clusters in one pass, as `max_sim_to_earlier` defines it."""
+        members = Members.concat([m for _, m in parts]).with_vectors()   # reads in runs
+        self.key_rows.update(len(members))
+        for cluster, group in members.by_cluster():
+            ranked, vectors, _ = _rank_sorted(cluster, group, self._config)
+            self.similarities.inc(len(ranked) * (len(ranked) - 1) // 2)
+            max_sim, argmax = max_sim_to_earlier(vectors, device=self._config.device)
+            max_ids = [ranked.ids[a] if a >= 0 else None for a in argmax.tolist()]
+            yield _cluster_file(cluster), _decide(cluster, ranked, max_sim, argmax >= 0,
+                                                  max_ids, self._config.eps)
 
 
 class CombineBlockPartialsFn(beam.CombineFn):
