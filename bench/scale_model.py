@@ -75,7 +75,7 @@ def measure(n: int, args, runner_args) -> dict:
             "routed_vector_bytes": counters.get("dedup_routed_vector_bytes"),
             "routed_vector_bytes_formula": int((all_sizes * nb).sum()) * args.d * 4,
             "keys": per_key.count,
-            "keys_formula": int((nb * (nb + 1) // 2).sum()),
+            "keys_formula": _keys(all_sizes, args.block_rows),
             "largest_key_rows": per_key.max,
             "largest_key_bound": 2 * args.block_rows,
             "similarities": counters.get("dedup_pairwise_similarities"),
@@ -85,6 +85,17 @@ def measure(n: int, args, runner_args) -> dict:
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _keys(sizes: np.ndarray, block_rows: int) -> int:
+    """Pairwise keys: one per bin of whole clusters (blocks.pack_clusters), nb(nb+1)/2 per
+    cluster cut into nb blocks."""
+    from beam_curator.dedup import blocks
+
+    present = {c: int(n) for c, n in enumerate(sizes) if n}
+    nb = np.array([blocks.n_blocks(n, block_rows) for n in present.values()])
+    bins = set(blocks.pack_clusters(present, block_rows).values())
+    return len(bins) + int((nb[nb > 1] * (nb[nb > 1] + 1) // 2).sum())
 
 
 def _cluster_sizes(out: str) -> np.ndarray:

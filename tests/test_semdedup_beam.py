@@ -1,6 +1,7 @@
 """The `dedup` pipeline on embeddings whose answer is known, against a brute-force reference."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 
@@ -188,6 +189,13 @@ def test_staged_rows_come_back_in_the_order_asked_and_a_short_file_is_an_error(t
     assert np.array_equal(read_staged_rows(path, 5, None), vectors)
     with pytest.raises(OSError, match="past its end"):
         read_staged_rows(path, 5, [298, 299, 300])
+    # written in a given order, through a buffer smaller than the file (2,500 rows)
+    order = np.random.default_rng(1).permutation(2500)
+    many = np.random.default_rng(2).normal(size=(2500, 5)).astype(np.float32)
+    write_staged(str(tmp_path / "ordered.f32"), many, order)
+    assert np.array_equal(read_staged_rows(str(tmp_path / "ordered.f32"), 5, None), many[order])
+    empty = write_staged(str(tmp_path / "empty.f32"), np.zeros((0, 0), np.float32))
+    assert os.path.getsize(empty) == 0
 
 
 def test_a_chunk_sends_one_element_per_bin_of_whole_clusters_read_in_one_run(tmp_path):
@@ -195,7 +203,7 @@ def test_a_chunk_sends_one_element_per_bin_of_whole_clusters_read_in_one_run(tmp
     of at most block_rows members: one element per (chunk, bin) whose staged rows are one run
     of the file, so the pairwise step reads them with one read, and gets the right vectors."""
     from beam_curator.dedup import blocks
-    from beam_curator.transforms.dedup_data import Members, row_group_chunks
+    from beam_curator.transforms.dedup_data import row_group_chunks
     from beam_curator.transforms.dedup_plan import DedupConfig
     from beam_curator.transforms.semdedup import AssignFn, RouteFn
 
@@ -236,3 +244,30 @@ def test_small_clusters_pack_in_order_and_never_past_the_bound():
     assert bins == {0: 0, 1: 0, 3: 3, 4: 3, 5: 5, 6: 6, 7: 7}   # 2 is cut into blocks
     for first in set(bins.values()):
         assert sum(sizes[c] for c, b in bins.items() if b == first) <= 60
+
+
+def test_members_survive_beam_coding_with_every_column():
+    """Members pickle their per-member columns as one bytes (Members.__reduce__)."""
+    from apache_beam.coders.typecoders import registry
+
+    from beam_curator.transforms.dedup_data import Members
+
+    coder = registry.get_coder(object)
+    rng = np.random.default_rng(0)
+    full = Members(ids=("a", "b", "c"), cos_dist=rng.random(3, dtype=np.float32),
+                   l2_dist=rng.random(3, dtype=np.float32), border=np.array([1, 0, 1], bool),
+                   vectors=rng.random((3, 4), dtype=np.float32), dim=4, paths=("x", "y"),
+                   path_index=np.array([0, 1, 1], np.int32), rows=np.array([5, 0, 9]),
+                   cluster=np.array([2, 2, 7]))
+    empty = Members(ids=(), cos_dist=np.zeros(0, np.float32), l2_dist=np.zeros(0, np.float32),
+                    border=np.zeros(0, bool))
+    for members in (full, empty, full.take([2]), dataclasses.replace(full, vectors=None)):
+        back = coder.decode(coder.encode(((1, 1, 0, 0), (0, members))))[1][1]
+        assert back.ids == members.ids and back.dim == members.dim
+        assert back.paths == members.paths
+        for name in ("cos_dist", "l2_dist", "border", "vectors", "path_index", "rows",
+                     "cluster"):
+            a, b = getattr(members, name), getattr(back, name)
+            assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b))
+    with pytest.raises(ValueError, match="shape"):
+        coder.encode(dataclasses.replace(full, rows=np.arange(4)))

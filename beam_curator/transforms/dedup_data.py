@@ -135,9 +135,30 @@ def list_column_to_numpy(column) -> np.ndarray:
     return flat.reshape(n, flat.size // n)
 
 
-def write_staged(path: str, vectors: np.ndarray) -> str:
-    data = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
-    write_atomically(path, lambda stream: stream.write(data))
+_STAGE_WRITE_ROWS = 1024   # rows gathered per write when reordering: ~3 MB at 768-d
+
+
+def write_staged(path: str, vectors: np.ndarray, order: Optional[np.ndarray] = None) -> str:
+    """The vectors (rows `order` in that order, when given) as raw float32.
+
+    Written from the array itself, and a reordering gathered through one small buffer: a
+    copy of the whole chunk costs a fresh allocation's page faults (~10 ms per 25 MB here),
+    twice per chunk in a 1M-row dedup.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def write(stream):
+        if order is None:
+            stream.write(memoryview(vectors.reshape(-1)).cast("B"))
+            return
+        buffer = np.empty((min(len(order), _STAGE_WRITE_ROWS), vectors.shape[1]), np.float32)
+        for start in range(0, len(order), _STAGE_WRITE_ROWS):
+            rows = order[start:start + _STAGE_WRITE_ROWS]
+            part = buffer[:len(rows)]
+            np.take(vectors, rows, axis=0, out=part)
+            stream.write(memoryview(part.reshape(-1)).cast("B"))
+
+    write_atomically(path, write)
     return path
 
 
@@ -421,6 +442,19 @@ class Members:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __reduce__(self):
+        """Pickled with its per-member columns as one bytes: Beam encodes one Members per
+        (chunk, bin), and pickling five or six small arrays one by one made encode + decode
+        ~90 µs per element (~50 µs packed). The vectors stay a pickled array (no copy)."""
+        columns = [getattr(self, name) for name in _PACKED_COLUMNS]
+        for name, column in zip(_PACKED_COLUMNS, columns):
+            if column is not None and column.shape != (len(self.ids),):
+                raise ValueError(f"Members.{name} has shape {column.shape}, not "
+                                 f"({len(self.ids)},)")
+        layout = tuple(None if c is None else c.dtype.str for c in columns)
+        blob = b"".join(np.ascontiguousarray(c).tobytes() for c in columns if c is not None)
+        return _unpack_members, (self.ids, self.vectors, self.dim, self.paths, layout, blob)
+
     def take(self, index) -> "Members":
         index = np.asarray(index, dtype=np.int64)
         pick = lambda a: None if a is None else a[index]   # noqa: E731
@@ -474,6 +508,21 @@ class Members:
         cluster of a bin, in cluster order."""
         for cluster, positions in positions_by_cluster(self.cluster):
             yield cluster, dataclasses.replace(self.take(positions), cluster=None)
+
+
+_PACKED_COLUMNS = ("cos_dist", "l2_dist", "border", "path_index", "rows", "cluster")
+
+
+def _unpack_members(ids, vectors, dim, paths, layout, blob) -> Members:
+    """Members.__reduce__'s inverse (the columns are read-only views of `blob`)."""
+    columns, offset = {}, 0
+    for name, dtype in zip(_PACKED_COLUMNS, layout):
+        if dtype is None:
+            columns[name] = None
+            continue
+        columns[name] = np.frombuffer(blob, dtype=dtype, count=len(ids), offset=offset)
+        offset += columns[name].nbytes
+    return Members(ids=ids, vectors=vectors, dim=dim, paths=paths, **columns)
 
 
 @dataclasses.dataclass(frozen=True)

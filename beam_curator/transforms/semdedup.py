@@ -1,5 +1,5 @@
 """The semantic dedup core in Beam: exact pre-pass, centroids as a side input, a GroupByKey
-per cluster (or per block pair of a large cluster), SemDeDup's keep rule.
+per bin of whole clusters (or per block pair of a large cluster), SemDeDup's keep rule.
 
     embeddings ─► chunks (parquet row groups or .npy rows: references; vectors are read where
       │           needed)
@@ -7,8 +7,10 @@ per cluster (or per block pair of a large cluster), SemDeDup's keep rule.
       │   reach their chunk by a keyed join (never a broadcast)
       ├─► plan: candidates counted by a combiner -> n_clusters (~1 per 10,000 when not given)
       │   and the k-means sample (sized by k) -> centroids: LoadCentroids | TrainCentroids
-      ├─► Assign(AsSingleton(centroids)) -> cluster sizes (a combiner: O(k))
-      └─► Route: a cluster of n <= block_rows members is one key; a larger one is cut into
+      ├─► Assign(AsSingleton(centroids)) -> cluster sizes (a combiner: O(k)); the staged
+      │   transport stages the chunk's vectors in cluster order here
+      └─► Route: clusters of n <= block_rows members are packed into bins of at most
+          block_rows members, one key each; a larger cluster is cut into
           ceil(n / block_rows) hash blocks and every block pair {a, b} is its own key
           -> GroupByKey -> pairwise -> (block pairs: partials combined per block, exactly)
           -> kmeans/, pairwise_results/, duplicates/, centroids.npy (dedup_outputs.py)
@@ -203,7 +205,7 @@ def _stage_by_cluster(chunk: Chunk, config: DedupConfig, vectors: np.ndarray,
     members of one (chunk, bin) as one run of rows, not one read per scattered row."""
     order = np.argsort(labels, kind="stable")
     path = chunk.staged_by_cluster(config)
-    write_staged(path, vectors[order])
+    write_staged(path, vectors, order)
     discard(chunk.staged_copy(config))   # nothing reads it again; a retry decodes the chunk
     rows = np.empty(order.size, dtype=np.int64)
     rows[order] = np.arange(order.size)
