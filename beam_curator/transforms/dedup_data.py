@@ -155,7 +155,7 @@ def write_staged(path: str, vectors: np.ndarray, order: Optional[np.ndarray] = N
         for start in range(0, len(order), _STAGE_WRITE_ROWS):
             rows = order[start:start + _STAGE_WRITE_ROWS]
             part = buffer[:len(rows)]
-            np.take(vectors, rows, axis=0, out=part)
+            np.take(vectors, rows, axis=0, out=part, mode="clip")   # "raise" buffers `out`
             stream.write(memoryview(part.reshape(-1)).cast("B"))
 
     write_atomically(path, write)
