@@ -12,6 +12,10 @@ Beam alternately R times on the same data and reports every pair's ratio and the
 on a shared machine one pair's ratio moves by ±15 % with the load.
 
     python bench/dedup.py --n 1000000 --n-clusters 1000 --n-dups 10000 --repeat 3
+
+`--step-times` adds the seconds spent inside each Beam dedup step (sample, train, assign,
+route, pairwise, write_outputs): where the Beam side's time goes, beside the plain script's
+own timings.
 """
 from __future__ import annotations
 
@@ -70,9 +74,39 @@ def child_plain(args) -> dict:
             "timings": result.timings}
 
 
+def _time_steps() -> dict:
+    """Seconds spent inside each dedup step's DoFn (and the trainer), filled in as it runs.
+
+    Each wrapped `process` runs to the end before Beam sees its outputs, so the seconds are
+    the step's own work: Beam's coding and shuffles are in what is left of the wall time.
+    For attribution only (`--step-times`); the timed numbers come from unwrapped runs.
+    """
+    from beam_curator.transforms import dedup_outputs, semdedup
+
+    seconds = {}
+
+    def timed(function, label):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            result = function(*a, **k)
+            if label != "train":
+                result = list(result or [])
+            seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t0
+            return result
+        return wrapper
+
+    for cls, label in ((semdedup.SampleForTrainingFn, "sample"), (semdedup.AssignFn, "assign"),
+                       (semdedup.RouteFn, "route"), (semdedup.PairwiseFn, "pairwise"),
+                       (dedup_outputs.WriteClusterOutputsFn, "write_outputs")):
+        cls.process = timed(cls.process, label)
+    semdedup.train_centroids = timed(semdedup.train_centroids, "train")
+    return seconds
+
+
 def child_beam(args) -> dict:
     from beam_curator.cli import run_pipeline
 
+    steps = _time_steps() if args.step_times else None
     t0 = time.perf_counter()
     out = os.path.join(args.work, "beam-out")
     run_pipeline("dedup", [
@@ -87,7 +121,10 @@ def child_beam(args) -> dict:
 
     dups = sorted(pq.ParquetDataset(os.path.join(out, "dedup", "duplicates")).read()
                   .column("id").to_pylist())
-    return {"seconds": seconds, "duplicates": dups}
+    result = {"seconds": seconds, "duplicates": dups}
+    if steps is not None:
+        result["step_seconds"] = {k: round(v, 1) for k, v in steps.items()}
+    return result
 
 
 def run_child(kind: str, args) -> dict:
@@ -97,6 +134,8 @@ def run_child(kind: str, args) -> dict:
            "--sample-size", str(args.sample_size), "--block-size", str(args.block_size)]
     if args.border_margin is not None:
         cmd += ["--border-margin", str(args.border_margin)]
+    if args.step_times and kind == "beam":
+        cmd += ["--step-times"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
         sys.stderr.write(proc.stderr[-5000:])
@@ -120,6 +159,8 @@ def main() -> None:
     ap.add_argument("--skip-plain", action="store_true", help="only the Beam side (recall)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="plain and Beam alternately this many times; the median ratio")
+    ap.add_argument("--step-times", action="store_true",
+                    help="Beam side: the seconds inside each dedup step (attribution only)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--keep", action="store_true",
                     help="keep the working directory (embeddings, outputs; ~3 GB at 1M)")
@@ -176,6 +217,8 @@ def _compare(args) -> None:
         "planted_recall": round(found / max(1, len(planted)), 5),
         "planted_pairs_losing_both": sum(1 for a, b in planted if a in removed and b in removed),
     }
+    if "step_seconds" in beam:
+        report["beam_step_seconds"] = beam["step_seconds"]
     if plain is not None:
         report.update({
             "plain_s": round(plain["seconds"], 1),

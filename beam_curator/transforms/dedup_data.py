@@ -2,14 +2,15 @@
 
 Dedup elements are columnar: a `Chunk` is a reference to a batch of candidate rows (a parquet
 row group of the embeddings: the `dedup` command's input, or what `run` has just written),
-`Assigned` is a chunk's rows with their clusters, and `Members` holds the columns of one
-cluster's (or one block's) members from one chunk, so a GroupByKey moves one element per
-chunk x cluster x block instead of one pickled object per sample. Vectors are read from the
-parquet where they are needed and are either *staged* (written once as raw float32 files under
-`dedup/_staging/`; members carry (file, row) references) or *inline* (float32 arrays in the
-element, the `shuffle` transport: the one time they cross a shuffle). `Decisions` is the
-pairwise step's answer for the members of one cluster or block, `BlockPartial` one block
-pair's contribution to it.
+`Assigned` is a chunk's rows with their clusters, and `Members` holds the columns of the
+members of one bin of small clusters (or of one block of a large cluster) from one chunk, so
+a GroupByKey moves one element per chunk x bin (or block) instead of one pickled object per
+sample. Vectors are read from the parquet where they are needed and are either *staged*
+(raw float32 files under `dedup/_staging/`, written when a chunk is first decoded and again
+in cluster order by the assign step; members carry (file, row) references) or *inline*
+(float32 arrays in the element, the `shuffle` transport: the one time they cross a shuffle).
+`Decisions` is the pairwise step's answer for the members of one cluster or block,
+`BlockPartial` one block pair's contribution to it.
 
 Kept apart from `beam_curator.transforms.semdedup` (the DoFns and PTransforms that move these
 objects around) so the representation and its file formats can be read, tested and changed
@@ -420,8 +421,9 @@ def read_npy_ids(rows: NpyRows) -> List[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Members:
-    """Columns of some members of one cluster: one Beam element per (chunk, cluster), so the
-    shuffle moves a few arrays instead of one pickled object per sample.
+    """Columns of some members of one cluster or bin: one Beam element per (chunk, bin) or
+    (chunk, block), so the shuffle moves a few arrays instead of one pickled object per
+    sample.
 
     Vectors come inline (`vectors`, shuffle transport) or as references: `rows[i]` of the
     staged file `paths[path_index[i]]` (staged transport). `cluster` is set where one element
