@@ -244,6 +244,9 @@ def test_small_clusters_pack_in_order_and_never_past_the_bound():
     assert bins == {0: 0, 1: 0, 3: 3, 4: 3, 5: 5, 6: 6, 7: 7}   # 2 is cut into blocks
     for first in set(bins.values()):
         assert sum(sizes[c] for c, b in bins.items() if b == first) <= 60
+    # bins fill to min(bin_rows, block_rows); a cluster above bin_rows is a bin of its own
+    assert blocks.pack_clusters(sizes, 100, bin_rows=70) == {
+        0: 0, 1: 0, 2: 2, 3: 3, 4: 3, 5: 3, 6: 6, 7: 6}
 
 
 def test_members_survive_beam_coding_with_every_column():

@@ -38,6 +38,11 @@ from beam_curator.dedup.ranking import WHICH_TO_KEEP, random_rank_keys
 ROWS_PER_CLUSTER = 10_000       # SemDeDup: 50k clusters on LAION-440M; NeMo: ~10k rows each
 POINTS_PER_CENTROID = 64        # faiss trains well on 39-256 points per centroid
 DEFAULT_BLOCK_ROWS = 16_384     # members per block: ~50 MB of 768-d vectors per side
+# Small clusters share a key up to this many members: enough to cut the elements of
+# 1,000-row clusters 4x, small enough that a bin is no larger than the clusters at the
+# default ~10,000 rows. Bins filled to 16,384 rows made Flink's pairwise SDK workers the
+# largest (1.5 GB at 1M rows, BENCHMARKS.md).
+BIN_ROWS = 4_096
 
 
 # ---- the plan: how many clusters, how large a training sample, how many blocks -------------
@@ -56,21 +61,24 @@ def n_blocks(cluster_size: int, block_rows: int) -> int:
     return max(1, math.ceil(cluster_size / block_rows))
 
 
-def pack_clusters(sizes: Mapping[int, int], block_rows: int) -> Dict[int, int]:
+def pack_clusters(sizes: Mapping[int, int], block_rows: int,
+                  bin_rows: int = BIN_ROWS) -> Dict[int, int]:
     """cluster -> its bin (the bin's first cluster) for every cluster of at most block_rows
-    members: consecutive clusters share a bin while their members add up to block_rows.
+    members: consecutive clusters share a bin while their members add up to at most
+    min(bin_rows, block_rows); a cluster larger than that has a bin of its own.
 
     One bin is one key of the pairwise GroupByKey. A chunk sends one element per bin instead
     of one per cluster (1,000-row clusters in 4,096-row bins: ~4x fewer elements to encode),
     and a key still holds at most block_rows members. Larger clusters are not in the result:
     they are cut into blocks. Depends on the sizes alone, so every worker packs alike.
     """
+    capacity = min(bin_rows, block_rows)
     bins, first, filled = {}, None, 0
     for cluster in sorted(sizes):
         size = sizes[cluster]
         if size > block_rows:
             continue
-        if first is None or filled + size > block_rows:
+        if first is None or filled + size > capacity:
             first, filled = cluster, 0
         bins[cluster] = first
         filled += size
