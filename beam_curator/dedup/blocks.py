@@ -2,8 +2,8 @@
 
 A cluster of n members with n <= block_rows is one piece of work, exactly as in
 `pairwise.max_sim_to_earlier`; such clusters are packed, in cluster order, into bins of at
-most block_rows members (`pack_clusters`), one key each, so that fewer and larger elements
-cross the shuffle when clusters are small. A larger cluster is cut into
+most min(BIN_ROWS, block_rows) members (`pack_clusters`), one key each, so that fewer and
+larger elements cross the shuffle when clusters are small. A larger cluster is cut into
 nb = ceil(n / block_rows) blocks by a hash of each member's id (no global sort, so no step
 needs the whole cluster). Every unordered pair of blocks {a, b} is its own piece of work,
 holding at most ~2 x block_rows members; for each member it finds the best earlier-ranked

@@ -10,7 +10,7 @@ per bin of whole clusters (or per block pair of a large cluster), SemDeDup's kee
       ├─► Assign(AsSingleton(centroids)) -> cluster sizes (a combiner: O(k)); the staged
       │   transport stages the chunk's vectors in cluster order here
       └─► Route: clusters of n <= block_rows members are packed into bins of at most
-          block_rows members, one key each; a larger cluster is cut into
+          min(blocks.BIN_ROWS, block_rows) members, one key each; a larger cluster is cut into
           ceil(n / block_rows) hash blocks and every block pair {a, b} is its own key
           -> GroupByKey -> pairwise -> (block pairs: partials combined per block, exactly)
           -> kmeans/, pairwise_results/, duplicates/, centroids.npy (dedup_outputs.py)
