@@ -164,7 +164,8 @@ def write_staged(path: str, vectors: np.ndarray, order: Optional[np.ndarray] = N
 
 
 def discard(path: str) -> None:
-    """Delete a file that may not exist (a retried step may already have deleted it)."""
+    """Delete a file or directory that may not exist (a retried step may already have
+    deleted it)."""
     if FileSystems.exists(path):
         FileSystems.delete([path])
 

@@ -568,8 +568,7 @@ def _cleanup_after(config: DedupConfig, written: list):
     staging = config.staging_dir
 
     def cleanup(_, *done):
-        if FileSystems.exists(staging):
-            FileSystems.delete([staging])
+        discard(staging)
         return 1
 
     p = written[0].pipeline
