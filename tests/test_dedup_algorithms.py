@@ -480,6 +480,22 @@ def test_top2_single_centroid_and_border_assignments():
 
 # ---- the training sample ----------------------------------------------------------------
 
+def test_sample_mask_matches_the_documented_hash_at_the_boundary():
+    """The mask compares digests as bytes: a fraction equal to an id's own hash value
+    leaves it out (strictly below), the next float above takes it in, for any id text."""
+    def unit(i, seed=3):
+        digest = hashlib.blake2b(f"sample:{seed}:{i}".encode(), digest_size=8).digest()
+        return (int.from_bytes(digest, "big") >> 11) / 2**53
+
+    ids = ["a", "shard-00001/000042", "café/ü", ""] + [f"k{i}" for i in range(300)]
+    for i in ids[:6]:
+        at = unit(i)
+        assert not sample_mask([i], at, seed=3)[0]
+        assert sample_mask([i], float(np.nextafter(at, 1.0)), seed=3)[0]
+    for fraction in (1e-9, 0.25, 0.5, 0.999999):
+        assert sample_mask(ids, fraction, 3).tolist() == [unit(i) < fraction for i in ids]
+
+
 def test_sample_mask_stable_across_chunkings():
     ids = [f"shard-{i // 100:03d}/{i:06d}" for i in range(5000)]
     whole = sample_mask(ids, 0.1, seed=0)

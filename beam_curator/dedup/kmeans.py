@@ -147,6 +147,15 @@ def _unit_hash(text: str) -> float:
     return (int.from_bytes(digest, "big") >> 11) / 2.0**53   # 53 bits: exact, never 1.0
 
 
+def _digest_limit(fraction: float) -> bytes:
+    """The 8 bytes that a digest is below iff its `_unit_hash` is below `fraction` (< 1).
+
+    `_unit_hash` < f  <=>  top53 < f * 2**53 (exact: a power-of-two scaling)  <=>
+    top53 < ceil(f * 2**53)  <=>  digest < ceil(f * 2**53) << 11, and equal-length bytes
+    compare as big-endian numbers."""
+    return (math.ceil(fraction * 2.0**53) << 11).to_bytes(8, "big")
+
+
 def sample_mask(ids: Sequence[str], fraction: float, seed: int) -> np.ndarray:
     """Which rows belong to the k-means training sample, decided per id.
 
@@ -160,8 +169,16 @@ def sample_mask(ids: Sequence[str], fraction: float, seed: int) -> np.ndarray:
         raise ValueError(f"sample fraction must be in [0, 1], got {fraction}")
     if fraction == 1.0:
         return np.ones(len(ids), dtype=bool)
-    return np.fromiter((_unit_hash(f"sample:{seed}:{i}") < fraction for i in ids),
-                       dtype=bool, count=len(ids))
+    # The same test as `_unit_hash(...) < fraction`, in bytes: ~2x faster, and at 1B rows
+    # every id of the dataset goes through here once.
+    limit = _digest_limit(fraction)
+    seeded = hashlib.blake2b(f"sample:{seed}:".encode("utf-8"), digest_size=8)
+    mask = np.empty(len(ids), dtype=bool)
+    for row, id_ in enumerate(ids):
+        h = seeded.copy()
+        h.update(id_.encode("utf-8"))
+        mask[row] = h.digest() < limit
+    return mask
 
 
 def sample_fraction(n_total: int, sample_size: Optional[int]) -> float:
