@@ -69,7 +69,7 @@ def check_device(device: str) -> Dict[str, str]:
 
 # glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, so after
 # the first freed chunk of vectors every array comes from the malloc arenas, and what is
-# freed there stays in the process. On Flink at 1M rows that was 230-290 MB of free arena
+# freed there stays in the process. On Flink at 1M rows that was 250-450 MB of free arena
 # memory in the largest SDK workers (mallinfo2), growing with the work a worker had done.
 # Pinned at glibc's 128 KiB default, a block that large is its own mapping, returned to the
 # OS when freed. A value already in the pool's environment wins.
