@@ -415,8 +415,16 @@ def test_a_failing_report_leaves_no_summary(clean_run, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_full_disk_is_one_line_and_leaves_no_staging(clean_run, monkeypatch, capsys):
-    """ENOSPC while dedup writes its outputs (dedup/_staging exists then)."""
+@pytest.mark.parametrize("full_at, named", [
+    ("/dedup/kmeans/", "/dedup/kmeans/"),
+    ("-00000-00000.f32", "/dedup/_staging/chunk-00000-00000.f32"),
+    ("-00000-00000.by-cluster.f32", "/dedup/_staging/chunk-00000-00000.by-cluster.f32")],
+    ids=["outputs", "staged-by-sampling", "staged-by-assign"])
+def test_a_full_disk_is_one_line_and_leaves_no_staging(clean_run, monkeypatch, capsys,
+                                                       full_at, named):
+    """ENOSPC while dedup writes its outputs (dedup/_staging exists then), or while the
+    sampling or the assign step stages a chunk's vectors on its write-behind thread (the
+    error reaches the user the same way: the bundle fails before it commits)."""
     from apache_beam.io.filesystems import FileSystems
 
     out, args, _, _ = clean_run
@@ -431,7 +439,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_staging(clean_run, monkeypatch, c
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def create(path, *a, **k):
-        if "/dedup/kmeans/" in path:
+        if full_at in path:
             staging_seen.append(os.path.isdir(out / "dedup" / "_staging"))
             return FullDisk()
         return real_create(path, *a, **k)
@@ -443,7 +451,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_staging(clean_run, monkeypatch, c
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, err
     assert "no space left on device while writing" in error_lines[0]
-    assert "/dedup/kmeans/" in error_lines[0] and "MiB free there now" in error_lines[0]
+    assert named in error_lines[0] and "MiB free there now" in error_lines[0]
     assert "Traceback" not in err
     assert staging_seen and staging_seen[0]
     assert not (out / "dedup" / "_staging").exists()

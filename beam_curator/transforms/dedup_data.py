@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from typing import FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -72,13 +72,15 @@ class Chunk:
             return ((i, None) for i in read_npy_ids(self.npy))
         return read_candidate_ids(self.parquet, config, with_hash)
 
-    def load(self, config: DedupConfig, stage: bool = True) -> Tuple[List[str], np.ndarray]:
+    def load(self, config: DedupConfig, stage_with: Optional[Callable] = None
+             ) -> Tuple[List[str], np.ndarray]:
         """(ids, vectors float32 (n, d)) of the candidate rows of this chunk, exact
         duplicates included (callers drop `excluded`, keeping row numbers stable).
 
-        A chunk is decoded once in the staged transport: its vectors are written to the
-        staging dir on first load (unless `stage` is False), and later loads read that raw
-        file. The assign step, the last to load, stages them again in cluster order
+        A chunk is decoded once in the staged transport: on first load its vectors are
+        written to the staging dir through `stage_with(write_staged, path, vectors)` (a
+        `WriteBehind.submit`, or `write_now`; None: not staged), and later loads read that
+        raw file. The assign step, the last to load, stages them again in cluster order
         (`staged_by_cluster`) and drops this copy.
         """
         staged = self.staged_copy(config)
@@ -89,8 +91,8 @@ class Chunk:
             ids, vectors = read_npy_ids(self.npy), read_npy_rows(self.npy)
         else:
             ids, vectors = read_parquet_chunk(self.parquet, config)
-        if staged and stage:
-            write_staged(staged, vectors)
+        if staged and stage_with is not None:
+            stage_with(write_staged, staged, vectors)
         return ids, vectors
 
     def staged_copy(self, config: DedupConfig) -> Optional[str]:

@@ -69,6 +69,7 @@ from beam_curator.transforms.dedup_plan import (
     DedupPlan,
     make_plan,
 )
+from beam_curator.transforms.write_behind import WriteBehind, write_now
 
 _LOG = logging.getLogger(__name__)
 
@@ -116,14 +117,23 @@ class SampleForTrainingFn(beam.DoFn):
     def __init__(self, config: DedupConfig):
         self._config = config
 
+    def setup(self):
+        self._writes = WriteBehind()   # the staged copy is written while the next decodes
+
     def process(self, chunk: Chunk, plan: DedupPlan):
-        ids, vectors = chunk.load(self._config)
+        ids, vectors = chunk.load(self._config, stage_with=self._writes.submit)
         fraction = km.sample_fraction(plan.n_candidates, plan.sample_size)
         rows = [r for r in np.flatnonzero(km.sample_mask(ids, fraction, self._config.seed))
                 if ids[r] not in chunk.excluded]
         if rows:
             path = FileSystems.join(self._config.staging_dir, f"sample-{chunk.name}.npz")
             yield write_sample(path, [ids[r] for r in rows], vectors[rows])
+
+    def finish_bundle(self):
+        self._writes.wait()   # before the bundle commits: the assign step reads the copies
+
+    def teardown(self):
+        self._writes.close()
 
 
 # Sample files are read in parallel: at 1B rows the trainer opens ~100k small remote files.
@@ -162,8 +172,11 @@ class AssignFn(beam.DoFn):
         self._config = config
         self.assigned = beam.metrics.Metrics.counter("curator", "dedup_assigned")
 
+    def setup(self):
+        self._writes = WriteBehind()   # the cluster-order copy is written during the next
+
     def process(self, chunk: Chunk, centroids: np.ndarray):
-        ids, vectors = chunk.load(self._config, stage=False)
+        ids, vectors = chunk.load(self._config)
         keep = np.array([r for r, i in enumerate(ids) if i not in chunk.excluded],
                         dtype=np.int64)
         if not keep.size or centroids.size == 0:
@@ -179,7 +192,8 @@ class AssignFn(beam.DoFn):
                                                             device=self._config.device)
         paths, path_index, rows = (), None, keep
         if self._config.transport == STAGED:
-            paths, rows = _stage_by_cluster(chunk, self._config, vectors, labels)
+            paths, rows = _stage_by_cluster(chunk, self._config, vectors, labels,
+                                            self._writes.submit)
             path_index = np.zeros(keep.size, dtype=np.int32)
         members = Members(
             ids=tuple(ids[r] for r in keep), cos_dist=cos_dist, l2_dist=l2_dist,
@@ -197,19 +211,30 @@ class AssignFn(beam.DoFn):
         self.assigned.inc(keep.size)
         yield Assigned(chunk=chunk, members=members, memberships=tuple(memberships))
 
+    def finish_bundle(self):
+        self._writes.wait()   # before the bundle commits: the pairwise step reads the copies
+
+    def teardown(self):
+        self._writes.close()
+
 
 def _stage_by_cluster(chunk: Chunk, config: DedupConfig, vectors: np.ndarray,
-                      labels: np.ndarray):
-    """Writes the candidates' vectors sorted by cluster and drops the chunk's first staged
-    copy; returns (the file, each candidate's row in it). The pairwise step then reads the
-    members of one (chunk, bin) as one run of rows, not one read per scattered row."""
+                      labels: np.ndarray, write_with=write_now):
+    """Writes (through `write_with`) the candidates' vectors sorted by cluster and drops the
+    chunk's first staged copy; returns (the file, each candidate's row in it). The pairwise
+    step then reads the members of one (chunk, bin) as one run of rows, not one read per
+    scattered row."""
     order = np.argsort(labels, kind="stable")
     path = chunk.staged_by_cluster(config)
-    write_staged(path, vectors, order)
-    discard(chunk.staged_copy(config))   # nothing reads it again; a retry decodes the chunk
+    write_with(_restage, path, vectors, order, chunk.staged_copy(config))
     rows = np.empty(order.size, dtype=np.int64)
     rows[order] = np.arange(order.size)
     return (path,), rows
+
+
+def _restage(path: str, vectors: np.ndarray, order: np.ndarray, first_copy: str) -> None:
+    write_staged(path, vectors, order)
+    discard(first_copy)   # nothing reads it again; a retry decodes the chunk
 
 
 class RouteFn(beam.DoFn):

@@ -1,0 +1,64 @@
+"""WriteBehind: a DoFn's file writes on one background thread, at most one in flight, every
+error raised before the bundle commits."""
+import threading
+
+import pytest
+
+from beam_curator.transforms.write_behind import WriteBehind
+
+
+def test_submit_returns_while_the_write_runs_and_wait_waits_for_it():
+    writes = WriteBehind()
+    release, done = threading.Event(), []
+
+    def slow_write(name):
+        assert release.wait(10), "submit blocked on its own write"
+        done.append(name)
+
+    writes.submit(slow_write, "a")   # would deadlock if the write ran inline
+    assert done == []
+    release.set()
+    writes.wait()
+    assert done == ["a"]
+    writes.close()
+
+
+def test_one_write_in_flight_in_submission_order():
+    writes, log = WriteBehind(), []
+    lock = threading.Lock()
+
+    def write(name):
+        with lock:
+            log.append(("start", name))
+        threading.Event().wait(0.05)
+        with lock:
+            log.append(("end", name))
+
+    for name in "abc":
+        writes.submit(write, name)
+    writes.wait()
+    writes.close()
+    assert log == [("start", "a"), ("end", "a"), ("start", "b"), ("end", "b"),
+                   ("start", "c"), ("end", "c")]
+
+
+def test_a_failed_write_fails_the_next_submit_or_the_wait():
+    def fail(message):
+        raise OSError(message)
+
+    writes = WriteBehind()
+    writes.submit(fail, "first")
+    with pytest.raises(OSError, match="first"):
+        writes.submit(lambda: None)
+    writes.submit(fail, "second")
+    with pytest.raises(OSError, match="second"):
+        writes.wait()
+    writes.wait()   # an error is raised once
+    writes.close()
+
+
+def test_close_finishes_the_pending_write():
+    writes, done = WriteBehind(), []
+    writes.submit(lambda: (threading.Event().wait(0.05), done.append(1)))
+    writes.close()
+    assert done == [1]
