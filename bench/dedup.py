@@ -138,6 +138,9 @@ def run_child(kind: str, args) -> dict:
         cmd += ["--border-margin", str(args.border_margin)]
     if args.step_times and kind == "beam":
         cmd += ["--step-times"]
+    # Each side starts with no dirty pages of the other (the data just generated, the other
+    # side's outputs), so neither pays for the other's writeback.
+    os.sync()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
         sys.stderr.write(proc.stderr[-5000:])
