@@ -442,6 +442,14 @@ def test_parser_handles_continuations_and_comments():
         parse_dockerfile("RUN echo \\\n")
 
 
+def test_workers_run_with_the_pinned_malloc_threshold(image):
+    """The same environment the Flink worker pool gives its workers (worker_pool.py)."""
+    from beam_curator.worker_pool import WORKER_MALLOC_ENV
+
+    assert WORKER_MALLOC_ENV and {k: image.env.get(k) for k in WORKER_MALLOC_ENV} == \
+        WORKER_MALLOC_ENV
+
+
 def test_base_image_has_cuda(image):
     (base,) = image.froms
     pattern = r"nvidia/cuda:12\.\d+(\.\d+)?-(cudnn\d*-)?runtime-ubuntu\d+\.\d+"
