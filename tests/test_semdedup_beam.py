@@ -220,6 +220,7 @@ def test_a_chunk_sends_one_element_per_bin_of_whole_clusters_read_in_one_run(tmp
     centroids = vectors[:8]
     assign = AssignFn(config)
     assign.setup()
+    assign.start_bundle()
     (assigned,) = assign.process(chunk, centroids)
     assign.finish_bundle()   # the cluster-order copy is written behind, done by here
     assign.teardown()

@@ -62,3 +62,18 @@ def test_close_finishes_the_pending_write():
     writes.submit(lambda: (threading.Event().wait(0.05), done.append(1)))
     writes.close()
     assert done == [1]
+
+
+def test_a_new_bundle_forgets_a_failed_bundle_s_write():
+    """A write still pending at start_bundle belongs to a bundle that failed (a committed one
+    waited for its writes): the new bundle waits for it but does not inherit its error."""
+    def fail():
+        raise OSError("the failed bundle's write")
+
+    writes, done = WriteBehind(), []
+    writes.submit(fail)
+    writes.forget()
+    writes.submit(done.append, 1)
+    writes.wait()
+    assert done == [1]
+    writes.close()

@@ -129,6 +129,9 @@ class SampleForTrainingFn(beam.DoFn):
             path = FileSystems.join(self._config.staging_dir, f"sample-{chunk.name}.npz")
             yield write_sample(path, [ids[r] for r in rows], vectors[rows])
 
+    def start_bundle(self):
+        self._writes.forget()
+
     def finish_bundle(self):
         self._writes.wait()   # before the bundle commits: the assign step reads the copies
 
@@ -210,6 +213,9 @@ class AssignFn(beam.DoFn):
                 memberships.append((clusters, rows, True))
         self.assigned.inc(keep.size)
         yield Assigned(chunk=chunk, members=members, memberships=tuple(memberships))
+
+    def start_bundle(self):
+        self._writes.forget()
 
     def finish_bundle(self):
         self._writes.wait()   # before the bundle commits: the pairwise step reads the copies

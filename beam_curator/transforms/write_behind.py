@@ -21,8 +21,8 @@ class WriteBehind:
     """At most one write in flight: `submit` first waits for the previous one, so memory
     holds at most one element's data beyond the element being computed.
 
-    Create it in `DoFn.setup` (a thread does not pickle), call `wait` in `finish_bundle`
-    and `close` in `teardown`.
+    Create it in `DoFn.setup` (a thread does not pickle), call `forget` in `start_bundle`,
+    `wait` in `finish_bundle` and `close` in `teardown`.
     """
 
     def __init__(self):
@@ -44,12 +44,17 @@ class WriteBehind:
         if pending is not None:
             pending.result()
 
-    def close(self) -> None:
-        """Finish the pending write (its error is not raised: the bundle has already failed
-        or committed) and stop the thread."""
+    def forget(self) -> None:
+        """Finish the pending write without raising its error. A write still pending when a
+        bundle starts belongs to an earlier bundle that failed (a committed one waited for
+        its writes): that bundle is retried, and its error is not this bundle's."""
         pending, self._pending = self._pending, None
         if pending is not None:
             concurrent.futures.wait([pending])
+
+    def close(self) -> None:
+        """`forget`, then stop the thread."""
+        self.forget()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
