@@ -30,7 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-from typing import List, NamedTuple
+from typing import Callable, List, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -69,7 +69,7 @@ from beam_curator.transforms.dedup_plan import (
     DedupPlan,
     make_plan,
 )
-from beam_curator.transforms.write_behind import WriteBehind, write_now
+from beam_curator.transforms.write_behind import WriteBehind
 
 _LOG = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class AssignFn(beam.DoFn):
 
 
 def _stage_by_cluster(chunk: Chunk, config: DedupConfig, vectors: np.ndarray,
-                      labels: np.ndarray, write_with=write_now):
+                      labels: np.ndarray, write_with: Callable):
     """Writes (through `write_with`) the candidates' vectors sorted by cluster and drops the
     chunk's first staged copy; returns (the file, each candidate's row in it). The pairwise
     step then reads the members of one (chunk, bin) as one run of rows, not one read per
