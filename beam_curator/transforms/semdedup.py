@@ -69,7 +69,7 @@ from beam_curator.transforms.dedup_plan import (
     DedupPlan,
     make_plan,
 )
-from beam_curator.transforms.write_behind import WriteBehind
+from beam_curator.transforms.write_behind import WriteBehindDoFn
 
 _LOG = logging.getLogger(__name__)
 
@@ -106,8 +106,10 @@ def _with_exclusions(element) -> Chunk:
 
 # ---- centroids --------------------------------------------------------------------------
 
-class SampleForTrainingFn(beam.DoFn):
+class SampleForTrainingFn(WriteBehindDoFn):
     """Chunk -> the path of a small file holding its training-sample rows (ids + vectors).
+    The chunk's staged copy (read by the assign step) is written behind, while the next
+    chunk decodes.
 
     Only the path travels to the trainer. Shipping the rows themselves made one record of
     every bundle's sample (Beam lifts the gathering combine into the SDK): ~100 MB at 1M rows,
@@ -117,9 +119,6 @@ class SampleForTrainingFn(beam.DoFn):
     def __init__(self, config: DedupConfig):
         self._config = config
 
-    def setup(self):
-        self._writes = WriteBehind()   # the staged copy is written while the next decodes
-
     def process(self, chunk: Chunk, plan: DedupPlan):
         ids, vectors = chunk.load(self._config, stage_with=self._writes.submit)
         fraction = km.sample_fraction(plan.n_candidates, plan.sample_size)
@@ -128,15 +127,6 @@ class SampleForTrainingFn(beam.DoFn):
         if rows:
             path = FileSystems.join(self._config.staging_dir, f"sample-{chunk.name}.npz")
             yield write_sample(path, [ids[r] for r in rows], vectors[rows])
-
-    def start_bundle(self):
-        self._writes.forget()
-
-    def finish_bundle(self):
-        self._writes.wait()   # before the bundle commits: the assign step reads the copies
-
-    def teardown(self):
-        self._writes.close()
 
 
 # Sample files are read in parallel: at 1B rows the trainer opens ~100k small remote files.
@@ -168,15 +158,14 @@ def _write_centroids(centroids: np.ndarray, path: str) -> str:
 
 # ---- assignment and routing -------------------------------------------------------------
 
-class AssignFn(beam.DoFn):
-    """Chunk -> Assigned: each candidate's nearest centroid (and runner-up with a margin)."""
+class AssignFn(WriteBehindDoFn):
+    """Chunk -> Assigned: each candidate's nearest centroid (and runner-up with a margin).
+    The cluster-order copy (read by the pairwise step) is written behind, during the next
+    chunk's assignment."""
 
     def __init__(self, config: DedupConfig):
         self._config = config
         self.assigned = beam.metrics.Metrics.counter("curator", "dedup_assigned")
-
-    def setup(self):
-        self._writes = WriteBehind()   # the cluster-order copy is written during the next
 
     def process(self, chunk: Chunk, centroids: np.ndarray):
         ids, vectors = chunk.load(self._config)
@@ -213,15 +202,6 @@ class AssignFn(beam.DoFn):
                 memberships.append((clusters, rows, True))
         self.assigned.inc(keep.size)
         yield Assigned(chunk=chunk, members=members, memberships=tuple(memberships))
-
-    def start_bundle(self):
-        self._writes.forget()
-
-    def finish_bundle(self):
-        self._writes.wait()   # before the bundle commits: the pairwise step reads the copies
-
-    def teardown(self):
-        self._writes.close()
 
 
 def _stage_by_cluster(chunk: Chunk, config: DedupConfig, vectors: np.ndarray,

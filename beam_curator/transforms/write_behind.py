@@ -16,6 +16,8 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Callable, Optional
 
+import apache_beam as beam
+
 
 class WriteBehind:
     """At most one write in flight: `submit` first waits for the previous one, so memory
@@ -58,6 +60,23 @@ class WriteBehind:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+class WriteBehindDoFn(beam.DoFn):
+    """A DoFn whose file writes go through `self._writes` (a `WriteBehind`): each bundle
+    starts clean and ends only once its writes are on disk."""
+
+    def setup(self):
+        self._writes = WriteBehind()
+
+    def start_bundle(self):
+        self._writes.forget()
+
+    def finish_bundle(self):
+        self._writes.wait()
+
+    def teardown(self):
+        self._writes.close()
 
 
 def write_now(write: Callable, *args) -> None:
