@@ -206,7 +206,6 @@ def test_a_chunk_sends_one_element_per_bin_of_whole_clusters_read_in_one_run(tmp
     from beam_curator.transforms.dedup_data import row_group_chunks
     from beam_curator.transforms.dedup_plan import DedupConfig
     from beam_curator.transforms.semdedup import AssignFn, RouteFn
-    from beam_curator.transforms.write_behind import write_now
 
     rng = np.random.default_rng(4)
     ids = [f"s{i:03d}" for i in range(200)]
@@ -215,7 +214,8 @@ def test_a_chunk_sends_one_element_per_bin_of_whole_clusters_read_in_one_run(tmp
     pattern = write_embeddings(str(tmp_path / "emb"), ids, vectors, files=1, row_group=200)
     config = DedupConfig(output=str(tmp_path / "out"), block_rows=70)
     (chunk,) = row_group_chunks(glob.glob(pattern)[0], "part", 8, config)
-    chunk.load(config, stage_with=write_now)   # as the sampling pass: staged in its own order
+    # as the sampling pass does (there written behind): the chunk staged in its own order
+    chunk.load(config, stage_with=lambda write, *args: write(*args))
     assert os.listdir(config.staging_dir) == [f"chunk-{chunk.name}.f32"]
     centroids = vectors[:8]
     assign = AssignFn(config)

@@ -23,23 +23,26 @@ def test_submit_returns_while_the_write_runs_and_wait_waits_for_it():
     writes.close()
 
 
-def test_one_write_in_flight_in_submission_order():
-    writes, log = WriteBehind(), []
-    lock = threading.Lock()
+def test_submit_blocks_while_a_write_is_in_flight():
+    """At most one write pending (what bounds memory to one extra element): a second submit
+    returns only once the first write has finished, not as soon as it is queued."""
+    writes, release, log = WriteBehind(), threading.Event(), []
 
-    def write(name):
-        with lock:
-            log.append(("start", name))
-        threading.Event().wait(0.05)
-        with lock:
-            log.append(("end", name))
+    def first():
+        assert release.wait(10)
+        log.append("first done")
 
-    for name in "abc":
-        writes.submit(write, name)
+    writes.submit(first)
+    second = threading.Thread(target=writes.submit, args=(log.append, "second"))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive(), "submit queued the write instead of waiting for the first"
+    release.set()
+    second.join(10)
+    assert not second.is_alive()
     writes.wait()
     writes.close()
-    assert log == [("start", "a"), ("end", "a"), ("start", "b"), ("end", "b"),
-                   ("start", "c"), ("end", "c")]
+    assert log == ["first done", "second"]
 
 
 def test_a_failed_write_fails_the_next_submit_or_the_wait():

@@ -79,7 +79,7 @@ class Chunk:
 
         A chunk is decoded once in the staged transport: on first load its vectors are
         written to the staging dir through `stage_with(write_staged, path, vectors)` (a
-        `WriteBehind.submit`, or `write_now`; None: not staged), and later loads read that
+        `WriteBehind.submit`; None: not staged), and later loads read that
         raw file. The assign step, the last to load, stages them again in cluster order
         (`staged_by_cluster`) and drops this copy.
         """

@@ -78,7 +78,3 @@ class WriteBehindDoFn(beam.DoFn):
     def teardown(self):
         self._writes.close()
 
-
-def write_now(write: Callable, *args) -> None:
-    """`WriteBehind.submit`'s synchronous twin, for callers outside a bundle."""
-    write(*args)
