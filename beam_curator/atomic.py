@@ -8,12 +8,23 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import uuid
 from typing import Callable
 
 from apache_beam.io.filesystems import FileSystems
 
 TMP_PREFIX = ".tmp-"
+_TMP_TOKEN_HEX = 12
+# What `write_atomically` names a temp file: the sweep of a failed run deletes these names
+# only (a user's `.tmp-draft.txt` does not match), and only where this run writes.
+_TMP_NAME = re.compile(r"\.tmp-[0-9a-f]{%d}-(.+)" % _TMP_TOKEN_HEX, re.DOTALL)
+
+
+def temp_target(name: str):
+    """The final file name a temp name of `write_atomically` stands for, else None."""
+    match = _TMP_NAME.fullmatch(name)
+    return match.group(1) if match else None
 
 
 def write_atomically(path: str, write: Callable[[object], None],
@@ -29,7 +40,7 @@ def write_atomically(path: str, write: Callable[[object], None],
     download checked by its hash); local paths only.
     """
     directory, name = path.rsplit("/", 1) if "/" in path else ("", path)
-    tmp_name = f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
+    tmp_name = f"{TMP_PREFIX}{uuid.uuid4().hex[:_TMP_TOKEN_HEX]}-{name}"
     tmp = FileSystems.join(directory, tmp_name) if directory else tmp_name
     if directory:
         _mkdirs(directory)
@@ -41,9 +52,14 @@ def write_atomically(path: str, write: Callable[[object], None],
         else:
             with FileSystems.create(tmp, mime_type=mime_type) as stream:
                 write(stream)
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
-        FileSystems.rename([tmp], [path])
+        if _is_local(path):
+            # rename(2) replaces a file (or a link, never its target) atomically, and fails
+            # on a directory: nothing of that name is ever deleted first.
+            os.rename(_local(tmp), _local(path))
+        else:
+            if FileSystems.exists(path):
+                FileSystems.delete([path])
+            FileSystems.rename([tmp], [path])
     except BaseException as exc:
         try:
             if FileSystems.exists(tmp):
@@ -56,6 +72,14 @@ def write_atomically(path: str, write: Callable[[object], None],
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from exc
         raise
     return path
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith("file://") or "://" not in path
+
+
+def _local(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
 
 
 def _is_disk_full(exc: BaseException) -> bool:

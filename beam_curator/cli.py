@@ -124,7 +124,24 @@ def report_command(argv: List[str]) -> int:
     from beam_curator.report import write_report
 
     with hold_output(args.output):   # never while a run is writing this output
+        _check_report_target(args.output)
         print(f"wrote {write_report(args.output)}")
+    return 0
+
+
+def _check_report_target(out: str) -> None:
+    """The report draws a `run` output; anything else would only gain a stray report.html
+    written after its summary.json."""
+    from beam_curator.errors import OptionError
+    from beam_curator.report.load import load_summary
+
+    summary, _ = load_summary(out)
+    command = summary.get("command") if isinstance(summary, dict) else None
+    if command != "run":
+        raise OptionError(
+            f"--output {out} holds the output of `{command or 'an unknown command'}`, not of "
+            "`run`: the report draws a run's samples, scores and dedup together. Point "
+            "--output at the output directory of a `run`.")
     return 0
 
 

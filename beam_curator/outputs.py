@@ -6,15 +6,19 @@ file per shard (or per cluster / chunk), never one file of the whole run.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from typing import List
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_curator.atomic import TMP_PREFIX
+from beam_curator.atomic import TMP_PREFIX, temp_target
 from beam_curator.errors import OptionError
 from beam_curator.options import CuratorOptions
 
 SUMMARY = "summary.json"
+# The commands whose summary.json marks a directory as a run's output.
+RUN_COMMANDS = ("run", "embed", "dedup", "remove")
 FAILED_SUMMARY = "summary.FAILED.json"
 REPORT = "report.html"
 SUBDIRS = ("curated", "samples", "embeddings", "errors", "rejected", "dedup")
@@ -79,20 +83,89 @@ def _curator_actions():
 
 
 def remove_temp_files(out: str) -> List[str]:
-    """Delete `.tmp-*` files and the dedup staging directory a crashed run left behind;
-    returns what was removed."""
-    if not FileSystems.exists(out):
-        return []
-    matches = FileSystems.match([FileSystems.join(out, "**")])[0].metadata_list
-    stale = [m.path for m in matches if m.path.rsplit("/", 1)[-1].startswith(TMP_PREFIX)
-             and "/_staging/" not in m.path]
-    if stale:
-        FileSystems.delete(stale)
+    """Delete what failed or killed attempts of this run left: temp files of the atomic
+    writer inside the run's own subdirectories and, at the top of --output, temp files of
+    the run's own top-level files; and dedup/_staging. Returns what was removed.
+
+    Nothing else is ever matched: a user's `OUT/notes/.tmp-draft.txt` or `OUT/.tmp-x.parquet`
+    is neither in a subdirectory the run owns nor a temp name of one of its files. Links
+    are removed as links, never followed.
+    """
+    stale = [p for sub in SUBDIRS for p in _temp_files_under(FileSystems.join(out, sub))
+             if "/_staging/" not in p]
+    stale += top_level_temp_files(out)
+    delete_owned(stale)
     staging = FileSystems.join(out, "dedup", "_staging")
-    if FileSystems.exists(staging):
-        FileSystems.delete([staging])
+    if _exists_or_link(staging):
+        delete_owned([staging])
         stale.append(staging)
     return stale
+
+
+def is_own_top_level_temp(name: str) -> bool:
+    """A temp name of one of the files a run writes at the top of --output."""
+    return temp_target(name) in OWN_FILE_NAMES
+
+
+def top_level_temp_files(out: str) -> List[str]:
+    if _is_local(out):
+        try:
+            names = os.listdir(_local(out))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [os.path.join(_local(out), n) for n in sorted(names)
+                if is_own_top_level_temp(n)]
+    matches = FileSystems.match([FileSystems.join(out, TMP_PREFIX + "*")])[0].metadata_list
+    return [m.path for m in matches
+            if "/" not in m.path[len(out.rstrip("/")) + 1:]
+            and is_own_top_level_temp(m.path.rsplit("/", 1)[-1])]
+
+
+def _temp_files_under(directory: str) -> List[str]:
+    if _is_local(directory):
+        top = _local(directory)
+        if os.path.islink(top) or not os.path.isdir(top):
+            return []   # never walk through a link: what it leads to is not this run's
+        return [os.path.join(d, n) for d, _, names in os.walk(top)   # links not followed
+                for n in names if temp_target(n) is not None]
+    if not FileSystems.exists(directory):
+        return []
+    matches = FileSystems.match([FileSystems.join(directory, "**")])[0].metadata_list
+    return [m.path for m in matches if temp_target(m.path.rsplit("/", 1)[-1]) is not None]
+
+
+def delete_owned(paths: List[str]) -> None:
+    """Delete paths the run owns. Local: a link is unlinked (its target stays), a directory
+    removed with its contents (rmtree never follows links inside); remote: FileSystems."""
+    remote = []
+    for path in paths:
+        if not _is_local(path):
+            remote.append(path)
+            continue
+        local = _local(path)
+        try:
+            if os.path.isdir(local) and not os.path.islink(local):
+                shutil.rmtree(local)
+            else:
+                os.unlink(local)
+        except FileNotFoundError:
+            pass
+    if remote:
+        FileSystems.delete(remote)
+
+
+def _exists_or_link(path: str) -> bool:
+    if _is_local(path):
+        return os.path.lexists(_local(path))
+    return FileSystems.exists(path)
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith("file://") or "://" not in path
+
+
+def _local(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
 
 
 def check_removal_dirs(globs: List[str]) -> None:

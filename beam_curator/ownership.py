@@ -21,10 +21,12 @@ last file and then removes the run record; the launcher releases the lock.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -71,7 +73,8 @@ def _inside(path: str, directory: str) -> bool:
 
 
 def owned_paths(out: str) -> List[str]:
-    """Every path a run into `out` writes or deletes."""
+    """Every path a run into `out` writes or deletes (besides its lock and the temp files of
+    its top-level files, see `check_inputs_outside_output`)."""
     return ([FileSystems.join(out, d) for d in outputs.SUBDIRS]
             + [FileSystems.join(out, name) for name in outputs.TOP_LEVEL_FILES])
 
@@ -83,8 +86,9 @@ def check_inputs_outside_output(inputs: Sequence[Tuple[str, str]], out: str) -> 
     are written and with links followed (an input reached through a link into the output, or
     an output directory that is a link onto the input, is caught either way).
     """
-    owned = owned_paths(out)
+    owned = owned_paths(out) + [FileSystems.join(out, LOCK_NAME)]
     owned_forms = [(o, {o.rstrip("/"), resolved(o)}) for o in owned]
+    out_forms = {out.rstrip("/") or out, resolved(out)}
     for option, path in inputs:
         forms = {resolved(path)}
         if is_local(path):
@@ -95,6 +99,12 @@ def check_inputs_outside_output(inputs: Sequence[Tuple[str, str]], out: str) -> 
                     f"{option} {path} lies inside {directory}, which this run writes (and a "
                     "rerun or --overwrite deletes): write to another --output, or move the "
                     "input out of it.")
+        for form in forms:
+            parent, name = form.rsplit("/", 1) if "/" in form else ("", form)
+            if parent in out_forms and outputs.is_own_top_level_temp(name):
+                raise OptionError(
+                    f"{option} {path} has the name of a temp file this run writes and "
+                    f"deletes at the top of --output {out}: rename or move it.")
 
 
 def _ensure_output_dir(out: str) -> None:
@@ -119,6 +129,111 @@ def _ensure_output_dir(out: str) -> None:
         pass   # object stores have no directories; the lock record below tests writing
 
 
+def _check_owned_shapes(out: str) -> None:
+    """Local outputs: what sits at a path the run owns must be what the run would have made
+    there (a real directory, a regular file), never a link: the run writes into and deletes
+    these paths, and a link would take the writes (or the deletes) somewhere else."""
+    if not is_local(out):
+        return   # object stores have no links and no directories
+    for path in owned_paths(out):
+        local = _local(path)
+        try:
+            mode = os.lstat(local).st_mode
+        except FileNotFoundError:
+            continue
+        want_dir = path.rsplit("/", 1)[-1] in outputs.SUBDIRS
+        if stat.S_ISLNK(mode):
+            raise OptionError(
+                f"{path} is a symbolic link (to {os.readlink(local)}): a run writes into "
+                "and deletes this path, and never through a link. Remove the link, or point "
+                "--output at the directory where you want the outputs.")
+        if want_dir != stat.S_ISDIR(mode) or not (want_dir or stat.S_ISREG(mode)):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a directory"
+            raise OptionError(
+                f"{path} is {kind}, not what a run writes there: it is not this project's "
+                "and a run would delete it. Move it away, or choose another --output.")
+
+
+def _run_marker(directory: str) -> Optional[str]:
+    """The file that shows `directory` is (or was) the output of a run: its lock record, or a
+    summary.json that beam-curator wrote; None when there is neither."""
+    lock = FileSystems.join(directory, LOCK_NAME)
+    if (os.path.lexists(_local(lock)) if is_local(lock) else FileSystems.exists(lock)):
+        return lock
+    summary = outputs.summary_file(directory)
+    return summary if _is_run_summary(summary) else None
+
+
+def _is_run_summary(path: str) -> bool:
+    try:
+        if is_local(path) and not os.path.isfile(_local(path)):
+            return False
+        if not is_local(path) and not FileSystems.exists(path):
+            return False
+        with FileSystems.open(path) as handle:
+            summary = json.loads(handle.read().decode("utf-8"))
+    except (ValueError, OSError):
+        return False
+    return isinstance(summary, dict) and summary.get("command") in outputs.RUN_COMMANDS
+
+
+def _parents(path: str) -> List[str]:
+    """The directories above `path` (resolved for local paths; prefixes for remote ones)."""
+    path = resolved(path)
+    if is_local(path):
+        parents = []
+        while os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+            parents.append(path)
+        return parents
+    scheme, rest = path.split("://", 1)
+    parts = rest.split("/")
+    return [f"{scheme}://" + "/".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def _run_markers_below(out: str) -> List[str]:
+    """Run markers strictly below `out` (links are not followed)."""
+    names = (LOCK_NAME, outputs.SUMMARY)
+    if is_local(out):
+        top = resolved(out)
+        if not os.path.isdir(top):
+            return []
+        found = []
+        for directory, _, files in os.walk(top):
+            if directory == top:
+                continue
+            if LOCK_NAME in files or (outputs.SUMMARY in files and _is_run_summary(
+                    os.path.join(directory, outputs.SUMMARY))):
+                found.append(directory)
+        return found
+    if not FileSystems.exists(out):
+        return []
+    prefix = out.rstrip("/") + "/"
+    matches = FileSystems.match([prefix + "**"])[0].metadata_list
+    return sorted({m.path.rsplit("/", 1)[0] for m in matches
+                   if m.path.rsplit("/", 1)[-1] in names and m.path.count("/") > prefix.count("/")
+                   and (m.path.endswith(LOCK_NAME) or _is_run_summary(m.path))})
+
+
+def check_not_nested(out: str) -> None:
+    """Refuse an --output inside another run's output, or one that holds another run's
+    output: the outer run deletes and rewrites its own subdirectories, and its rerun (or
+    --overwrite) would take the inner run's files with them."""
+    for parent in _parents(out):
+        marker = _run_marker(parent)
+        if marker:
+            raise OptionError(
+                f"--output {out} lies inside {parent}, the output of another run ({marker} is "
+                f"there). A run there deletes and rewrites its subdirectories: choose an "
+                f"--output outside {parent}.")
+    inner = _run_markers_below(out)
+    if inner:
+        raise OptionError(
+            f"--output {out} holds the output of another run ({inner[0]}"
+            f"{f' and {len(inner) - 1} more' if len(inner) > 1 else ''}). A run here could "
+            "delete it: choose another --output, or move that output out first.")
+
+
 # ---- the run record and the lock ----------------------------------------------------------
 
 def _record(command: str, options: dict, handed_to_job: bool) -> dict:
@@ -128,10 +243,16 @@ def _record(command: str, options: dict, handed_to_job: bool) -> dict:
 
 
 def _describe(record: dict) -> str:
+    if not _is_record(record):
+        return "a run whose lock record cannot be read (it may be starting)"
     started = record.get("started")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
     return (f"`{record.get('command', '?')}` started {when} by pid {record.get('pid', '?')} "
             f"on {record.get('host', '?')}")
+
+
+def _is_record(record) -> bool:
+    return isinstance(record, dict) and bool(record.get("token"))
 
 
 def _parse(data: bytes) -> Optional[dict]:
@@ -142,6 +263,12 @@ def _parse(data: bytes) -> Optional[dict]:
     return record if isinstance(record, dict) or record is None else {}
 
 
+# The lock file is opened without following a link and never created through one; an
+# existing one must be a regular file with no other name (a hard link to an input would be
+# truncated by the record write).
+_LOCK_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 class _LocalLock:
     """flock on the lock file: held while this process lives, released by the kernel on death."""
 
@@ -149,17 +276,48 @@ class _LocalLock:
         self.path = os.path.join(_local(out), LOCK_NAME)
         self._fd: Optional[int] = None
 
+    def _refuse(self, why: str) -> OptionError:
+        return OptionError(
+            f"{self.path} {why}: beam-curator writes its lock record there and never through "
+            "a link or into a file it did not make. Remove it (it is not a run's record), "
+            "then rerun.")
+
+    def _open(self) -> Optional[int]:
+        """The lock file's descriptor, created when missing; None if it vanished meanwhile."""
+        try:
+            return os.open(self.path, _LOCK_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise OptionError(f"--output {os.path.dirname(self.path)} is not writable "
+                              f"({exc.strerror or exc}): choose a writable directory.") from None
+        try:
+            fd = os.open(self.path, _LOCK_FLAGS)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._refuse(f"is a symbolic link (to {os.readlink(self.path)})"
+                                   ) from None
+            if exc.errno == errno.EISDIR:
+                raise self._refuse("is a directory") from None
+            raise OptionError(f"--output {os.path.dirname(self.path)} is not writable "
+                              f"({exc.strerror or exc}): choose a writable directory.") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise self._refuse("is not a regular file" if not stat.S_ISREG(info.st_mode)
+                               else f"has {info.st_nlink - 1} other hard link(s)")
+        return fd
+
     def acquire(self) -> Optional[dict]:
         """Lock; returns the record an earlier run left (None when none)."""
         import fcntl
 
         for _ in range(10):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise OptionError(f"--output {os.path.dirname(self.path)} is not writable "
-                                  f"({exc.strerror or exc}): choose a writable directory."
-                                  ) from None
+            fd = self._open()
+            if fd is None:
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -172,20 +330,32 @@ class _LocalLock:
             # The file may have been removed (a run finishing) between open and flock: a
             # lock on a deleted file guards nothing, so lock the file that is there now.
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
-            if same:
-                self._fd = fd
-                return _parse(_read_fd(fd))
-            os.close(fd)
+            if not same:
+                os.close(fd)
+                continue
+            data = _read_fd(fd)
+            record = _parse(data)
+            if data.strip() and not _is_record(record):
+                os.close(fd)
+                raise self._refuse(f"holds {len(data)} bytes that are not a run record")
+            self._fd = fd
+            return record
         raise OutputBusyError(f"could not lock {self.path}: it keeps being replaced")
 
     def write(self, record: dict) -> None:
         data = json.dumps(record, indent=2, sort_keys=True).encode("utf-8")
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
-        os.fsync(self._fd)
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, data, 0)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise OptionError(
+                f"--output {os.path.dirname(self.path)}: the run record {self.path} cannot be "
+                f"written ({exc.strerror or exc}). Free some space (or fix the disk), or "
+                "choose another --output.") from None
 
     update = write
 
@@ -194,7 +364,7 @@ class _LocalLock:
             return
         if delete_record:
             try:
-                if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+                if os.fstat(self._fd).st_ino == os.lstat(self.path).st_ino:
                     os.unlink(self.path)
             except FileNotFoundError:
                 pass
@@ -355,7 +525,8 @@ def _check_previous(out: str, command: str, options: dict, overwrite: bool,
     summary = _read_summary(out)
 
     def same(previous: dict) -> bool:
-        return previous.get("command") == command and previous.get("options") == options
+        return (previous.get("command") == command
+                and _comparable(previous.get("options")) == _comparable(options))
 
     if summary is not None:
         if not same(summary):
@@ -378,10 +549,19 @@ def _check_previous(out: str, command: str, options: dict, overwrite: bool,
                                    "and no summary.json")
 
 
+def _comparable(options) -> Optional[dict]:
+    """Recorded options with --output resolved: `d`, `d/` and `./d` are one output."""
+    if not isinstance(options, dict) or not options.get("output"):
+        return options
+    return dict(options, output=resolved(options["output"]))
+
+
 def _clear(out: str) -> None:
-    existing = [p for p in owned_paths(out) if FileSystems.exists(p)]
-    if existing:
-        FileSystems.delete(existing)
+    if is_local(out):
+        existing = [p for p in owned_paths(out) if os.path.lexists(_local(p))]
+    else:
+        existing = [p for p in owned_paths(out) if FileSystems.exists(p)]
+    outputs.delete_owned(existing)
     outputs.remove_temp_files(out)
 
 
@@ -391,7 +571,9 @@ def claim_output(opts, command: str, inputs: Sequence[Tuple[str, str]], *,
     module docstring. `handed_to_job`: the launcher submits the job and returns."""
     out = opts.output
     check_inputs_outside_output(inputs, out)
+    check_not_nested(out)
     _ensure_output_dir(out)
+    _check_owned_shapes(out)
     recorded = outputs.recorded_options(opts)
     lock = _open_lock(out)
     previous = lock.acquire()
