@@ -35,6 +35,47 @@ Example:
 """
 
 
+class _HeldBeamErrors:
+    """Holds back Beam's ERROR records while a local pipeline runs.
+
+    A failing bundle makes Beam log its traceback at ERROR (dozens of lines) before the run
+    raises. When that failure is one the user can fix (a full disk), the one-line `error:` is
+    all they need, so the records are dropped (`drop`); any other failure, or a run that ends
+    well, gets every record replayed, in order, when the block ends. In-process runners fail
+    the pipeline on the first failing bundle, so nothing is held for long; remote runners'
+    logs stay live.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.drop = False
+        self._held: list = []        # (handler, record), in the order they came
+        self._filters: list = []
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        for handler in logging.getLogger().handlers:
+            def hold(record, handler=handler):
+                if record.name.split(".")[0] == "apache_beam" and record.levelno >= logging.ERROR:
+                    self._held.append((handler, record))
+                    return False
+                return True
+            handler.addFilter(hold)
+            self._filters.append((handler, hold))
+        return self
+
+    def __exit__(self, *exc_info):
+        for handler, hold in self._filters:
+            handler.removeFilter(hold)
+        self._filters = []
+        if not self.drop:
+            for handler, record in self._held:
+                handler.handle(record)
+        self._held = []
+        return False
+
+
 def run_pipeline(command: str, argv: List[str]) -> dict:
     """Build and run one pipeline; returns summary.json's content (or {})."""
     from apache_beam.io.filesystems import FileSystems
@@ -55,17 +96,22 @@ def run_pipeline(command: str, argv: List[str]) -> dict:
     pipeline, claim = build_pipeline(command, options)   # --output is now this run's
     summary_path = outputs.summary_file(opts.output)
     finished = False
+    held = _HeldBeamErrors(enabled=is_local_runner(options))
     try:
-        # Live progress lines on the local runner; remote runners have their own consoles.
-        run_with_progress(pipeline, opts.progress_interval if is_local_runner(options) else 0)
-        finished = FileSystems.exists(summary_path)
-    except Exception as exc:
-        from beam_curator.errors import disk_full_error
+        with held:
+            try:
+                # Live progress lines on the local runner; remote runners have their own UIs.
+                run_with_progress(pipeline,
+                                  opts.progress_interval if is_local_runner(options) else 0)
+                finished = FileSystems.exists(summary_path)
+            except Exception as exc:
+                from beam_curator.errors import disk_full_error, user_errors
 
-        full = disk_full_error(exc, opts.output)
-        if full is not None:
-            raise full from None
-        raise
+                full = disk_full_error(exc, opts.output)
+                held.drop = full is not None or isinstance(exc, user_errors())
+                if full is not None:
+                    raise full from None
+                raise
     finally:
         claim.release(finished=finished)
     if finished:

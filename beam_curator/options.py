@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -18,6 +19,7 @@ from beam_curator.defaults import (
     DEFAULT_EPS,
     DEFAULT_INFERENCE_BATCH_SIZE,
     DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_MEMBER_BYTES,
     DEFAULT_NSFW_THRESHOLD,
     DEVICES,
     PRECISIONS,
@@ -105,14 +107,18 @@ class CuratorOptions(PipelineOptions):
         _flag(parser, "embedding_column", default="embedding",
               help="dedup: the embedding column (list<float32>) of --embeddings.")
         _flag(parser, "removal_ids", default=None,
-              help="remove: directory of parquet files with an `id` column (NeMo Curator's "
-                   "removal-id format, e.g. OUTPUT/dedup/duplicates).")
+              help="remove: parquet files or directories of them (comma-separated) with a "
+                   "string `id` column (NeMo Curator's removal-id format, e.g. "
+                   "OUTPUT/dedup/duplicates).")
         _flag(parser, "overwrite", type=_bool, default=False,
               help="Replace an output directory that holds a different run.")
 
         # ---- reading and decoding -------------------------------------------------------
         _flag(parser, "max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
               help="Images with more pixels are errors (decompression-bomb guard).")
+        _flag(parser, "max_member_bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+              help="A tar member (image or sidecar) larger than this is not read: its sample "
+                   "is an error (a guard against members that blow up in memory; 64 MiB).")
 
         # ---- inference ------------------------------------------------------------------
         _flag(parser, "device", default="auto", choices=DEVICES,
@@ -217,6 +223,9 @@ def curator_options(argv=None, **overrides) -> PipelineOptions:
     only logs "Discarding unparseable args" and runs on with the default): a mistyped
     `--n_cluster 2` must not silently become k = auto. Unknown flags not close to any known
     one pass through to runners that forward them to a job server (Flink, Spark, Portable).
+    So is every word no option takes (Beam drops those too): `--input a.tar b.tar` from an
+    unquoted glob, `-n_clusters 3` with one dash. An option given twice with different values
+    is an error too (Beam keeps the last); options that collect (--experiments) stay repeatable.
     """
     argv = list(argv or [])
     options = PipelineOptions(argv, **overrides)
@@ -269,16 +278,15 @@ def _known_flags_parser():
 
 
 def _check_flags(argv, options: PipelineOptions) -> None:
+    """Every word of argv must be an option or an option's value, each option given once."""
     import difflib
 
     parser = _known_flags_parser()
-    _, unknown = parser.parse_known_args(argv)
-    flags = [a.split("=", 1)[0] for a in unknown if a.startswith("--") and len(a) > 2]
-    if not flags:
-        return
-    known = sorted(k for k in parser._option_string_actions if k.startswith("--"))
+    actions = parser._option_string_actions   # noqa: SLF001 - argparse's table of flags
+    known = sorted(k for k in actions if k.startswith("--"))
     forwarding = runner_name(options).lower().split(".")[-1] in FORWARDING_RUNNERS
-    for flag in flags:
+    unknown, strays, given = _scan_argv(list(argv), actions)
+    for flag in unknown:
         close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
         if close:
             raise OptionError(f"unknown option {flag}: did you mean {close[0]}? (see "
@@ -288,6 +296,119 @@ def _check_flags(argv, options: PipelineOptions) -> None:
                 f"unknown option {flag}: neither a beam-curator nor a Beam pipeline option "
                 f"for {runner_name(options)} (see `python -m beam_curator run --help`). "
                 "Options of a Java job server (Flink, Spark) pass through with those runners.")
+    if strays:
+        raise OptionError(_stray_message(*strays[0], known))
+    for uses in given.values():
+        distinct = {}   # value -> its first spelling: the same value twice drops nothing
+        for spelling, value in uses:
+            distinct.setdefault(value, spelling)
+        if len(distinct) > 1:
+            (a, first), (b, second) = list(distinct.items())[:2]
+            raise OptionError(
+                f"{first} is given twice: {first} {a} and {second} {b}. Give it once (Beam "
+                "would silently use the last).")
+
+
+# argparse reads these as values, not options (its negative-number rule).
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+# Options that take several comma-separated globs.
+LIST_OPTIONS = ("--input", "--embeddings")
+
+
+def _is_option_word(word: str, actions) -> bool:
+    """argparse's own test (_parse_optional): does `word` start an option or is it a value?"""
+    if not word.startswith("-") or word == "-":
+        return False
+    if word in actions or word.split("=", 1)[0] in actions:
+        return True
+    return not (_NEGATIVE_NUMBER.match(word) or " " in word)
+
+
+def _scan_argv(argv, actions):
+    """Walk argv the way argparse and Beam read it.
+
+    Returns (unknown --flags, stray words, {action: [(spelling, value)]} of the single-valued
+    known options given). A stray is (word, (option, value) when the word right before it was
+    that option's value or the option took no value, else None). An unknown `--flag` takes the
+    next word as its value when that word does not start with '-': Beam's own rule when it
+    forwards unknown flags to a job server (`--flink_conf_dir /x`).
+    """
+    unknown, strays, given = [], [], {}
+    after = None
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if word == "--" or not _is_option_word(word, actions):
+            strays.append((word, after))
+            after = None
+            continue
+        name, eq, value = word.partition("=")
+        action = actions.get(word) or (actions.get(name) if eq else None)
+        if action is not None:
+            values = [value] if eq else []
+            wanted = {None: 1, "?": 1, "*": len(argv), "+": len(argv)}.get(action.nargs,
+                                                                           action.nargs)
+            while not eq and len(values) < wanted and i < len(argv) \
+                    and not _is_option_word(argv[i], actions):
+                values.append(argv[i])
+                i += 1
+            # Only plain stores drop an earlier value; append-style ones (--experiments,
+            # --labels, --files_to_stage, ...) collect every use.
+            if isinstance(action, (argparse._StoreAction, argparse._StoreConstAction)):
+                given.setdefault(id(action), []).append((word if not eq else name,
+                                                         " ".join(values)))
+            after = (word if not eq else name, values[-1] if values else None)
+            continue
+        takes_next = not eq and i < len(argv) and not argv[i].startswith("-")
+        if word.startswith("--"):
+            unknown.append(name)
+            after = (name, value) if eq else ((name, argv[i]) if takes_next else None)
+        else:
+            strays.append((word, None))   # one dash: Beam discards it and its value
+            after = None
+        i += takes_next
+    return unknown, strays, given
+
+
+def _looks_like_path(word: Optional[str]) -> bool:
+    import os
+
+    if not word:
+        return False
+    return ("/" in word or os.sep in word or "://" in word or os.path.exists(word)
+            or re.search(r"\.[A-Za-z][\w-]*$", word) is not None)
+
+
+def _stray_message(word: str, after, known) -> str:
+    import difflib
+    import os
+
+    see = " (see `python -m beam_curator run --help`)"
+    if word.startswith("-") and word != "--":
+        flag = "-" + word.split("=", 1)[0]
+        close = [flag] if flag in known else difflib.get_close_matches(flag, known, n=1,
+                                                                        cutoff=0.75)
+        if close:
+            return f"unknown option {word}: did you mean {close[0]}? Options take two dashes."
+        return f"unknown option {word}: options take two dashes (--name value){see}"
+    if after is None:
+        return f"unexpected word {word!r}: every option is --name value{see}"
+    option, value = after
+    if value is None:
+        return f"unexpected word {word!r} after {option}, which takes no value{see}"
+    if _looks_like_path(word) and _looks_like_path(value):
+        directory = os.path.dirname(value)
+        suffix = os.path.splitext(value)[1]
+        pattern = os.path.join(directory, "*" + (
+            suffix if suffix == os.path.splitext(word)[1] else ""))
+        commas = (" or join the files with commas" if option in LIST_OPTIONS
+                  else f" ({option} takes one path)")
+        return (f"unexpected word {word!r} after {option} {value}: it looks like the shell "
+                f"expanded an unquoted glob: quote it ('{pattern}'){commas}")
+    several = ", join several with commas" if option in LIST_OPTIONS else ""
+    return (f"unexpected word {word!r} after {option} {value}: {option} takes one value "
+            f"(quote a value that holds spaces{several}){see}")
 
 
 def _check_runner(options: PipelineOptions) -> None:
@@ -396,6 +517,8 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
         raise OptionError(f"--n_clusters {opts.n_clusters} must be >= 1, or auto.")
     if opts.kmeans_iterations < 1:
         raise OptionError(f"--kmeans_iterations {opts.kmeans_iterations} must be >= 1.")
+    if not 0 <= opts.kmeans_seed < 2**31:   # what k-means takes (faiss: a C int)
+        raise OptionError(f"--kmeans_seed {opts.kmeans_seed} must be in [0, 2**31), e.g. 0.")
     if opts.kmeans_sample_size is not None and opts.kmeans_sample_size < 1:
         raise OptionError(f"--kmeans_sample_size {opts.kmeans_sample_size} must be >= 1, "
                           "or auto.")
@@ -429,6 +552,9 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
             f"{opts.output}). Use --dedup_vector_transport shuffle (or auto).")
     if opts.max_image_pixels < 1:
         raise OptionError(f"--max_image_pixels {opts.max_image_pixels} must be >= 1.")
+    if opts.max_member_bytes < 1:
+        raise OptionError(f"--max_member_bytes {opts.max_member_bytes} must be >= 1.")
     if opts.model_copies is not None and opts.model_copies < 1:
         raise OptionError(f"--model_copies {opts.model_copies} must be >= 1.")
     return opts
+

@@ -79,6 +79,14 @@ def owned_paths(out: str) -> List[str]:
             + [FileSystems.join(out, name) for name in outputs.TOP_LEVEL_FILES])
 
 
+def inside_owned_paths(path: str, out: str) -> bool:
+    """Whether `path` lies in a path a run into `out` writes or deletes (links followed)."""
+    forms = {resolved(path)} | ({os.path.abspath(_local(path))} if is_local(path) else set())
+    owned = owned_paths(out) + [FileSystems.join(out, LOCK_NAME)]
+    return any(_inside(f, d) for o in owned for d in {o.rstrip("/"), resolved(o)}
+               for f in forms)
+
+
 def check_inputs_outside_output(inputs: Sequence[Tuple[str, str]], out: str) -> None:
     """Refuse any input that lies inside a path this run writes or deletes.
 

@@ -87,10 +87,11 @@ def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list) -> Front:
     # and `remove` commands do not need.
     from beam_curator.transforms.embed import EmbedImages
 
-    read = p | "Read" >> ReadWebDataset(shards=shard_list)
+    read = p | "Read" >> ReadWebDataset(shards=shard_list,
+                                        max_member_bytes=opts.max_member_bytes)
     samples_read = read.samples | "CountRead" >> beam.combiners.Count.Globally()
-    decoded = read.samples | "Decode" >> DecodeImages(opts.model_dir,
-                                                      max_image_pixels=opts.max_image_pixels)
+    decoded = read.samples | "Decode" >> DecodeImages(
+        opts.model_dir, max_image_pixels=opts.max_image_pixels)
     embedded = decoded.decoded | "Embed" >> EmbedImages(
         opts.model_dir, device=opts.device, precision=opts.precision,
         inference_batch_size=opts.inference_batch_size,
@@ -120,8 +121,8 @@ def _write_results(results, front: Front, opts: CuratorOptions, claim: OutputCla
                       | "WriteErrors" >> WriteErrors(opts.output))
     curated_counts = None
     if curated:
-        curated_counts = results | "Curate" >> WriteCuratedShards(opts.output,
-                                                                  shards=front.read.shards)
+        curated_counts = results | "Curate" >> WriteCuratedShards(
+            opts.output, shards=front.read.shards, max_member_bytes=opts.max_member_bytes)
     written = [samples_written, errors_written, front.embeddings_written, *more_written]
     return results | "Summary" >> WriteSummary(
         opts.output, extra, samples_read=front.samples_read,
@@ -159,7 +160,7 @@ def build_embed(p: beam.Pipeline, options) -> OutputClaim:
     """Step 1: embeddings + scores + statuses; `rejected/` lists what step 3 must drop."""
     opts = validate_options(options, needs=("input", "output", "model_dir"))
     manifest = _check_model_dir(opts)
-    shard_list = list_shards(opts.input)
+    shard_list = list_shards(opts.input, opts.output)
     claim = _claim_for_shards(opts, "embed", shard_list)
     front = build_front(p, opts, shard_list)
     passed = front.passed | "Candidates" >> beam.MapTuple(
@@ -179,7 +180,7 @@ def build_run(p: beam.Pipeline, options) -> OutputClaim:
     """The one-graph flow: embed -> filter -> dedup -> curated shards, samples, summary."""
     opts = validate_options(options, needs=("input", "output", "model_dir"))
     manifest = _check_model_dir(opts)
-    shard_list = list_shards(opts.input)
+    shard_list = list_shards(opts.input, opts.output)
     claim = _claim_for_shards(opts, "run", shard_list)
     front = build_front(p, opts, shard_list)
     more_written, dedup_info = [], None
@@ -201,8 +202,13 @@ def build_run(p: beam.Pipeline, options) -> OutputClaim:
 
 def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
     """Step 2: semantic dedup of embeddings -> OUTPUT/dedup/ and summary.json."""
-    from beam_curator.transforms.dedup import DeduplicateEmbeddings, dedup_summary
+    from beam_curator.transforms.dedup import (
+        DeduplicateEmbeddings,
+        check_embedding_sources,
+        dedup_summary,
+    )
     from beam_curator.transforms.dedup_data import resolve_embeddings_sized
+    from beam_curator.transforms.dedup_plan import DedupConfig
 
     opts = validate_options(options, needs=("embeddings", "output"))
     files, npy_pairs, input_bytes = resolve_embeddings_sized(opts.embeddings)
@@ -212,6 +218,10 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
             "parquet files (e.g. 'OUTPUT/embeddings/*.parquet' of an `embed` run, or their "
             "directory) or at a clip-retrieval output directory (img_emb/ + metadata/).")
     flink_parallelism_for(options, input_bytes, "--embeddings")
+    # Columns, types, the dim and --centroids: refused before --output is touched.
+    check_embedding_sources(files, npy_pairs, DedupConfig(
+        output=opts.output, id_column=opts.id_column, embedding_column=opts.embedding_column,
+        centroids_path=opts.centroids))
     inputs = files + [path for pair in npy_pairs for path in pair]
     claim = claim_output(opts, "dedup", inputs_of("--embeddings", inputs)
                          + _centroids_input(opts))
@@ -231,23 +241,39 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
 
 
 def _removal_files(opts: CuratorOptions) -> List[str]:
+    """--removal_ids (parquet files, globs or directories of them, comma-separated) -> the
+    files, each checked from its footer so that a wrong list fails before any work."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from beam_curator.transforms.read import is_directory
+    from beam_curator.transforms.remove import removal_file_problem
+
     files = []
-    for directory in split_globs(opts.removal_ids):
-        pattern = FileSystems.join(directory, "*.parquet")
+    for part in split_globs(opts.removal_ids):
+        pattern = FileSystems.join(part, "*.parquet") if is_directory(part) else part
         matched = match_globs(pattern)
         if not matched:
             raise OptionError(
-                f"--removal_ids: no parquet file matches {pattern}. Point it at a directory "
-                "of parquet files with an `id` column, e.g. OUTPUT/dedup/duplicates (and "
-                "OUTPUT/rejected from `embed`), comma-separated.")
+                f"--removal_ids: no parquet file matches {pattern}. Point it at parquet files "
+                "with an `id` column or a directory of them, e.g. OUTPUT/dedup/duplicates "
+                "(and OUTPUT/rejected from `embed`), comma-separated.")
         files += matched
-    return sorted(set(files))
+    files = sorted(set(files))
+    with ThreadPoolExecutor(max_workers=16) as pool:   # one footer read each (gs://: latency)
+        problems = [p for p in pool.map(removal_file_problem, files) if p]
+    if problems:
+        raise OptionError(f"--removal_ids: {problems[0]}"
+                          + (f" ({len(problems) - 1} more file(s) too)" if len(problems) > 1
+                             else ""))
+    return files
 
 
 def build_remove(p: beam.Pipeline, options) -> OutputClaim:
     """Step 3: rewrite the shards without the removal ids -> OUTPUT/curated/."""
+    from beam_curator.transforms.remove import with_null_ids
+
     opts = validate_options(options, needs=("input", "output", "removal_ids"))
-    shard_list = list_shards(opts.input)
+    shard_list = list_shards(opts.input, opts.output)
     removal_files = _removal_files(opts)
     claim = _claim_for_shards(opts, "remove", shard_list,
                               more=inputs_of("--removal_ids", removal_files))
@@ -256,12 +282,21 @@ def build_remove(p: beam.Pipeline, options) -> OutputClaim:
            | "RemovalFiles" >> beam.Create(removal_files)
            | "ReadRemovalIds" >> beam.io.ReadAllFromParquet(columns=["id"])
            | "Ids" >> beam.Map(lambda row: row["id"]))
-    counts = ids | "Remove" >> RemoveSamples(opts.output, shards=read_shards)
+    # A null id names no sample: counted in the summary, never a traceback.
+    null_ids = (ids
+                | "NullIds" >> beam.Filter(lambda i: i is None)
+                | "CountNullIds" >> beam.combiners.Count.Globally())
+    counts = (ids
+              | "NonNullIds" >> beam.Filter(lambda i: i is not None)
+              | "Remove" >> RemoveSamples(opts.output, shards=read_shards,
+                                          max_member_bytes=opts.max_member_bytes))
     out, recorded, token = opts.output, outputs.recorded_options(opts), claim.token
     (counts
      | "Total" >> beam.combiners.ToList()   # one RemoveCounts per shard: O(shards)
      | "WriteRemoveSummary" >> beam.Map(
-         lambda rows: finish_output(out, outputs.remove_summary(rows, recorded), token)))
+         lambda rows, n_null: finish_output(
+             out, with_null_ids(outputs.remove_summary(rows, recorded), n_null), token),
+         beam.pvalue.AsSingleton(null_ids)))
     return claim
 
 

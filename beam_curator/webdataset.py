@@ -16,10 +16,21 @@ Bad input never fails the job, and nothing is dropped without a record:
 * members of one key are read as one sample when they are next to each other, as webdataset
   writes them (`webdataset.TarWriter`, `tar --sort=name`). A shard whose members are
   scattered (GNU `tar cf` without `--sort=name` stores files in directory order) is noticed
-  in its first `GROUPING_WINDOW` samples and then read again grouping members by key across
-  the whole shard (memory: that one shard); scattering noticed later, and a key that really
-  appears twice, make the later occurrence an error sample with its own id
-  (`<shard>/<key>.dup2`, which no real key can have) and a reason that names the fix.
+  in its first `GROUPING_WINDOW` samples (or `GROUPING_WINDOW_BYTES` of them) and then read
+  again grouping members by key across the whole shard (memory: that one shard); scattering
+  noticed later, and a key that really appears twice, make the later occurrence an error
+  sample with its own id (`<shard>/<key>.dup2`, which no real key can have) and a reason
+  that names the fix;
+* a member larger than `max_member_bytes` -> its sample is an error sample; its bytes are
+  skipped over in the stream, never held in memory.
+
+What a key is (webdataset's `__key__`): the member path up to the first dot of its file name,
+kept exactly as the tar stores it (so `./a.jpg` has key `./a`, and case matters: `A` and `a`
+are two keys). A file name that starts with a dot (`.hidden.jpg`, macOS's `._a.jpg`) has an
+empty key and belongs to no sample (a shard-level error). Two keys of one shard that name one
+file once extracted (equal after dropping `.` and empty path parts and Unicode NFC
+normalization: `./a` and `a`, NFD and NFC spellings of `café`) cannot both be samples: the
+later one is an error sample with its own id and a reason that names the first.
 
 `shard_samples` is the one entry point: the read step and the curated-shard rewrite both use
 it, so a shard is cut into the same samples both times.
@@ -29,11 +40,13 @@ from __future__ import annotations
 import collections
 import re
 import tarfile
+import unicodedata
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from beam_curator.defaults import DEFAULT_MAX_MEMBER_BYTES
 from beam_curator.schema import (
     IMAGE_EXTENSIONS,
     STAGE_READ,
@@ -45,6 +58,8 @@ from beam_curator.schema import (
 # Samples held back at the start of a shard before any is emitted: scattered members are
 # almost always noticed within them, and the shard is then read again grouped by key.
 GROUPING_WINDOW = 256
+# ... or fewer, once their bytes reach this: the window bounds memory, not only a count.
+GROUPING_WINDOW_BYTES = 256 << 20
 
 # webdataset's rule: the key is the member path up to the first dot of its file name.
 _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -65,6 +80,23 @@ def split_member_name(name: str) -> Optional[Tuple[str, str]]:
     if not match:
         return None
     return match.group(1), match.group(2)
+
+
+def no_key_reason(name: str) -> str:
+    """Why a member name that `split_member_name` rejects belongs to no sample."""
+    file_name = name.rsplit("/", 1)[-1]
+    if file_name.startswith("."):
+        return (f"tar member {name!r} has a file name that starts with a dot: its key (the "
+                "name up to the first dot) would be empty, so it belongs to no sample (macOS "
+                "tar adds such '._' files unless COPYFILE_DISABLE=1)")
+    return f"tar member {name!r} has no extension, so it belongs to no sample"
+
+
+def canonical_key(key: str) -> str:
+    """The path a key extracts to: `.` and empty parts dropped, Unicode NFC (the form macOS
+    file systems store). Two keys with one canonical form overwrite each other on disk."""
+    parts = [p for p in key.split("/") if p not in ("", ".")]
+    return unicodedata.normalize("NFC", "/".join(parts))
 
 
 def printable_name(name: str) -> str:
@@ -185,9 +217,6 @@ def _trailing_data(tar: tarfile.TarFile) -> int:
 
 # ---- samples ----------------------------------------------------------------------------
 
-
-# ---- samples ----------------------------------------------------------------------------
-
 def repeat_id(sample_id: str, n: int) -> str:
     """The id of the n-th occurrence (n >= 2) of a key in one shard."""
     return f"{sample_id}.dup{n}"
@@ -230,6 +259,7 @@ class _Assembler:
         self._errors: Dict[str, str] = {}
         self._used_ids: Dict[str, str] = {}      # id -> the key it was given to
         self._extensions: Dict[str, set] = {}    # key -> extensions of its samples so far
+        self._spellings: Dict[str, str] = {}     # canonical key -> the first key that has it
         self.n_samples = 0
 
     @property
@@ -284,6 +314,16 @@ class _Assembler:
             done.append(self._build(key, members, error))
         return done
 
+    def _spelling_error(self, key: str) -> Optional[str]:
+        """A key that extracts to the path of an earlier, differently spelled key."""
+        first = self._spellings.setdefault(canonical_key(key), key)
+        if first == key:
+            return None
+        return (f"key {ascii(key)} names the same file as key {ascii(first)} of shard "
+                f"{self.shard!r} once extracted (keys are compared without '.' or empty path "
+                "parts, in Unicode NFC): the two would overwrite each other. Rename one, or "
+                "spell every key one way")
+
     def _build(self, key: str, members: List[Tuple[str, bytes]],
                error: Optional[str]) -> ShardSample:
         """The first image extension wins, the rest are sidecars."""
@@ -311,6 +351,7 @@ class _Assembler:
             sample_id = repeat_id(sample_id, n)
         self._used_ids[sample_id] = key
         self._extensions.setdefault(key, set()).update(extensions)
+        error = error or self._spelling_error(key)
         fields = {}
         for ext, data in members:
             if ext in fields:
@@ -329,38 +370,51 @@ class _Assembler:
                            error=error)
 
 
-def shard_samples(shard: str, url: str) -> Iterator[object]:
+def shard_samples(shard: str, url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+                  ) -> Iterator[object]:
     """ShardSample for every key of a shard and ErrorRecord for shard-level damage.
 
     Deterministic: the same bytes give the same samples, ids and errors (the curated shards
     are written by reading the source again). The first GROUPING_WINDOW samples are held
     back: if the members turn out to be scattered within them, the shard is read again and
-    grouped by key across the whole shard.
+    grouped by key across the whole shard. A member over `max_member_bytes` is not read: its
+    sample becomes an error sample.
     """
     held: List[object] = []
+    held_bytes = 0
     released = False
 
     def abort_on_repeat() -> bool:
         return not released
 
     try:
-        for item in iter_shard(shard, url, abort_on_repeat=abort_on_repeat):
+        for item in iter_shard(shard, url, abort_on_repeat=abort_on_repeat,
+                               max_member_bytes=max_member_bytes):
             if released:
                 yield item
                 continue
             held.append(item)
-            if sum(isinstance(i, ShardSample) for i in held) > GROUPING_WINDOW:
+            held_bytes += _sample_bytes(item)
+            if (sum(isinstance(i, ShardSample) for i in held) > GROUPING_WINDOW
+                    or held_bytes >= GROUPING_WINDOW_BYTES):
                 released = True
                 yield from held
                 held = []
     except MembersNotGrouped:
-        yield from iter_shard(shard, url, whole_shard=True)
+        yield from iter_shard(shard, url, whole_shard=True, max_member_bytes=max_member_bytes)
         return
     yield from held
 
 
+def _sample_bytes(item: object) -> int:
+    if not isinstance(item, ShardSample):
+        return 0
+    return len(item.image_bytes or b"") + sum(len(v) for v in item.sidecars.values())
+
+
 def iter_shard(shard: str, url: str, whole_shard: bool = False,
-               abort_on_repeat: Callable[[], bool] = lambda: False) -> Iterator[object]:
+               abort_on_repeat: Callable[[], bool] = lambda: False,
+               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[object]:
     """One streaming pass over a tar: samples (contiguous keys, or grouped over the whole
     shard) and shard-level ErrorRecords. `abort_on_repeat()` true when a key comes back:
     raise MembersNotGrouped instead of making the repeat an error sample."""
@@ -399,8 +453,7 @@ def iter_shard(shard: str, url: str, whole_shard: bool = False,
                     if unsafe or parts is None:
                         yield ErrorRecord(shard=shard, stage=STAGE_READ,
                                           member=printable_name(info.name),
-                                          reason=unsafe or f"tar member {info.name!r} has no "
-                                          "extension, so it belongs to no sample")
+                                          reason=unsafe or no_key_reason(info.name))
                         continue
                     member_key, ext = parts
                     if carry_error:
@@ -408,6 +461,12 @@ def iter_shard(shard: str, url: str, whole_shard: bool = False,
                         samples.error(member_key, carry_error)
                         carry_error = None
                     yield from samples.begin(member_key)
+                    if info.size > max_member_bytes:
+                        # Not read: tarfile streams past the data when the next header is
+                        # asked for, so memory stays flat whatever the header claims.
+                        samples.error(member_key, _oversized_reason(info, max_member_bytes))
+                        samples.add(ext, b"")
+                        continue
                     handle = tar.extractfile(info)
                     samples.add(ext, handle.read() if handle else b"")
                 tail = watch.end
@@ -450,6 +509,11 @@ def iter_shard(shard: str, url: str, whole_shard: bool = False,
         samples.error(samples.key, f"shard damaged while reading this sample: {reason}")
         yield from samples.finish()
         yield ErrorRecord(shard=shard, stage=STAGE_READ, reason=reason)
+
+
+def _oversized_reason(info: tarfile.TarInfo, limit: int) -> str:
+    return (f"tar member {info.name!r} is {info.size:,} bytes, over --max_member_bytes "
+            f"({limit:,}): not read. Raise --max_member_bytes if such members are real")
 
 
 def _describe_tar_error(exc: Exception, url: str, n_complete: int, in_progress: bool) -> str:

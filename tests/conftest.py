@@ -64,6 +64,16 @@ def run_args(*, input_glob: str, output: str, model_dir: str, **options) -> list
     return args
 
 
+def with_option(args: list, name: str, value: str) -> list:
+    """CLI args with --name set to value (replaced when present: an option given twice is an
+    error)."""
+    flag = f"--{name}"
+    if flag in args:
+        i = args.index(flag)
+        return args[:i + 1] + [str(value)] + args[i + 2:]
+    return args + [flag, str(value)]
+
+
 # ---- bad options fail fast: fixtures shared by the option and safety tests -----------------
 
 # Generous: the real guard is no_pipeline_run; this only catches work done before a refusal

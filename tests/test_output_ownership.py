@@ -419,3 +419,22 @@ def test_the_report_command_refuses_an_output_that_is_not_a_run_s(tmp_path, caps
     assert cli.main(["report", "--output", str(out)]) == 2
     assert "holds the output of `dedup`" in capsys.readouterr().err
     assert not (out / "report.html").exists()
+
+
+def test_a_recursive_glob_never_reads_this_run_s_own_earlier_outputs(tmp_path):
+    from beam_curator.transforms.read import list_shards
+
+    (tmp_path / "data").mkdir()
+    write_tar(tmp_path / "data" / "000.tar", [("k.jpg", b"x")])
+    (tmp_path / "out" / "curated").mkdir(parents=True)
+    write_tar(tmp_path / "out" / "curated" / "000.tar", [("k.jpg", b"x")])
+    pattern = str(tmp_path / "**.tar")
+    assert [u for _, u in list_shards(pattern, str(tmp_path / "out"))] == [
+        str(tmp_path / "data" / "000.tar")]
+    # a glob of nothing but the output's files stays as it is: the claim refuses it by name
+    only = str(tmp_path / "out" / "curated" / "*.tar")
+    assert len(list_shards(only, str(tmp_path / "out"))) == 1
+    with pytest.raises(OptionError, match="lies inside"):
+        ownership.check_inputs_outside_output(
+            [("--input", u) for _, u in list_shards(only, str(tmp_path / "out"))],
+            str(tmp_path / "out"))

@@ -8,7 +8,7 @@ import pytest
 
 from beam_curator.cli import run_pipeline
 from beam_curator.errors import OptionError
-from tests.conftest import run_args
+from tests.conftest import run_args, with_option
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_a_different_run_into_the_same_directory_is_refused(reruns):
     from beam_curator.options import curator_options
     from beam_curator.pipelines import build_run
 
-    options = curator_options(reruns["args"] + ["--eps", "0.05"])
+    options = curator_options(with_option(reruns["args"], "eps", "0.05"))
     with pytest.raises(OptionError, match="already holds a different run"):
         build_run(Pipeline(options=options), options)
     assert os.path.exists(reruns["out"] / "summary.json")   # refused: nothing was touched

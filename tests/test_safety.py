@@ -25,7 +25,7 @@ from beam_curator.options import curator_options
 from beam_curator.schema import ErrorRecord, ShardSample
 from beam_curator.transforms.read import list_shards
 from beam_curator.webdataset import iter_shard
-from tests.conftest import REPO, cli_fails, run_args
+from tests.conftest import REPO, cli_fails, run_args, with_option
 
 
 def write_tar(path, members, pax_headers=None):
@@ -506,7 +506,8 @@ def test_sigkill_mid_run_then_the_same_command_matches_a_clean_run(clean_run, ca
 
     # another run into the unfinished output: refused, its files are left alone
     left = snapshot(out)
-    cli_fails(capsys, ["run"] + args + ["--eps", "0.05"], "an unfinished run", "--overwrite true")
+    cli_fails(capsys, ["run"] + with_option(args, "eps", "0.05"), "an unfinished run",
+              "--overwrite true")
     assert snapshot(out) == left
     # the same command: replaces everything, byte for byte what a clean run writes
     summary = cli.run_pipeline("run", args)

@@ -31,6 +31,8 @@ BOUNDED_SIDE_INPUTS = [
     (r".*/TrainKMeans|.*/LoadCentroids", "k x d centroids"),
     (r".*/ClusterSizes(/.*)?", "k cluster sizes"),
     (r"Summary/CountShardStatus(/.*)?", "shards x statuses counts"),
+    (r".*/RefuseRepeatedIds", "one 0: the repeated-id check passed"),
+    (r".*/SummariseInvalid(/.*)?", "counts by reason and the first 20 rows (InvalidSummary)"),
 ]
 # Global combines whose output grows with their input (the rest are counts, sums, Top-n).
 COLLECTING_FNS = ("ToListCombineFn", "ToDictCombineFn", "ToSetCombineFn")
@@ -39,6 +41,7 @@ BOUNDED_GLOBAL_LISTS = [
     (r"Total(/Total)?", "(shard, written) per shard"),
 ]
 CONSTANT_FNS = ("CountCombineFn", "TopCombineFn", "_SizeStats", "sum", "sum_pairs",
+                "RepeatsFn", "InvalidSummary",
                 "ToListCombineFn", "ToDictCombineFn", "ToSetCombineFn")
 
 

@@ -218,7 +218,7 @@ def test_remove_counts_and_warns_about_ids_that_match_nothing(tmp_path, capsys):
     assert code == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["removal_ids"] == {"listed": 5, "matched": 1, "unmatched": 4,
-                                      "unmatched_examples": ["0", "1", "2", "3"]}
+                                      "unmatched_examples": ["0", "1", "2", "3"], "null": 0}
     assert summary["curated_samples_written"] == len(KEYS) - 1
     assert "4 of 5 removal ids match no sample" in summary["warnings"][0]
     assert "WARNING: 4 of 5 removal ids" in out

@@ -211,16 +211,14 @@ def validate_centroids(centroids, dim: Optional[int] = None) -> np.ndarray:
 
 def save_centroids(path: str, centroids: np.ndarray) -> None:
     """Write the (k, d) float32 centroids as .npy to a local path or any Beam FileSystems URL."""
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
+    from beam_curator.atomic import write_atomically
 
     arr = validate_centroids(centroids)
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
-    # Uncompressed whatever the extension: the file must stay loadable by a plain np.load.
-    with FileSystems.create(path, mime_type="application/octet-stream",
-                            compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(buf.getvalue())
+    # A temp name, then a rename: never written through whatever sits at `path`. The temp
+    # name ends in .npy, so Beam compresses nothing (a plain np.load must read the file).
+    write_atomically(path, lambda f: f.write(buf.getvalue()))
 
 
 def load_centroids(path: str, dim: Optional[int] = None) -> np.ndarray:

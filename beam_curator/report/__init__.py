@@ -51,7 +51,8 @@ def build_report(output_dir: str, thumbnails: bool = True,
     thumbs: Dict[str, Thumb] = {}
     if thumbnails:
         max_pixels: Optional[int] = data.options.get("max_image_pixels")
-        thumbs = fetch_thumbnails(_wanted_ids(data), data.shard_urls, max_pixels)
+        thumbs = fetch_thumbnails(_wanted_ids(data), data.shard_urls, max_pixels,
+                                  data.options.get("max_member_bytes"))
     return render_report(data, thumbs)
 
 

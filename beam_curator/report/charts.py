@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -50,8 +51,20 @@ def _y_grid(ticks, sy, x0: float, x1: float) -> list:
                      f'text-anchor="end">{esc(fmt_num(t))}</text>')
     return parts
 
+# Characters that would be invisible or act on the page: controls (NUL, ESC, C1; tab and
+# newline stay), lone surrogates, line/paragraph separators, and the bidi controls of
+# "Trojan Source" (U+202E and friends), which reorder the text around them.
+_INVISIBLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029"
+                        r"\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """Untrusted text with those characters written out as `\\u202e`, so they show."""
+    return _INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def esc(value) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    return html.escape(visible("" if value is None else str(value)), quote=True)
 
 
 def fmt_num(value: float, digits: int = 3) -> str:

@@ -3,8 +3,9 @@
 Rules of this module:
 - every value that comes from the data (ids, keys, shard names, captions, json sidecars, error
   reasons, option values) goes through `esc()` = `html.escape(..., quote=True)`, in text and
-  in attributes alike; nothing from the data ever lands in a tag name, an attribute name, a
-  URL, a style or a script;
+  in attributes alike, after control and bidi characters (NUL, U+202E, ...) are written out
+  as `\\u202e` (`charts.visible`) so that they show and reorder nothing; nothing from the
+  data ever lands in a tag name, an attribute name, a URL, a style or a script;
 - the page holds no <script>, no event handler attribute and no external reference, and its
   Content-Security-Policy (`default-src 'none'`, images from data: only) makes the browser
   refuse any script or network load even if one slipped in.

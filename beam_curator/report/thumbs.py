@@ -63,9 +63,14 @@ def _sidecar_text(sample: ShardSample, ext: str) -> Optional[str]:
 
 
 def fetch_thumbnails(wanted: Iterable[str], shard_urls: Dict[str, str],
-                     max_pixels: Optional[int] = None) -> Dict[str, Thumb]:
-    """ids -> Thumb, reading each needed source shard once and only as far as needed."""
+                     max_pixels: Optional[int] = None,
+                     max_member_bytes: Optional[int] = None) -> Dict[str, Thumb]:
+    """ids -> Thumb, reading each needed source shard once and only as far as needed, with
+    the run's member size limit (a shard is cut into the samples the run saw)."""
+    from beam_curator.defaults import DEFAULT_MAX_MEMBER_BYTES
     from beam_curator.webdataset import shard_samples
+
+    max_member_bytes = max_member_bytes or DEFAULT_MAX_MEMBER_BYTES
 
     by_shard: Dict[str, set] = {}
     for sample_id in sorted(set(wanted)):
@@ -79,7 +84,7 @@ def fetch_thumbnails(wanted: Iterable[str], shard_urls: Dict[str, str],
             continue
         missing = set(ids)
         try:
-            for item in shard_samples(shard, url):
+            for item in shard_samples(shard, url, max_member_bytes):
                 if not isinstance(item, ShardSample):
                     continue   # shard-level damage: the ids not reached stay unavailable
                 if item.id not in missing:

@@ -13,10 +13,13 @@ import apache_beam as beam
 import numpy as np
 
 from beam_curator.dedup.blocks import DEFAULT_BLOCK_ROWS
+from beam_curator.errors import OptionError
 from beam_curator.schema import (
+    ERROR,
     EXACT_DUPLICATE,
     KEPT,
     SEMANTIC_DUPLICATE,
+    STAGE_EMBED,
     DedupDecision,
     SampleInfo,
     SampleResult,
@@ -49,7 +52,9 @@ class DedupResult(NamedTuple):
         semantic_duplicate.
     written: one element once everything under OUTPUT/dedup/ is written.
     info: one dict: what the data decided (k and how it was chosen, the k-means sample, the
-        largest cluster, how many clusters were cut into blocks).
+        largest cluster, how many clusters were cut into blocks) and `input_checks`: the
+        rows left out (null id or embedding, NaN / infinite, zero: counted, up to 20 named)
+        and how many were normalised to unit length.
     counts: (status, n) per status, counted per cluster rather than per embedding: what a
         summary needs without a Python object per row (`results` costs one each).
     """
@@ -130,11 +135,15 @@ def _result_of(info: SampleInfo, decision: DedupDecision) -> SampleResult:
 
 
 def _results_of_shard(element):
-    """One shard's candidates joined with their dedup answers -> SampleResult each."""
+    """One shard's candidates joined with their dedup answers -> SampleResult each (an
+    embedding dedup could not use is an error of the sample)."""
     shard, grouped = element
     infos = {info.id: info for info in grouped["info"]}
     for decision in grouped["decision"]:
         yield _result_of(infos.pop(decision.id), decision)
+    for row in grouped["invalid"]:
+        yield SampleResult(info=infos.pop(row.id), status=ERROR, stage=STAGE_EMBED,
+                           reason=f"embedding unusable for dedup: {row.reason}")
     if infos:   # a bug, never a silent loss: the accounting check would fail anyway
         raise RuntimeError(f"dedup gave no answer for {len(infos)} candidate(s) of shard "
                            f"{shard}, e.g. {sorted(infos)[0]}")
@@ -148,6 +157,9 @@ class Deduplicate(beam.PTransform):
     as a side input), and inside each cluster a member is a duplicate when its cosine
     similarity to an earlier-ranked member is >= 1 - eps. Outputs under `output_dir/dedup/`:
     centroids.npy, kmeans/, pairwise_results/ and duplicates/ (NeMo Curator's formats).
+
+    An embedding dedup cannot use (NaN, infinite or all zero) makes its sample an `error`
+    (stage embed); one not of unit length is normalised (`info["input_checks"]` counts both).
 
     The embeddings are read back from parquet (vectors never travel as Python lists): pass
     `embeddings_written`, the paths a `WriteEmbeddings` step emitted, when the pipeline writes
@@ -214,7 +226,9 @@ class Deduplicate(beam.PTransform):
         results = ({"info": candidates | "InfoByShard" >> beam.MapTuple(
                         lambda info, _: (info.shard, info)),
                     "decision": decisions | "DecisionByShard" >> beam.Map(
-                        lambda d: (shard_of_id(d.id), d))}
+                        lambda d: (shard_of_id(d.id), d)),
+                    "invalid": core.invalid | "InvalidByShard" >> beam.Map(
+                        lambda r: (shard_of_id(r.id or ""), r))}
                    | "JoinAnswersToShard" >> beam.CoGroupByKey()
                    | "Results" >> beam.FlatMap(_results_of_shard))
         return DedupResult(results=results, written=core.written, info=core.info,
@@ -224,11 +238,16 @@ class Deduplicate(beam.PTransform):
 class DeduplicateEmbeddings(beam.PTransform):
     """Exact + semantic dedup of embedding files -> DedupResult of DedupDecision rows.
 
-    Reads parquet files with an id and a list<float32> embedding column (an optional
+    Reads parquet files with a string id and a list<float32> embedding column (an optional
     `content_hash` column enables the exact pre-pass; an optional `passed_filters` column
     limits dedup to the rows where it is true, as `embed` writes them), or clip-retrieval's
     `clip inference` output (img_emb/img_emb_N.npy + metadata/metadata_N.parquet, float16
     vectors re-normalised). Writes `output_dir/dedup/` like `Deduplicate`.
+
+    The input is checked (`check_embedding_sources`) before any work; then every row: one
+    whose length is not the dimension, or an id read twice, fails the run naming file and
+    row; a null id or embedding, a NaN / infinite or zero vector is left out and counted
+    (`info["input_checks"]`); a vector not of unit length is normalised (and counted).
 
     Args:
       file_pattern: comma-separated globs or directories (a directory: its *.parquet, or
@@ -274,21 +293,9 @@ class DeduplicateEmbeddings(beam.PTransform):
         self._paths: List[str] = sorted(paths)
         self._npy_pairs = sorted(pairs)
 
-    def _dim_and_hash(self) -> Tuple[int, bool]:
-        dim, has_hash = 0, not self._npy_pairs   # clip-retrieval writes no content hash
-        for npy, _ in self._npy_pairs[:1]:
-            dim = npy_shape(npy)[1]
-        for path in self._paths:   # the dim from the first file with a row
-            file_dim, file_hash = embeddings_schema(path, self._config)
-            has_hash = has_hash and file_hash
-            if file_dim:
-                dim = dim or file_dim
-                break
-        return dim, has_hash
-
     def expand(self, pbegin):
         config = self._config
-        dim, has_hash = self._dim_and_hash()
+        dim, has_hash = check_embedding_sources(self._paths, self._npy_pairs, config)
         if config.transport == SHUFFLE:
             _LOG.info("dedup: vectors travel through the shuffle as float32 bytes")
         names = chunk_names(self._paths + [npy for npy, _ in self._npy_pairs])
@@ -303,17 +310,71 @@ class DeduplicateEmbeddings(beam.PTransform):
                   | "Files" >> beam.Create(sources)
                   | "OneFilePerWorkItem" >> beam.Reshuffle()
                   | "Chunks" >> beam.FlatMap(_source_chunks, dim, config))
-        core = chunks | "SemDeDup" >> SemanticDedupCore(config, has_hash)
+        core = chunks | "SemDeDup" >> SemanticDedupCore(config, has_hash, check_ids=True)
         results = (_decisions(core) if self._with_rows
                    else pbegin | "NoRows" >> beam.Create([]))
         return DedupResult(results=results, written=core.written, info=core.info,
                            counts=_status_counts(core))
 
 
+def check_embedding_sources(paths: Sequence[str], npy_pairs: Sequence[Tuple[str, str]],
+                            config: DedupConfig) -> Tuple[int, bool]:
+    """(dim, every file has content_hash) of resolved embeddings, checked before any work
+    from what is cheap to read: the first clip-retrieval header; the footers (columns and
+    their types) of the parquet files up to the first with an embedding, whose first row
+    gives the dim; and the --centroids file against it. Each file's footer is checked again
+    where its chunks are made, and every row where it is decoded."""
+    dim, has_hash, where = 0, not npy_pairs, None   # clip-retrieval writes no content hash
+    for npy, _ in npy_pairs[:1]:
+        dim, where = npy_shape(npy)[1], npy
+    for path in paths:
+        file_dim, file_hash = embeddings_schema(path, config)
+        has_hash = has_hash and file_hash
+        if file_dim:
+            if dim and file_dim != dim:
+                raise OptionError(f"{path} holds {file_dim}-d embeddings, {where} {dim}-d: "
+                                  "dedup compares embeddings of one model. Leave one out of "
+                                  "--embeddings.")
+            dim = file_dim
+            break
+    if not dim:
+        raise OptionError(
+            f"--embeddings: the {len(paths) + len(npy_pairs)} file(s) it matches hold no "
+            "embedding (no rows, or only null embeddings). Point it at the embeddings of an "
+            "`embed` run (OUTPUT/embeddings) or another file with rows.")
+    if config.centroids_path:
+        check_centroids(config.centroids_path, dim)
+    return dim, has_hash
+
+
+def check_centroids(path: str, dim: int) -> None:
+    """--centroids must be a plain (k, dim) float .npy with finite, non-zero rows."""
+    from beam_curator.dedup.kmeans import load_centroids
+
+    try:
+        load_centroids(path, dim)
+    except FileNotFoundError:
+        raise OptionError(
+            f"--centroids {path} does not exist. Point it at a centroids .npy (e.g. "
+            "OUTPUT/dedup/centroids.npy of an earlier run), or leave it out to train them."
+        ) from None
+    except ValueError as exc:
+        reason = " ".join(str(exc).split())   # one line
+        raise OptionError(
+            f"--centroids: {reason}. Pass the centroids.npy of a run on {dim}-d embeddings "
+            "like these (OUTPUT/dedup/centroids.npy), or leave --centroids out to train "
+            "them.") from None
+
+
 def _source_chunks(source, dim: int, config: DedupConfig) -> List[Chunk]:
     kind, path, metadata, name, id_column = source
     if kind == "npy":
-        return npy_chunks(path, metadata, name, id_column)
+        chunks = npy_chunks(path, metadata, name, id_column)
+        if chunks and chunks[0].dim != dim:
+            raise OptionError(f"{path} holds {chunks[0].dim}-d embeddings, the others {dim}-d: "
+                              "dedup compares embeddings of one model. Leave it out of "
+                              "--embeddings.")
+        return chunks
     return row_group_chunks(path, name, dim, config)
 
 
@@ -324,8 +385,12 @@ def dedup_summary(counts, info) -> beam.PCollection:
 
 
 def _counts_summary(info: dict, counts: dict) -> dict:
+    """n_embeddings: the rows answered; with n_invalid_rows (left out, named in
+    dedup.input_checks) every candidate row read is accounted for."""
     n = sum(counts.values())
     exact = counts.get(EXACT_DUPLICATE, 0)
     return {"n_embeddings": n, "n_duplicates": n - counts.get(KEPT, 0),
-            "n_exact_duplicates": exact, "n_clusters": info["n_clusters"], "dedup": info}
+            "n_exact_duplicates": exact, "n_clusters": info["n_clusters"],
+            "n_invalid_rows": info["input_checks"]["invalid_rows"]["count"],
+            "n_normalized_rows": info["input_checks"]["normalized_rows"], "dedup": info}
 

@@ -24,6 +24,8 @@ import os
 from typing import Callable, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -31,6 +33,88 @@ from apache_beam.io.filesystems import FileSystems
 from beam_curator.atomic import write_atomically
 from beam_curator.dedup.blocks import positions_by_cluster
 from beam_curator.transforms.dedup_plan import STAGED, DedupConfig
+
+
+class InvalidRow(NamedTuple):
+    """A row dedup cannot use (no id, no vector, or a vector without a direction): counted,
+    named in summary.json, and kept out of every step."""
+
+    id: Optional[str]
+    file: str
+    row: int              # its row in `file`
+    reason: str
+
+
+NULL_ID = "null id"
+NULL_EMBEDDING = "null embedding"
+NOT_FINITE = "NaN or infinite value"
+ZERO_VECTOR = "zero vector"
+REASONS = (None, NULL_ID, NULL_EMBEDDING, NOT_FINITE, ZERO_VECTOR)   # a row's code: its index
+
+# A row whose norm is further than this from 1 is normalised, and counted: a norm off by t
+# moves a cosine by about t, so this is far below any useful eps, and far above the float32
+# rounding of a vector normalised already (~1e-7): such inputs stay bit for bit as they are.
+UNIT_TOLERANCE = 1e-4
+# float16 storage alone leaves norms ~1e-3 from 1: those rows are normalised (always, as
+# clip-retrieval's are) but counted only when further off than this.
+FLOAT16_TOLERANCE = 1e-2
+
+
+class Decoded(NamedTuple):
+    """A chunk's candidate rows as read, every one of them, with what is wrong with each."""
+
+    ids: List[Optional[str]]
+    vectors: np.ndarray        # float32 (n, d); the valid rows have norm 1
+    reasons: np.ndarray        # uint8 per row: 0 valid, else an index into REASONS
+    normalized: int            # valid rows that were not unit length
+    file: str
+    file_rows: np.ndarray      # int64: each row's number in `file`
+
+    def invalid_rows(self):
+        for r in np.flatnonzero(self.reasons).tolist():
+            yield InvalidRow(self.ids[r], self.file, int(self.file_rows[r]),
+                             REASONS[self.reasons[r]])
+
+    def without(self, dropped: Sequence[int]) -> Tuple[List[str], np.ndarray]:
+        """(ids, vectors) of the rows not in `dropped` (positions)."""
+        if not dropped:
+            return self.ids, self.vectors
+        keep = np.ones(len(self.ids), dtype=bool)
+        keep[list(dropped)] = False
+        return [i for i, k in zip(self.ids, keep.tolist()) if k], self.vectors[keep]
+
+
+def unit_rows(vectors: np.ndarray, tolerance: float = UNIT_TOLERANCE, every_row: bool = False
+              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vectors with every valid row of norm 1, a REASONS code per row, which rows were not
+    unit length).
+
+    Cosines are dot products downstream, so a row of norm 1.02 would look 2 % more similar to
+    everything: rows off by more than `tolerance` are normalised (`every_row`: all valid rows,
+    still reported by `tolerance`). Rows with a NaN or infinite value, or of norm 0, have no
+    direction: they are marked, never compared."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    codes = np.zeros(len(vectors), dtype=np.uint8)
+    if not len(vectors):
+        return vectors, codes, np.zeros(0, dtype=bool)
+    finite = np.isfinite(vectors).all(axis=1)
+    squared = np.einsum("ij,ij->i", vectors, vectors)
+    huge = finite & ~np.isfinite(squared)   # finite values whose float32 square overflows
+    if huge.any():
+        big = vectors[huge].astype(np.float64)
+        squared = squared.astype(np.float64)
+        squared[huge] = np.einsum("ij,ij->i", big, big)
+    norms = np.sqrt(squared)
+    codes[~finite] = REASONS.index(NOT_FINITE)
+    codes[finite & (norms == 0)] = REASONS.index(ZERO_VECTOR)
+    valid = codes == 0
+    off = valid & (np.abs(norms - 1.0) > tolerance)
+    scale = valid if every_row else off
+    if scale.any():
+        if not vectors.flags.writeable:   # a zero-copy view of an arrow buffer
+            vectors = vectors.copy()
+        vectors[scale] /= norms[scale, None].astype(np.float32)
+    return vectors, codes, off
 
 
 class ExactDuplicate(NamedTuple):
@@ -58,39 +142,58 @@ class NpyRows:
 @dataclasses.dataclass(frozen=True)
 class Chunk:
     """A batch of embeddings: a parquet row group, or rows of a clip-retrieval .npy.
-    `excluded`: its exact duplicates (not candidates of the semantic pass)."""
+    `excluded`: its exact duplicates (not candidates of the semantic pass); `dropped`: the
+    positions of its invalid rows among its candidates (set by the row check, the first step
+    that reads the vectors; every later read leaves them out)."""
 
     name: str
     parquet: Optional[Tuple[str, int]] = None       # (path, row group)
     dim: int = 0
     excluded: FrozenSet[str] = frozenset()
     npy: Optional[NpyRows] = None
+    dropped: Tuple[int, ...] = ()
 
     def ids(self, config: DedupConfig, with_hash: bool):
         """(id, content_hash or None) of the candidate rows, without the vectors."""
+        ids, hashes, _ = self._candidate_ids(config, with_hash)
+        return _without_positions(zip(ids, hashes), self.dropped)
+
+    def places(self, config: DedupConfig):
+        """(id, (file, row in the file)) of the candidate rows: where each id was read."""
+        ids, _, rows = self._candidate_ids(config, with_hash=False)
+        file = self.npy.npy if self.npy is not None else self.parquet[0]
+        return _without_positions(((i, (file, r)) for i, r in zip(ids, rows.tolist())),
+                                  self.dropped)
+
+    def _candidate_ids(self, config: DedupConfig, with_hash: bool):
         if self.npy is not None:
-            return ((i, None) for i in read_npy_ids(self.npy))
+            ids = read_npy_ids(self.npy)
+            return ids, [None] * len(ids), np.arange(self.npy.start, self.npy.stop)
         return read_candidate_ids(self.parquet, config, with_hash)
+
+    def decode(self, config: DedupConfig) -> Decoded:
+        """Every candidate row, decoded and checked (the dropped ones too)."""
+        if self.npy is not None:
+            return read_npy_chunk(self.npy)
+        return read_parquet_chunk(self.parquet, self.dim, config)
 
     def load(self, config: DedupConfig, stage_with: Optional[Callable] = None
              ) -> Tuple[List[str], np.ndarray]:
         """(ids, vectors float32 (n, d)) of the candidate rows of this chunk, exact
-        duplicates included (callers drop `excluded`, keeping row numbers stable).
+        duplicates included (callers drop `excluded`, keeping row numbers stable), the
+        `dropped` rows not.
 
-        A chunk is decoded once in the staged transport: on first load its vectors are
-        written to the staging dir through `stage_with(write_staged, path, vectors)` (a
-        `WriteBehind.submit`; None: not staged), and later loads read that
-        raw file. The assign step, the last to load, stages them again in cluster order
+        A chunk is decoded once in the staged transport: the row check (`CheckRowsFn`)
+        writes its valid vectors to the staging dir, and later loads read that raw file
+        (`stage_with(write_staged, path, vectors)` stages a decoded chunk here instead). The
+        assign step, the last to load, stages them again in cluster order
         (`staged_by_cluster`) and drops this copy.
         """
         staged = self.staged_copy(config)
         if staged and FileSystems.exists(staged):
             ids = [i for i, _ in self.ids(config, with_hash=False)]
             return ids, read_staged_rows(staged, self.dim, None)
-        if self.npy is not None:
-            ids, vectors = read_npy_ids(self.npy), read_npy_rows(self.npy)
-        else:
-            ids, vectors = read_parquet_chunk(self.parquet, config)
+        ids, vectors = self.decode(config).without(self.dropped)
         if staged and stage_with is not None:
             stage_with(write_staged, staged, vectors)
         return ids, vectors
@@ -108,34 +211,99 @@ class Chunk:
         return staged[: -len(".f32")] + ".by-cluster.f32" if staged else None
 
 
-def read_parquet_chunk(ref: Tuple[str, int], config: DedupConfig):
+def _without_positions(items, positions: Sequence[int]):
+    if not positions:
+        return items
+    skip = set(positions)
+    return (item for k, item in enumerate(items) if k not in skip)
+
+
+def _candidate_rows(ref: Tuple[str, int], columns: List[str], optional: Sequence[str] = ()):
+    """(table of `columns` and those of `optional` the file has, each row's number in the
+    file) of a row group's dedup candidates.
+
+    `embed` writes every embedded sample, with a `passed_filters` column: only the rows where
+    it is true are candidates (the same set `run` deduplicates)."""
     path, row_group = ref
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
         names = parquet.schema_arrow.names
-        columns = [config.id_column, config.embedding_column]
-        if "passed_filters" in names:
-            columns.append("passed_filters")
-        table = parquet.read_row_group(row_group, columns=columns)
-    if "passed_filters" in table.column_names:
-        # `embed` writes every embedded sample; only those that passed the filters are
-        # dedup candidates (the same set `run` deduplicates).
-        table = table.filter(table.column("passed_filters"))
+        filtered = "passed_filters" in names
+        table = parquet.read_row_group(
+            row_group, columns=columns + [c for c in optional if c in names]
+            + (["passed_filters"] if filtered else []))
+        first = sum(parquet.metadata.row_group(g).num_rows for g in range(row_group))
+    rows = np.arange(first, first + table.num_rows, dtype=np.int64)
+    if filtered:
+        passed = pc.fill_null(table.column("passed_filters"), False).to_numpy(
+            zero_copy_only=False)
+        table, rows = table.filter(passed), rows[passed]
+    return table, rows
+
+
+def read_parquet_chunk(ref: Tuple[str, int], dim: int, config: DedupConfig) -> Decoded:
+    """A row group's candidates, decoded and checked. A row whose length is not `dim` (0:
+    the first row's) is a corrupt or mixed file: refused, naming the file and row."""
+    from beam_curator.errors import OptionError
+
+    table, rows = _candidate_rows(ref, [config.id_column, config.embedding_column])
     ids = table.column(config.id_column).to_pylist()
-    vectors = list_column_to_numpy(table.column(config.embedding_column))
-    return ids, vectors
+    column = table.column(config.embedding_column)
+    try:
+        vectors, null = list_column_rows(column, dim or None)
+    except RowLengthError as exc:
+        raise OptionError(
+            f"{ref[0]} row {int(rows[exc.row])}: its {config.embedding_column!r} holds "
+            f"{exc.length} values, but the embeddings are {exc.dim}-d (the first row read "
+            "says so): every row needs the same dimension. Re-embed that file, or leave it "
+            "out of --embeddings.") from None
+    half = pa.types.is_float16(column.type.value_type)
+    vectors, reasons, off = unit_rows(vectors, FLOAT16_TOLERANCE if half else UNIT_TOLERANCE)
+    reasons[null] = REASONS.index(NULL_EMBEDDING)
+    return _decoded(ids, vectors, reasons, off, ref[0], rows)
 
 
-def list_column_to_numpy(column) -> np.ndarray:
-    """A list<float> column -> (n, d) float32, without a Python float per value."""
+def _decoded(ids, vectors, reasons, off, file, rows) -> Decoded:
+    """Decoded, with null ids marked (a row needs an id to be answered for)."""
+    reasons[np.array([i is None for i in ids], dtype=bool)] = REASONS.index(NULL_ID)
+    normalized = int(np.count_nonzero(off & (reasons == 0)))
+    return Decoded(ids, vectors, reasons, normalized, file, rows)
+
+
+class RowLengthError(ValueError):
+    """A row of an embedding column whose length is not the dimension."""
+
+    def __init__(self, row: int, length: int, dim: int):
+        super().__init__(f"row {row} holds {length} values, not {dim}: every row needs the "
+                         "same dimension")
+        self.row, self.length, self.dim = row, length, dim
+
+
+def list_column_rows(column, dim: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """A list<float> column -> ((n, dim) float32 with null rows zero, null mask), without a
+    Python float per value. Every non-null row must hold `dim` values (None: as many as the
+    first): the lengths come from the list offsets, and a RowLengthError names the first row
+    that differs (a reshape of the flat values would turn such rows into garbage vectors)."""
     column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    n = len(column)
-    if n == 0:
-        return np.zeros((0, 0), dtype=np.float32)
+    null = column.is_null().to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
+    if dim is None:
+        present = lengths[~null]
+        dim = int(present[0]) if present.size else 0
+    wrong = np.flatnonzero(~null & (lengths != dim))
+    if wrong.size:
+        raise RowLengthError(int(wrong[0]), int(lengths[wrong[0]]), dim)
     flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    if flat.size % n:
-        raise ValueError("embeddings have different lengths: every row needs the same dim")
-    return flat.reshape(n, flat.size // n)
+    if not null.any():
+        return flat.reshape(len(column), dim), null
+    vectors = np.zeros((len(column), dim), dtype=np.float32)
+    vectors[~null] = flat.reshape(-1, dim)
+    return vectors, null
+
+
+def list_column_to_numpy(column, dim: Optional[int] = None) -> np.ndarray:
+    """A list<float> column -> (n, d) float32 (null rows zero; see `list_column_rows`)."""
+    return list_column_rows(column, dim)[0]
 
 
 _STAGE_WRITE_ROWS = 1024   # rows gathered per write when reordering: ~3 MB at 768-d
@@ -228,56 +396,79 @@ def read_staged_rows(path: str, dim: int, rows: Optional[Sequence[int]]) -> np.n
 
 
 def read_candidate_ids(ref: Tuple[str, int], config: DedupConfig, with_hash: bool):
-    """(id, content_hash or None) of the candidate rows of a row group, without the vectors."""
-    path, row_group = ref
-    with FileSystems.open(path) as handle:
-        parquet = pq.ParquetFile(handle)
-        names = parquet.schema_arrow.names
-        columns = [config.id_column] + [c for c in ("content_hash", "passed_filters")
-                                        if c in names and (with_hash or c == "passed_filters")]
-        table = parquet.read_row_group(row_group, columns=columns)
-    if "passed_filters" in table.column_names:
-        table = table.filter(table.column("passed_filters"))
+    """(ids, content hashes or Nones, rows in the file) of a row group's candidates, without
+    the vectors."""
+    table, rows = _candidate_rows(ref, [config.id_column],
+                                  ["content_hash"] if with_hash else [])
     ids = table.column(config.id_column).to_pylist()
     hashes = (table.column("content_hash").to_pylist() if "content_hash" in table.column_names
               else [None] * len(ids))
-    return zip(ids, hashes)
+    return ids, hashes, rows
 
 
 def count_candidates(chunk: Chunk, config: DedupConfig) -> int:
-    """Candidates of the semantic pass in this chunk (exact duplicates not counted)."""
+    """Candidates of the semantic pass in this chunk (exact duplicates and invalid rows not
+    counted)."""
+    left_out = len(chunk.excluded) + len(chunk.dropped)
     if chunk.npy is not None:
-        return chunk.npy.stop - chunk.npy.start - len(chunk.excluded)
+        return chunk.npy.stop - chunk.npy.start - left_out
     path, row_group = chunk.parquet
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
         if "passed_filters" not in parquet.schema_arrow.names:   # every row is a candidate
-            return parquet.metadata.row_group(row_group).num_rows - len(chunk.excluded)
-    return sum(1 for _ in read_candidate_ids(chunk.parquet, config, with_hash=False)) - len(
-        chunk.excluded)
+            return parquet.metadata.row_group(row_group).num_rows - left_out
+    return len(read_candidate_ids(chunk.parquet, config, with_hash=False)[0]) - left_out
 
 
 # ---- the input: parquet files -> row-group chunks -------------------------------------------
 
 def embeddings_schema(path: str, config: DedupConfig) -> Tuple[int, bool]:
-    """(dim, has content_hash) of one embeddings file; refuses missing columns with the fix."""
-    from beam_curator.errors import OptionError
-
+    """(dim, has content_hash) of one embeddings file: dim is the first non-null row's length
+    (0: no such row). Refuses columns dedup cannot read, naming the fix."""
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
-        names = parquet.schema_arrow.names
-        for column in (config.id_column, config.embedding_column):
-            if column not in names:
-                raise OptionError(
-                    f"{path} has no column {column!r} (columns: {names}): set --id_column "
-                    "/ --embedding_column to the names your file uses.")
-        dim = 0
-        for rg in range(parquet.metadata.num_row_groups):
-            if parquet.metadata.row_group(rg).num_rows:
-                first = parquet.read_row_group(rg, columns=[config.embedding_column])
-                dim = len(first.column(0)[0])
-                break
-    return dim, "content_hash" in names
+        check_columns(path, parquet.schema_arrow, config)
+        return first_dim(parquet, config), "content_hash" in parquet.schema_arrow.names
+
+
+def check_columns(path: str, schema, config: DedupConfig) -> None:
+    """The id column holds strings and the embedding column a list of floats per row."""
+    from beam_curator.errors import OptionError
+
+    names = schema.names
+    for column in (config.id_column, config.embedding_column):
+        if column not in names:
+            raise OptionError(
+                f"{path} has no column {column!r} (columns: {names}): set --id_column "
+                "/ --embedding_column to the names your file uses.")
+    id_type = schema.field(config.id_column).type
+    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+        raise OptionError(
+            f"{path}: the id column {config.id_column!r} holds {id_type}, not strings (dedup "
+            "answers by sample id, the string `remove` matches): write the ids as strings, "
+            "or point --id_column at a string column.")
+    vector_type = schema.field(config.embedding_column).type
+    is_list = (pa.types.is_list(vector_type) or pa.types.is_large_list(vector_type)
+               or pa.types.is_fixed_size_list(vector_type))
+    if not (is_list and pa.types.is_floating(vector_type.value_type)):
+        raise OptionError(
+            f"{path}: the embedding column {config.embedding_column!r} holds {vector_type}, "
+            "not a list of floats per row: write each embedding as list<float32>, or point "
+            "--embedding_column at such a column.")
+
+
+def first_dim(parquet: pq.ParquetFile, config: DedupConfig) -> int:
+    """The length of the first non-null embedding (a fixed-size list's from the schema)."""
+    vector_type = parquet.schema_arrow.field(config.embedding_column).type
+    if pa.types.is_fixed_size_list(vector_type):
+        return vector_type.list_size
+    for rg in range(parquet.metadata.num_row_groups):
+        if parquet.metadata.row_group(rg).num_rows:
+            column = parquet.read_row_group(rg, columns=[config.embedding_column]).column(0)
+            lengths = pc.drop_null(pc.list_value_length(column))
+            if len(lengths):
+                return int(lengths[0].as_py())
+    return 0
 
 
 def chunk_names(paths: Sequence[str]) -> dict:
@@ -292,13 +483,22 @@ def chunk_names(paths: Sequence[str]) -> dict:
 
 
 def row_group_chunks(path: str, name: str, dim: int, config: DedupConfig) -> List[Chunk]:
-    """One Chunk per row group of one file (the footer is the only thing read; and the
-    first row, when `dim` is 0: not known when the graph was built)."""
-    if not dim:
-        dim, _ = embeddings_schema(path, config)
+    """One Chunk per row group of one file. Only the footer is read (and the first row, when
+    `dim` is 0: not known when the graph was built); its columns are checked there, so a file
+    dedup cannot read fails before any vector is."""
+    from beam_curator.errors import OptionError
+
     with FileSystems.open(path) as handle:
-        n_groups = pq.ParquetFile(handle).metadata.num_row_groups
-    return [Chunk(name=f"{name}-{rg:05d}", parquet=(path, rg), dim=dim)
+        parquet = pq.ParquetFile(handle)
+        check_columns(path, parquet.schema_arrow, config)
+        file_dim = first_dim(parquet, config) if not dim else 0
+        vector_type = parquet.schema_arrow.field(config.embedding_column).type
+        if dim and pa.types.is_fixed_size_list(vector_type) and vector_type.list_size != dim:
+            raise OptionError(
+                f"{path}: its embeddings are {vector_type.list_size}-d, the others {dim}-d: "
+                "dedup compares embeddings of one model. Leave it out of --embeddings.")
+        n_groups = parquet.metadata.num_row_groups
+    return [Chunk(name=f"{name}-{rg:05d}", parquet=(path, rg), dim=dim or file_dim)
             for rg in range(n_groups)]
 
 
@@ -341,21 +541,33 @@ def resolve_embeddings(pattern: str) -> Tuple[List[str], List[Tuple[str, str]]]:
 def resolve_embeddings_sized(pattern: str) -> Tuple[List[str], List[Tuple[str, str]], int]:
     """`resolve_embeddings`, and the bytes of the vectors: parquet files as they are, .npy
     arrays twice (clip-retrieval writes float16; they travel as float32). What a runner's
-    dedup tasks share between them (options.flink_parallelism_for)."""
-    from beam_curator.transforms.read import is_directory, matched_sizes, split_globs
+    dedup tasks share between them (options.flink_parallelism_for).
 
-    files, pairs, npy_bytes = {}, [], 0
+    Every file is named by one spelling (`canonical_path`): two spellings of one file, or
+    overlapping globs, read it once (twice, every row would be the duplicate of itself)."""
+    from beam_curator.transforms.read import (
+        canonical_path,
+        is_directory,
+        matched_sizes,
+        split_globs,
+    )
+
+    def sizes(glob: str) -> dict:
+        return {canonical_path(path): size for path, size in matched_sizes(glob).items()}
+
+    files, pairs, npy_sizes = {}, [], {}
     for part in split_globs(pattern):
         if is_directory(part):
+            part = canonical_path(part)
             found = clip_retrieval_pairs(part)
             if found:
                 pairs += found
-                npy_bytes += 2 * sum(matched_sizes(
-                    FileSystems.join(part, "img_emb", "img_emb_*.npy")).values())
+                npy_sizes.update(sizes(FileSystems.join(part, "img_emb", "img_emb_*.npy")))
                 continue
             part = FileSystems.join(part, "*.parquet")
-        files.update(matched_sizes(part))
-    return sorted(files), sorted(set(pairs)), sum(files.values()) + npy_bytes
+        files.update(sizes(part))
+    pairs = sorted({(canonical_path(npy), canonical_path(meta)) for npy, meta in pairs})
+    return sorted(files), pairs, sum(files.values()) + 2 * sum(npy_sizes.values())
 
 
 def _npy_header(handle) -> Tuple[np.dtype, Tuple[int, ...], int]:
@@ -370,8 +582,17 @@ def _npy_header(handle) -> Tuple[np.dtype, Tuple[int, ...], int]:
 
 
 def npy_shape(path: str) -> Tuple[int, int]:
+    """(rows, dim) of a 2-d float .npy; anything else is refused, naming the file."""
+    from beam_curator.errors import OptionError
+
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        _, shape, _ = _npy_header(handle)
+        try:
+            dtype, shape, _ = _npy_header(handle)
+        except ValueError as exc:
+            raise OptionError(f"{path}: not a clip-retrieval embeddings .npy ({exc})") from None
+    if not np.issubdtype(dtype, np.floating):
+        raise OptionError(f"{path} holds {dtype}, not float embeddings: clip-retrieval "
+                          "writes float16 (n, d) arrays.")
     return shape
 
 
@@ -402,22 +623,25 @@ def npy_chunks(npy: str, metadata: str, name: str, id_column: str) -> List[Chunk
             for start in range(0, n, NPY_CHUNK_ROWS)]
 
 
-def read_npy_rows(rows: NpyRows) -> np.ndarray:
-    """The rows as float32, re-normalised: clip-retrieval stores float16, whose rounding
-    leaves norms ~1e-3 away from 1."""
+def read_npy_chunk(rows: NpyRows) -> Decoded:
+    """The rows as float32, every one re-normalised (clip-retrieval stores float16, whose
+    rounding leaves norms ~1e-3 away from 1), and checked."""
     with FileSystems.open(rows.npy, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         dtype, (_, dim), offset = _npy_header(handle)
         handle.seek(offset + rows.start * dim * dtype.itemsize)
         data = handle.read((rows.stop - rows.start) * dim * dtype.itemsize)
     vectors = np.frombuffer(data, dtype=dtype).reshape(-1, dim).astype(np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms > 0, norms, 1.0).astype(np.float32)
+    tolerance = FLOAT16_TOLERANCE if dtype.itemsize < 4 else UNIT_TOLERANCE
+    vectors, reasons, off = unit_rows(vectors, tolerance, every_row=True)
+    return _decoded(read_npy_ids(rows), vectors, reasons, off, rows.npy,
+                    np.arange(rows.start, rows.stop, dtype=np.int64))
 
 
-def read_npy_ids(rows: NpyRows) -> List[str]:
+def read_npy_ids(rows: NpyRows) -> List[Optional[str]]:
     with FileSystems.open(rows.metadata) as handle:
         column = pq.read_table(handle, columns=[rows.id_column]).column(0)
-    return [str(v) for v in column.slice(rows.start, rows.stop - rows.start).to_pylist()]
+    return [None if v is None else str(v)
+            for v in column.slice(rows.start, rows.stop - rows.start).to_pylist()]
 
 
 # ---- members: what the GroupByKey per cluster carries -------------------------------------

@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from beam_curator.defaults import DEFAULT_MAX_MEMBER_BYTES
 from beam_curator.errors import ShardListError
 from beam_curator.schema import ErrorRecord, ShardSample
 from beam_curator.webdataset import shard_samples
@@ -21,13 +22,28 @@ ERRORS = "errors"
 _LOG = logging.getLogger(__name__)
 
 
+# What a shard's file name ends with; `--input DIR` reads all three. Compression is read from
+# the bytes (tarfile's `r|*`); the name says what the curated shard is written as.
+SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+GZIP_SUFFIXES = (".tar.gz", ".tgz")
+
+
 def shard_name(url: str) -> str:
     """`gs://b/x/00012.tar` -> `00012`: the first part of every id from that shard."""
     base = posixpath.basename(url.rstrip("/"))
-    for suffix in (".tar.gz", ".tgz", ".tar"):
+    for suffix in SHARD_SUFFIXES:
         if base.endswith(suffix):
             return base[: -len(suffix)]
     return base
+
+
+def curated_file_name(url: str) -> str:
+    """The curated shard keeps its source's file name, and so its compression: `000.tgz` ->
+    `000.tgz` (gzip). Any other name -> `<shard name>.tar`."""
+    base = posixpath.basename(url.rstrip("/"))
+    if base.endswith(SHARD_SUFFIXES):
+        return base
+    return f"{shard_name(url)}.tar"
 
 
 def split_globs(pattern: str) -> List[str]:
@@ -35,25 +51,30 @@ def split_globs(pattern: str) -> List[str]:
     return [part.strip() for part in pattern.split(",") if part.strip()]
 
 
-def matched_sizes(pattern: str, directory_glob: Optional[str] = None) -> Dict[str, int]:
+Globs = Union[str, Sequence[str], None]
+
+
+def matched_sizes(pattern: str, directory_glob: Globs = None) -> Dict[str, int]:
     """Comma-separated globs -> {path: size in bytes} of the files they match, each once
     (globs may overlap); the sizes come with the listing, at no extra request.
 
-    With `directory_glob` (e.g. "*.tar"), a part that names a directory stands for the files
-    of that directory matching it (`--input DIR` = `--input 'DIR/*.tar'`).
+    With `directory_glob` (e.g. "*.tar", or several), a part that names a directory stands
+    for the files of that directory matching it (`--input DIR` = `--input 'DIR/*.tar'`).
     """
     found = {}
     for part in split_globs(pattern):
+        parts = [part]
         if directory_glob and is_directory(part):
-            _LOG.info("%s is a directory: reading %s", part,
-                      FileSystems.join(part, directory_glob))
-            part = FileSystems.join(part, directory_glob)
-        found.update((m.path, m.size_in_bytes)
-                     for m in FileSystems.match([part])[0].metadata_list)
+            globs = [directory_glob] if isinstance(directory_glob, str) else directory_glob
+            parts = [FileSystems.join(part, glob) for glob in globs]
+            _LOG.info("%s is a directory: reading %s", part, ", ".join(parts))
+        for glob in parts:
+            found.update((m.path, m.size_in_bytes)
+                         for m in FileSystems.match([glob])[0].metadata_list)
     return found
 
 
-def match_globs(pattern: str, directory_glob: Optional[str] = None) -> List[str]:
+def match_globs(pattern: str, directory_glob: Globs = None) -> List[str]:
     """Comma-separated globs -> the sorted paths they match (see `matched_sizes`)."""
     return sorted(matched_sizes(pattern, directory_glob))
 
@@ -80,17 +101,20 @@ NOT_TAR_SUFFIXES = (".parquet", ".json", ".jsonl", ".txt", ".csv", ".tsv", ".md"
                     ".index", ".lock", ".jpg", ".jpeg", ".png", ".webp")
 
 
-def list_shards(pattern: str) -> List[Tuple[str, str]]:
+def list_shards(pattern: str, output: Optional[str] = None) -> List[Tuple[str, str]]:
     """Resolve --input (comma-separated globs) to sorted (shard name, url) pairs, failing fast.
 
     Files this project writes beside its outputs (summary.json, report.html, the run lock)
     are never input, whatever the glob: `--input 'DIR/*'` next to an output in DIR reads the
-    shards only.
+    shards only. With `output`, matches inside the paths a run into it writes (its own
+    curated/ of an earlier run, say, under `--input 'X/**.tar' --output X/out`) are skipped
+    too, unless they are all the glob matched: then the claim refuses them by name.
     """
     from beam_curator.atomic import TMP_PREFIX
     from beam_curator.outputs import OWN_FILE_NAMES
 
-    matched = match_globs(pattern, directory_glob="*.tar")
+    matched = _one_spelling_per_file(
+        match_globs(pattern, directory_glob=tuple("*" + s for s in SHARD_SUFFIXES)))
     own = [u for u in matched if posixpath.basename(u) in OWN_FILE_NAMES
            or posixpath.basename(u).startswith(TMP_PREFIX)]
     if own:
@@ -105,6 +129,8 @@ def list_shards(pattern: str) -> List[Tuple[str, str]]:
                      len(others), others[0])
     skipped = set(own) | set(others)
     urls = [u for u in matched if u not in skipped]
+    if output:
+        urls = _without_own_outputs(urls, output)
     if not urls:
         besides = ""
         if skipped:
@@ -113,7 +139,7 @@ def list_shards(pattern: str) -> List[Tuple[str, str]]:
                        "files)")
         raise ShardListError(
             f"--input {pattern!r} matches no file{besides}. Check the path and the glob (for "
-            "example 'data/shards/*.tar', or a directory of .tar shards; "
+            "example 'data/shards/*.tar', or a directory of .tar/.tar.gz/.tgz shards; "
             "'gs://bucket/shards/{00000..00099}.tar' written as a glob "
             "'gs://bucket/shards/000*.tar').")
     by_name = {}
@@ -129,10 +155,44 @@ def list_shards(pattern: str) -> List[Tuple[str, str]]:
     return [(shard_name(u), u) for u in urls]
 
 
+def _without_own_outputs(urls: List[str], output: str) -> List[str]:
+    from beam_curator.ownership import inside_owned_paths
+
+    theirs = [u for u in urls if inside_owned_paths(u, output)]
+    if not theirs or len(theirs) == len(urls):
+        return urls
+    _LOG.warning("--input: skipped %d file(s) inside --output %s, which this run writes "
+                 "(e.g. %s): an earlier run's outputs are never its input", len(theirs),
+                 output, theirs[0])
+    return [u for u in urls if u not in set(theirs)]
+
+
+def canonical_path(path: str) -> str:
+    """One spelling per file: a local path resolved (links, `.`, `..`, repeated or trailing
+    slashes), a remote one without trailing slashes."""
+    local = path[7:] if path.startswith("file://") else path
+    if "://" not in local:
+        return os.path.realpath(local)
+    return path.rstrip("/")
+
+
+def _one_spelling_per_file(urls: List[str]) -> List[str]:
+    """Two spellings of one file (`./a/0.tar` and `a/0.tar`, a link, overlapping globs) -> the
+    first in sorted order, so the file is read once rather than refused as a name clash."""
+    first: Dict[str, str] = {}
+    for url in sorted(urls):
+        first.setdefault(canonical_path(url), url)
+    if len(first) < len(urls):
+        _LOG.info("--input: %d path(s) name a file already matched; each file is read once",
+                  len(urls) - len(first))
+    return sorted(first.values())
+
+
 class ReadShardFn(beam.DoFn):
     """(shard name, url) -> samples; ErrorRecords to the `errors` output."""
 
-    def __init__(self):
+    def __init__(self, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
+        self._max_member_bytes = max_member_bytes
         self.samples_read = beam.metrics.Metrics.counter("curator", "samples_read")
         self.shards_read = beam.metrics.Metrics.counter("curator", "shards_read")
         self.shard_errors = beam.metrics.Metrics.counter("curator", "shard_errors")
@@ -140,7 +200,7 @@ class ReadShardFn(beam.DoFn):
 
     def process(self, shard_and_url):
         shard, url = shard_and_url
-        for item in shard_samples(shard, url):
+        for item in shard_samples(shard, url, self._max_member_bytes):
             if isinstance(item, ErrorRecord):
                 self.shard_errors.inc()
                 _LOG.warning("shard %s: %s", shard, item.reason)
@@ -194,10 +254,12 @@ class ReadWebDataset(beam.PTransform):
     fails the read: see `beam_curator.webdataset`.
 
     Args:
-      file_pattern: comma-separated globs or directories (a directory: its *.tar), local,
-        gs:// or s3://. Resolved when the graph is built (fails fast when nothing matches).
+      file_pattern: comma-separated globs or directories (a directory: its *.tar, *.tar.gz
+        and *.tgz), local, gs:// or s3://. Resolved when the graph is built (fails fast when
+        nothing matches); one file named twice is read once.
       shards: the (shard name, url) pairs when the caller has already listed them
         (`transforms.read.list_shards`); file_pattern is then ignored.
+      max_member_bytes: a tar member larger than this is not read: its sample is an error.
 
     Example::
 
@@ -210,8 +272,10 @@ class ReadWebDataset(beam.PTransform):
     """
 
     def __init__(self, file_pattern: Optional[str] = None, *,
-                 shards: Optional[List[Tuple[str, str]]] = None):
+                 shards: Optional[List[Tuple[str, str]]] = None,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         super().__init__()
+        self._max_member_bytes = max_member_bytes
         if shards is None and not file_pattern:
             raise ValueError("ReadWebDataset needs a file_pattern (or resolved shards)")
         self._shards = list(shards) if shards is not None else list_shards(file_pattern)
@@ -220,5 +284,6 @@ class ReadWebDataset(beam.PTransform):
         shards = pbegin | "ShardList" >> beam.Create(self._shards)
         read = (shards
                 | "OneShardPerWorkItem" >> beam.Reshuffle()
-                | "ReadTar" >> beam.ParDo(ReadShardFn()).with_outputs(ERRORS, main="samples"))
+                | "ReadTar" >> beam.ParDo(ReadShardFn(self._max_member_bytes))
+                .with_outputs(ERRORS, main="samples"))
         return ReadResult(samples=read.samples, errors=read[ERRORS], shards=shards)

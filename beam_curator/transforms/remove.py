@@ -6,12 +6,15 @@ holds the ids of the shard it is writing, never the whole removal set.
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from beam_curator.defaults import DEFAULT_MAX_MEMBER_BYTES
 from beam_curator.schema import ShardSample, shard_of_id
+from beam_curator.transforms.read import curated_file_name
 from beam_curator.transforms.write import write_curated_shard
 from beam_curator.webdataset import shard_samples
 
@@ -37,10 +40,13 @@ class RewriteShardFn(beam.DoFn):
     positional ones) is reported instead of passing silently.
     """
 
-    def __init__(self, curated_dir: str, mode: str):
+    def __init__(self, curated_dir: str, mode: str,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         assert mode in (KEEP, REMOVE)
         self._curated_dir = curated_dir
         self._mode = mode
+        # The read step's limit: the rewrite must cut the shard into the same samples.
+        self._max_member_bytes = max_member_bytes
         self.written = beam.metrics.Metrics.counter("curator", "curated_samples_written")
         self.unknown = beam.metrics.Metrics.counter("curator", "ids_of_unknown_shards")
 
@@ -65,7 +71,7 @@ class RewriteShardFn(beam.DoFn):
         seen = set()
 
         def chosen():
-            for item in shard_samples(shard, urls[0]):
+            for item in shard_samples(shard, urls[0], self._max_member_bytes):
                 if not isinstance(item, ShardSample):
                     continue
                 if item.id in ids:
@@ -82,7 +88,7 @@ class RewriteShardFn(beam.DoFn):
                 pass
             yield self._result(shard, 0, ids, seen)   # nothing to write: no empty tar
             return
-        path = FileSystems.join(self._curated_dir, f"{shard}.tar")
+        path = FileSystems.join(self._curated_dir, curated_file_name(urls[0]))
         count = write_curated_shard(path, itertools.chain([first], samples))
         self.written.inc(count)
         yield self._result(shard, count, ids, seen)
@@ -90,18 +96,22 @@ class RewriteShardFn(beam.DoFn):
 
 class RewriteShards(beam.PTransform):
     """shards: (name, url); ids: (shard, id) -> (shard, count) after writing CURATED/<shard>.tar
-    (REMOVE mode: see RewriteShardFn for the extra counts)."""
+    (or the source's `.tar.gz`/`.tgz` name, gzip; REMOVE mode: see RewriteShardFn for the
+    extra counts)."""
 
-    def __init__(self, curated_dir: str, mode: str):
+    def __init__(self, curated_dir: str, mode: str,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         super().__init__()
         self._curated_dir = curated_dir
         self._mode = mode
+        self._max_member_bytes = max_member_bytes
 
     def expand(self, pcolls):
         shards, ids = pcolls
         return ({"url": shards, "ids": ids}
                 | "JoinIdsToShard" >> beam.CoGroupByKey()
-                | "RewriteTar" >> beam.ParDo(RewriteShardFn(self._curated_dir, self._mode)))
+                | "RewriteTar" >> beam.ParDo(RewriteShardFn(
+                    self._curated_dir, self._mode, self._max_member_bytes)))
 
 
 def _shard_and_id(item):
@@ -116,11 +126,13 @@ class WriteCuratedShards(beam.PTransform):
     Applied to the samples to keep: SampleResults with status kept (others are ignored),
     SampleInfos or ids. Each source tar is read again and its kept samples written in their
     original order, member names and bytes (image bytes never cross a shuffle: only ids do).
-    A shard with nothing kept gets no tar. Emits (shard, samples written).
+    A shard with nothing kept gets no tar; a `.tar.gz`/`.tgz` source gets a gzip one of the
+    same name. Emits (shard, samples written).
 
     Args:
       output_dir: the output directory.
       shards: the (shard name, url) PCollection of `ReadWebDataset(...).shards`.
+      max_member_bytes: the read step's limit (`ReadWebDataset`), so both cut shards alike.
 
     Example::
 
@@ -129,10 +141,12 @@ class WriteCuratedShards(beam.PTransform):
         results | WriteCuratedShards("/tmp/out", shards=read.shards)
     """
 
-    def __init__(self, output_dir: str, *, shards: beam.PCollection):
+    def __init__(self, output_dir: str, *, shards: beam.PCollection,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         super().__init__()
         self._output_dir = output_dir
         self._shards = shards
+        self._max_member_bytes = max_member_bytes
 
     def expand(self, kept):
         from beam_curator import outputs
@@ -142,7 +156,7 @@ class WriteCuratedShards(beam.PTransform):
                | "OnlyKept" >> beam.Filter(lambda r: getattr(r, "status", KEPT) == KEPT)
                | "ByShard" >> beam.Map(_shard_and_id))
         return (self._shards, ids) | "Rewrite" >> RewriteShards(
-            outputs.curated_dir(self._output_dir), KEEP)
+            outputs.curated_dir(self._output_dir), KEEP, self._max_member_bytes)
 
 
 class RemoveSamples(beam.PTransform):
@@ -154,6 +168,7 @@ class RemoveSamples(beam.PTransform):
     Args:
       output_dir: the output directory.
       shards: the (shard name, url) PCollection of `ReadWebDataset(...).shards`.
+      max_member_bytes: a tar member larger than this is not read (its sample is not written).
 
     Example::
 
@@ -163,14 +178,53 @@ class RemoveSamples(beam.PTransform):
         ids | RemoveSamples("/tmp/out", shards=read.shards)
     """
 
-    def __init__(self, output_dir: str, *, shards: beam.PCollection):
+    def __init__(self, output_dir: str, *, shards: beam.PCollection,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         super().__init__()
         self._output_dir = output_dir
         self._shards = shards
+        self._max_member_bytes = max_member_bytes
 
     def expand(self, ids):
         from beam_curator import outputs
 
         keyed = ids | "ByShard" >> beam.Map(_shard_and_id)
         return (self._shards, keyed) | "Rewrite" >> RewriteShards(
-            outputs.curated_dir(self._output_dir), REMOVE)
+            outputs.curated_dir(self._output_dir), REMOVE, self._max_member_bytes)
+
+
+# ---- removal-id files: checked from their footers before any work ---------------------------
+
+def removal_file_problem(path: str) -> Optional[str]:
+    """Why `path` cannot be a removal-id file (a parquet file with a string `id` column), from
+    its parquet footer alone; None when it can."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            schema = pq.ParquetFile(handle).schema_arrow
+    except (pa.ArrowException, OSError) as exc:
+        return f"{path} is not a readable parquet file ({exc})"
+    if "id" not in schema.names:
+        return (f"{path} has no `id` column (it has: {', '.join(schema.names) or 'none'}); "
+                "removal ids are an `id` column of '<shard>/<key>' strings, as `dedup` "
+                "writes them in OUTPUT/dedup/duplicates")
+    kind = schema.field("id").type
+    values = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if not (pa.types.is_string(values) or pa.types.is_large_string(values)
+            or pa.types.is_string_view(values)):
+        return (f"{path}: its `id` column is {kind}, not strings. Ids are '<shard>/<key>' "
+                "strings as `dedup` writes them; NeMo Curator's positional (integer) ids "
+                "must first be mapped to those")
+    return None
+
+
+def with_null_ids(summary: dict, n_null: int) -> dict:
+    """The remove summary, counting null ids: rows that name no sample and so remove none."""
+    summary["removal_ids"]["null"] = n_null
+    if n_null:
+        summary["warnings"].append(
+            f"{n_null:,} removal id(s) are null: they name no sample and removed nothing. "
+            "A removal list with nulls is often the result of a join that did not match.")
+    return summary

@@ -3,6 +3,9 @@ per bin of whole clusters (or per block pair of a large cluster), SemDeDup's kee
 
     embeddings ─► chunks (parquet row groups or .npy rows: references; vectors are read where
       │           needed)
+      ├─► row check: each chunk decoded once (and staged): wrong-length rows fail the run,
+      │   null / NaN / zero rows are counted and left out, non-unit rows normalised
+      ├─► (dedup command) repeated ids: CombinePerKey(id) -> the run fails naming both places
       ├─► exact pre-pass: GroupByKey(content hash), the smallest id survives; the copies
       │   reach their chunk by a keyed join (never a broadcast)
       ├─► plan: candidates counted by a combiner -> n_clusters (~1 per 10,000 when not given)
@@ -50,6 +53,7 @@ from beam_curator.transforms.dedup_data import (
     Chunk,
     Decisions,
     ExactDuplicate,
+    InvalidRow,
     Members,
     count_candidates,
     discard,
@@ -72,6 +76,144 @@ from beam_curator.transforms.dedup_plan import (
 from beam_curator.transforms.write_behind import WriteBehindDoFn
 
 _LOG = logging.getLogger(__name__)
+
+
+# ---- the rows: checked once, ids unique ---------------------------------------------------
+
+class CheckRowsFn(WriteBehindDoFn):
+    """Chunk -> the chunk with its invalid rows `dropped`; each InvalidRow to INVALID and the
+    number of rows normalised to NORMALIZED. The first step that reads the vectors: in the
+    staged transport it stages the valid ones (written behind), so no later step decodes."""
+
+    INVALID, NORMALIZED = "invalid", "normalized"
+
+    def __init__(self, config: DedupConfig):
+        self._config = config
+
+    def process(self, chunk: Chunk):
+        decoded = chunk.decode(self._config)
+        for row in decoded.invalid_rows():
+            yield beam.pvalue.TaggedOutput(self.INVALID, row)
+        if decoded.normalized:
+            yield beam.pvalue.TaggedOutput(self.NORMALIZED, decoded.normalized)
+        chunk = dataclasses.replace(
+            chunk, dropped=tuple(np.flatnonzero(decoded.reasons).tolist()))
+        staged = chunk.staged_copy(self._config)
+        if staged and len(chunk.dropped) < len(decoded.ids):   # nothing to stage: reads decode
+            self._writes.submit(write_staged, staged, decoded.without(chunk.dropped)[1])
+        yield chunk
+
+
+class InvalidSummary(beam.CombineFn):
+    """InvalidRow -> {count, by reason, up to MAX_EXAMPLES examples (the first by file and
+    row)}: what summary.json says about the rows dedup could not use."""
+
+    MAX_EXAMPLES = 20
+
+    def create_accumulator(self):
+        return {}, []
+
+    def add_input(self, acc, row: InvalidRow):
+        counts, examples = acc
+        counts[row.reason] = counts.get(row.reason, 0) + 1
+        return counts, self._first(examples + [row])
+
+    def merge_accumulators(self, accs):
+        counts, examples = {}, []
+        for part_counts, part_examples in accs:
+            for reason, n in part_counts.items():
+                counts[reason] = counts.get(reason, 0) + n
+            examples = self._first(examples + part_examples)
+        return counts, examples
+
+    def _first(self, rows):
+        return sorted(rows, key=lambda r: (r.file, r.row))[:self.MAX_EXAMPLES]
+
+    def extract_output(self, acc):
+        counts, examples = acc
+        return {"count": sum(counts.values()), "by_reason": dict(sorted(counts.items())),
+                "examples": [r._asdict() for r in examples]}
+
+
+def _input_checks(invalid: dict, normalized: int) -> dict:
+    """summary.json's word on the input rows (and the log's, where some were not fine)."""
+    if invalid["count"]:
+        first = invalid["examples"][0]
+        _LOG.warning("dedup: %d embedding row(s) left out (%s), e.g. %s row %d (id %r): "
+                     "see summary.json dedup.input_checks", invalid["count"],
+                     ", ".join(f"{n} {reason}" for reason, n in invalid["by_reason"].items()),
+                     first["file"], first["row"], first["id"])
+    if normalized:
+        _LOG.warning("dedup: %d embedding(s) were not unit length and were normalised (cosine "
+                     "similarity assumes unit vectors)", normalized)
+    return {"invalid_rows": invalid, "normalized_rows": normalized}
+
+
+class IdPlacesFn(beam.DoFn):
+    """Chunk -> (id, (file, row)) for each candidate: where each id was read."""
+
+    def __init__(self, config: DedupConfig):
+        self._config = config
+
+    def process(self, chunk: Chunk):
+        yield from chunk.places(self._config)
+
+
+class FirstPlacesFn(beam.CombineFn):
+    """Places of one id -> (times seen, the first two places): enough to name a repeat,
+    never more than two places per id."""
+
+    def create_accumulator(self):
+        return 0, ()
+
+    def add_input(self, acc, place):
+        return acc[0] + 1, tuple(sorted(acc[1] + (place,)))[:2]
+
+    def merge_accumulators(self, accs):
+        seen, places = 0, ()
+        for n, more in accs:
+            seen, places = seen + n, tuple(sorted(places + more))[:2]
+        return seen, places
+
+    def extract_output(self, acc):
+        return acc
+
+
+class RepeatsFn(beam.CombineFn):
+    """(id, (times, places)) of repeated ids -> (how many ids, the first MAX_SHOWN)."""
+
+    MAX_SHOWN = 3
+
+    def create_accumulator(self):
+        return 0, []
+
+    def add_input(self, acc, repeat):
+        return acc[0] + 1, sorted(acc[1] + [repeat])[:self.MAX_SHOWN]
+
+    def merge_accumulators(self, accs):
+        n, shown = 0, []
+        for part_n, part_shown in accs:
+            n, shown = n + part_n, sorted(shown + part_shown)[:self.MAX_SHOWN]
+        return n, shown
+
+    def extract_output(self, acc):
+        return acc
+
+
+def refuse_repeated_ids(repeats) -> int:
+    """Fails the run when an id was read twice: one id must have one answer, and a row
+    compared with its own copy would be its own duplicate. Returns 0 (nothing repeated)."""
+    from beam_curator.errors import OptionError
+
+    n, shown = repeats
+    if not n:
+        return 0
+    id_, (times, ((file_a, row_a), (file_b, row_b))) = shown[0]
+    raise OptionError(
+        f"{n} id(s) appear more than once in --embeddings, e.g. {id_!r} ({times} times) at "
+        f"{file_a} row {row_a} and at {file_b} row {row_b}: each sample needs one embedding. "
+        "Leave out the copies (the same file under two names is read once), or give the "
+        "rows distinct ids.")
 
 
 # ---- exact pre-pass ---------------------------------------------------------------------
@@ -106,10 +248,9 @@ def _with_exclusions(element) -> Chunk:
 
 # ---- centroids --------------------------------------------------------------------------
 
-class SampleForTrainingFn(WriteBehindDoFn):
-    """Chunk -> the path of a small file holding its training-sample rows (ids + vectors).
-    The chunk's staged copy (read by the assign step) is written behind, while the next
-    chunk decodes.
+class SampleForTrainingFn(beam.DoFn):
+    """Chunk -> the path of a small file holding its training-sample rows (ids + vectors),
+    read from the chunk's staged copy (the row check wrote it) or decoded.
 
     Only the path travels to the trainer. Shipping the rows themselves made one record of
     every bundle's sample (Beam lifts the gathering combine into the SDK): ~100 MB at 1M rows,
@@ -120,7 +261,7 @@ class SampleForTrainingFn(WriteBehindDoFn):
         self._config = config
 
     def process(self, chunk: Chunk, plan: DedupPlan):
-        ids, vectors = chunk.load(self._config, stage_with=self._writes.submit)
+        ids, vectors = chunk.load(self._config)
         fraction = km.sample_fraction(plan.n_candidates, plan.sample_size)
         rows = [r for r in np.flatnonzero(km.sample_mask(ids, fraction, self._config.seed))
                 if ids[r] not in chunk.excluded]
@@ -474,7 +615,8 @@ class CoreOutputs(NamedTuple):
     decisions: beam.PCollection  # Decisions per cluster (or block); exact copies not in them
     exact: beam.PCollection      # ExactDuplicate
     written: beam.PCollection    # one count: dedup/ is written and the staging is gone
-    info: beam.PCollection       # one dict: the plan and the cluster sizes (summary.json)
+    info: beam.PCollection       # one dict: the plan, the cluster sizes, the input checks
+    invalid: beam.PCollection    # InvalidRow: rows left out (no answer in `decisions`)
 
 
 def _count_done(pcoll, label: str):
@@ -482,15 +624,33 @@ def _count_done(pcoll, label: str):
 
 
 class SemanticDedupCore(beam.PTransform):
-    """Chunks of embeddings -> CoreOutputs, writing OUTPUT/dedup/."""
+    """Chunks of embeddings -> CoreOutputs, writing OUTPUT/dedup/.
 
-    def __init__(self, config: DedupConfig, has_hash: bool):
+    `check_ids`: refuse an id read twice (a keyed pass over every id, before any other work);
+    off where the ids are unique by construction (`run`: shard name / key)."""
+
+    def __init__(self, config: DedupConfig, has_hash: bool, check_ids: bool = False):
         super().__init__()
         self._config = config
         self._has_hash = has_hash
+        self._check_ids = check_ids
 
     def expand(self, chunks):
         config, p = self._config, chunks.pipeline
+
+        checked = chunks | "CheckRows" >> beam.ParDo(CheckRowsFn(config)).with_outputs(
+            CheckRowsFn.INVALID, CheckRowsFn.NORMALIZED, main="chunks")
+        chunks = checked.chunks
+        if self._check_ids:
+            repeats = (chunks
+                       | "IdPlaces" >> beam.ParDo(IdPlacesFn(config))
+                       | "PlacesPerId" >> beam.CombinePerKey(FirstPlacesFn())
+                       | "RepeatedIds" >> beam.Filter(lambda kv: kv[1][0] > 1)
+                       | "CountRepeats" >> beam.CombineGlobally(RepeatsFn())
+                       | "RefuseRepeatedIds" >> beam.Map(refuse_repeated_ids))
+            # Every later step waits for the check: a failed one costs no k-means.
+            chunks = chunks | "AfterIdCheck" >> beam.Map(lambda c, _: c,
+                                                         beam.pvalue.AsSingleton(repeats))
 
         # Exact pre-pass: identical bytes -> the smallest id survives; the copies reach the
         # chunk they were read from by a join on its name.
@@ -564,14 +724,20 @@ class SemanticDedupCore(beam.PTransform):
         stats = (sizes
                  | "SizeValues" >> beam.Values()
                  | "SizeStats" >> beam.CombineGlobally(_SizeStats(config.block_rows)))
+        invalid = checked[CheckRowsFn.INVALID]
+        invalid_summary = invalid | "SummariseInvalid" >> beam.CombineGlobally(InvalidSummary())
+        normalized = (checked[CheckRowsFn.NORMALIZED]
+                      | "CountNormalized" >> beam.CombineGlobally(sum))
         info = (plan
                 | "Info" >> beam.Map(
-                    lambda pl, k_, st, rows: dict(pl.as_dict(), n_clusters=k_,
-                                                  pairwise_block_size=rows, **st),
+                    lambda pl, k_, st, rows, inv, norm: dict(
+                        pl.as_dict(), n_clusters=k_, pairwise_block_size=rows, **st,
+                        input_checks=_input_checks(inv, norm)),
                     beam.pvalue.AsSingleton(k), beam.pvalue.AsSingleton(stats),
-                    config.block_rows))
+                    config.block_rows, beam.pvalue.AsSingleton(invalid_summary),
+                    beam.pvalue.AsSingleton(normalized)))
         return CoreOutputs(decisions=decisions | "Decisions" >> beam.Values(), exact=exact,
-                           written=written, info=info)
+                           written=written, info=info, invalid=invalid)
 
 
 def _cleanup_after(config: DedupConfig, written: list):
