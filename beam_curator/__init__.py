@@ -5,13 +5,18 @@ One PTransform per curation stage, composable like Beam's own (`RunInference`,
 
     import apache_beam as beam
     from beam_curator import (DecodeImages, Deduplicate, EmbedImages, FilterByScores,
-                              ReadWebDataset, ScoreImages, WriteCuratedShards, WriteSamples)
+                              ReadWebDataset, SampleChecks, ScoreImages, WriteCuratedShards,
+                              WriteSamples)
 
     with beam.Pipeline() as p:
         read = p | ReadWebDataset("shards/*.tar")
-        decoded = read.samples | DecodeImages("models/")
-        scored = decoded.decoded | EmbedImages("models/") | ScoreImages("models/")
-        split = scored | FilterByScores(aesthetic_threshold=5.0, nsfw_threshold=0.5)
+        decoded = read.samples | DecodeImages(
+            "models/", checks=SampleChecks(min_image_side=200, min_caption_words=2),
+            tokenize=True)
+        scored = (decoded.decoded | EmbedImages("models/", clip_score=True)
+                  | ScoreImages("models/"))
+        split = scored | FilterByScores(aesthetic_threshold=5.0, nsfw_threshold=0.5,
+                                        clip_score_threshold=0.28)
         dedup = split.passed | Deduplicate("out/")
         dedup.results | WriteSamples("out/")
         dedup.results | WriteCuratedShards("out/", shards=read.shards)
@@ -31,17 +36,19 @@ __all__ = [
     "ReadWebDataset", "DecodeImages", "EmbedImages", "OpenClipModelHandler", "ScoreImages",
     "FilterByScores", "Deduplicate", "DeduplicateEmbeddings", "WriteCuratedShards",
     "RemoveSamples", "WriteSamples", "WriteErrors", "WriteEmbeddings",
-    # what multi-part stages return
-    "ReadResult", "DecodeResult", "FilterResult", "DedupResult",
+    # configuration of stages, and what multi-part stages return
+    "SampleChecks", "ReadResult", "DecodeResult", "FilterResult", "DedupResult",
     # records and statuses
     "ShardSample", "SampleInfo", "SampleResult", "ErrorRecord", "DedupDecision", "STATUSES",
     "KEPT", "FILTERED_AESTHETIC", "FILTERED_NSFW", "EXACT_DUPLICATE", "SEMANTIC_DUPLICATE",
-    "ERROR",
+    "ERROR", "FILTERED_CAPTION_LENGTH", "FILTERED_CAPTION_LANGUAGE", "FILTERED_IMAGE_SIZE",
+    "FILTERED_ASPECT_RATIO", "FILTERED_CLIP_SCORE",
 ]
 
 _WHERE = {
     "ReadWebDataset": "transforms.read", "ReadResult": "transforms.read",
     "DecodeImages": "transforms.decode", "DecodeResult": "transforms.decode",
+    "SampleChecks": "transforms.decode",
     "EmbedImages": "transforms.embed", "OpenClipModelHandler": "transforms.embed",
     "ScoreImages": "transforms.scores",
     "FilterByScores": "transforms.filters", "FilterResult": "transforms.filters",
@@ -53,7 +60,8 @@ _WHERE = {
 }
 _SCHEMA = {"ShardSample", "SampleInfo", "SampleResult", "ErrorRecord", "DedupDecision",
            "STATUSES", "KEPT", "FILTERED_AESTHETIC", "FILTERED_NSFW", "EXACT_DUPLICATE",
-           "SEMANTIC_DUPLICATE", "ERROR"}
+           "SEMANTIC_DUPLICATE", "ERROR", "FILTERED_CAPTION_LENGTH", "FILTERED_CAPTION_LANGUAGE",
+           "FILTERED_IMAGE_SIZE", "FILTERED_ASPECT_RATIO", "FILTERED_CLIP_SCORE"}
 
 
 def __getattr__(name):

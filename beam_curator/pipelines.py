@@ -15,6 +15,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator import outputs
+from beam_curator.captions import parse_languages
 from beam_curator.errors import OptionError
 from beam_curator.options import (
     CuratorOptions,
@@ -24,7 +25,7 @@ from beam_curator.options import (
 )
 from beam_curator.ownership import OutputClaim, claim_output, finish_output, inputs_of
 from beam_curator.schema import KEPT, REJECTED_SCHEMA, SampleResult
-from beam_curator.transforms.decode import DecodeImages
+from beam_curator.transforms.decode import DecodeImages, SampleChecks
 from beam_curator.transforms.filters import FilterByScores
 from beam_curator.transforms.read import (
     ReadResult,
@@ -81,6 +82,16 @@ def _check_model_dir(opts: CuratorOptions):
     return manifest
 
 
+def sample_checks(opts: CuratorOptions) -> SampleChecks:
+    """The filters that run before the model, from the command line."""
+    return SampleChecks(min_caption_words=opts.min_caption_words,
+                        min_caption_chars=opts.min_caption_chars,
+                        caption_languages=parse_languages(opts.caption_languages),
+                        min_image_side=opts.min_image_side,
+                        max_aspect_ratio=opts.max_aspect_ratio,
+                        caption_field=opts.caption_field)
+
+
 def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list) -> Front:
     """read -> decode -> RunInference -> scores -> thresholds, and write embeddings/."""
     # Imported here: apache_beam.ml (RunInference) costs seconds of imports that the `dedup`
@@ -91,17 +102,19 @@ def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list) -> Front:
                                         max_member_bytes=opts.max_member_bytes)
     samples_read = read.samples | "CountRead" >> beam.combiners.Count.Globally()
     decoded = read.samples | "Decode" >> DecodeImages(
-        opts.model_dir, max_image_pixels=opts.max_image_pixels)
+        opts.model_dir, max_image_pixels=opts.max_image_pixels, checks=sample_checks(opts),
+        tokenize=opts.clip_score)
     embedded = decoded.decoded | "Embed" >> EmbedImages(
         opts.model_dir, device=opts.device, precision=opts.precision,
         inference_batch_size=opts.inference_batch_size,
         min_inference_batch_size=opts.min_inference_batch_size,
         forward_batch_size=opts.forward_batch_size, large_model=opts.large_model,
         model_copies=opts.model_copies, torch_compile=opts.torch_compile,
-        accelerator=opts.inference_accelerator)
+        accelerator=opts.inference_accelerator, clip_score=opts.clip_score)
     scored = embedded | "Score" >> ScoreImages(opts.model_dir)
-    split = scored | "Filter" >> FilterByScores(aesthetic_threshold=opts.aesthetic_threshold,
-                                                nsfw_threshold=opts.nsfw_threshold)
+    split = scored | "Filter" >> FilterByScores(
+        aesthetic_threshold=opts.aesthetic_threshold, nsfw_threshold=opts.nsfw_threshold,
+        clip_score_threshold=opts.clip_score_threshold)
     embeddings_written = ((split.passed, split.filtered)
                           | "AllEmbeddings" >> beam.Flatten()
                           | "WriteEmbeddings" >> WriteEmbeddings(opts.output))

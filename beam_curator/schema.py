@@ -20,7 +20,16 @@ FILTERED_NSFW = "filtered_nsfw"
 EXACT_DUPLICATE = "exact_duplicate"
 SEMANTIC_DUPLICATE = "semantic_duplicate"
 ERROR = "error"
-STATUSES = (KEPT, FILTERED_AESTHETIC, FILTERED_NSFW, EXACT_DUPLICATE, SEMANTIC_DUPLICATE, ERROR)
+# The field's filters (DataComp's "basic" filter, LAION's CLIP score), checked in this order,
+# before the model for all but the score (transforms/decode.py, transforms/filters.py).
+FILTERED_CAPTION_LENGTH = "filtered_caption_length"
+FILTERED_CAPTION_LANGUAGE = "filtered_caption_language"
+FILTERED_IMAGE_SIZE = "filtered_image_size"
+FILTERED_ASPECT_RATIO = "filtered_aspect_ratio"
+FILTERED_CLIP_SCORE = "filtered_clip_score"
+STATUSES = (KEPT, FILTERED_AESTHETIC, FILTERED_NSFW, EXACT_DUPLICATE, SEMANTIC_DUPLICATE, ERROR,
+            FILTERED_CAPTION_LENGTH, FILTERED_CAPTION_LANGUAGE, FILTERED_IMAGE_SIZE,
+            FILTERED_ASPECT_RATIO, FILTERED_CLIP_SCORE)
 
 # ---- stages named in error records ------------------------------------------------------
 STAGE_READ = "read"
@@ -67,6 +76,12 @@ class SampleInfo:
     height: Optional[int] = None
     aesthetic_score: Optional[float] = None
     nsfw_score: Optional[float] = None
+    # From the caption (None: no caption, or not measured because no filter needs it).
+    caption_words: Optional[int] = None
+    caption_chars: Optional[int] = None
+    caption_language: Optional[str] = None
+    caption_language_prob: Optional[float] = None
+    clip_score: Optional[float] = None   # cosine of the image and caption embeddings
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,11 @@ class SampleResult:
             "width": info.width,
             "height": info.height,
             "shard_url": info.shard_url,
+            "caption_words": info.caption_words,
+            "caption_chars": info.caption_chars,
+            "caption_language": info.caption_language,
+            "caption_language_prob": info.caption_language_prob,
+            "clip_score": info.clip_score,
         }
 
 
@@ -149,6 +169,11 @@ SAMPLES_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("shard_url", pa.string()),
+    ("caption_words", pa.int32()),
+    ("caption_chars", pa.int32()),
+    ("caption_language", pa.string()),
+    ("caption_language_prob", pa.float32()),
+    ("clip_score", pa.float32()),
 ])
 
 ID_COLUMN = "id"
@@ -162,6 +187,7 @@ EMBEDDINGS_SCHEMA = pa.schema([
     (EMBEDDING_COLUMN, pa.list_(pa.float32())),
     ("content_hash", pa.string()),
     ("passed_filters", pa.bool_()),
+    ("clip_score", pa.float32()),
 ])
 
 # rejected/ (written by `embed`): the ids step 3 must drop besides the duplicates.

@@ -7,6 +7,12 @@ elements between the two stages are 4x smaller and the host-to-GPU copy is uint8
 One bad image never fails its shard: whatever Pillow or the preprocessing raises becomes a
 SampleResult with status `error`, stage `decode` and a reason that names the cause. The image
 bytes stop here; the curated shards are written later by re-reading the source tar.
+
+The cheap filters run here too, before any pixel is decoded, so that a sample they drop
+never costs a decode or a forward (`SampleChecks`, in this order, the first failing check
+wins): caption length, caption language (from the sidecar), then the shorter side and the
+aspect ratio of the original image (from its header). With a CLIP score asked for, the
+caption is tokenized here, on the CPU workers, and travels to the model as `ImageAndText`.
 """
 from __future__ import annotations
 
@@ -14,14 +20,31 @@ import dataclasses
 import hashlib
 import io
 import json
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from beam_curator.schema import ERROR, STAGE_DECODE, STAGE_READ, SampleResult, info_of
+from beam_curator.captions import (
+    LanguageId,
+    caption_chars,
+    caption_of,
+    caption_words,
+    parse_languages,
+)
+from beam_curator.schema import (
+    ERROR,
+    FILTERED_ASPECT_RATIO,
+    FILTERED_CAPTION_LANGUAGE,
+    FILTERED_CAPTION_LENGTH,
+    FILTERED_IMAGE_SIZE,
+    STAGE_DECODE,
+    STAGE_READ,
+    SampleResult,
+    info_of,
+)
 
 ERRORS = "errors"
 
@@ -95,7 +118,62 @@ class ImageError(ValueError):
     """The image cannot be used; the message is the reason written to errors/."""
 
 
-def open_rgb(data: bytes, max_pixels: int) -> Image.Image:
+class Filtered(Exception):
+    """A cheap check dropped the sample: its status and the reason."""
+
+    def __init__(self, status: str, reason: str, size: Optional[Tuple[int, int]] = None):
+        super().__init__(reason)
+        self.status = status
+        self.size = size   # (width, height) of the image, when the check read it
+
+
+class SampleChecks(NamedTuple):
+    """The filters decode applies before the model; None switches one off.
+
+    min_caption_words, min_caption_chars: DataComp's basic filter uses 2 and 5. A sample
+      without a usable caption counts as 0 words and 0 characters.
+    caption_languages: ISO 639 codes (fastText lid.176) to keep, e.g. ("en",).
+    min_image_side: the shorter side of the original image in pixels (DataComp: 200).
+    max_aspect_ratio: longer side / shorter side (DataComp: 3).
+    caption_field: read the caption from this field of the .json sidecar, not the .txt.
+    """
+
+    min_caption_words: Optional[int] = None
+    min_caption_chars: Optional[int] = None
+    caption_languages: Optional[Tuple[str, ...]] = None
+    min_image_side: Optional[int] = None
+    max_aspect_ratio: Optional[float] = None
+    caption_field: Optional[str] = None
+
+    @property
+    def measures_captions(self) -> bool:
+        return (self.min_caption_words is not None or self.min_caption_chars is not None
+                or bool(self.caption_languages))
+
+
+def check_image_size(width: int, height: int, checks: SampleChecks) -> None:
+    """Raise Filtered when the original image is too small or too elongated."""
+    short, long = min(width, height), max(width, height)
+    if checks.min_image_side is not None and short < checks.min_image_side:
+        raise Filtered(FILTERED_IMAGE_SIZE,
+                       f"shorter side {short} px < --min_image_side {checks.min_image_side}",
+                       (width, height))
+    if checks.max_aspect_ratio is not None and long > checks.max_aspect_ratio * max(short, 1):
+        raise Filtered(FILTERED_ASPECT_RATIO,
+                       f"aspect ratio {long / max(short, 1):.3f} ({width}x{height}) > "
+                       f"--max_aspect_ratio {checks.max_aspect_ratio:g}", (width, height))
+
+
+class ImageAndText(NamedTuple):
+    """What EmbedImages gets when a CLIP score is asked for: the pixels and the caption's
+    tokens (int64 (context_length,), None without a caption)."""
+
+    pixels: Any
+    tokens: Any = None
+
+
+def open_rgb(data: bytes, max_pixels: int, checks: Optional[SampleChecks] = None
+             ) -> Image.Image:
     """Bytes -> an RGB PIL image, upright, first frame; ImageError with the reason otherwise.
 
     The pixel cap is checked from the header, before any pixel is decoded. Pillow's own
@@ -113,10 +191,12 @@ def open_rgb(data: bytes, max_pixels: int) -> Image.Image:
                              f"--max_image_pixels {max_pixels} (decompression-bomb guard)")
         if width < 1 or height < 1:
             raise ImageError(f"image has no pixels ({width}x{height})")
+        if checks is not None:
+            check_image_size(width, height, checks)   # before a single pixel is decoded
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)   # animated: CLIP sees the first frame
         image.load()
-    except ImageError:
+    except (ImageError, Filtered):
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"decompression bomb: {exc}") from exc
@@ -176,22 +256,56 @@ class DecodeFn(beam.DoFn):
     The preprocessing comes from `model_dir`'s open_clip config, else `preprocess_cfg`."""
 
     def __init__(self, model_dir: Optional[str], max_pixels: int,
-                 preprocess_cfg: Optional[dict] = None):
+                 preprocess_cfg: Optional[dict] = None,
+                 checks: Optional[SampleChecks] = None, tokenize: bool = False):
         self._model_dir = model_dir
         self._preprocess_cfg = preprocess_cfg or DEFAULT_PREPROCESS_CFG
         self._max_pixels = max_pixels
+        self._checks = checks or SampleChecks()
+        self._tokenize = tokenize
         self._preprocess = None
         self._cfg = None
+        self._language_id = None
+        self._tokenizer = None
         self.decoded = beam.metrics.Metrics.counter("curator", "decoded")
         self.errors = beam.metrics.Metrics.counter("curator", "decode_errors")
+        self.filtered = beam.metrics.Metrics.counter("curator", "filtered_before_model")
 
     def setup(self):
         self._cfg = (read_preprocess_cfg(self._model_dir) if self._model_dir
                      else dict(self._preprocess_cfg))
         self._preprocess = build_preprocess(self._cfg)
+        if self._checks.caption_languages:
+            self._language_id = LanguageId()
+        if self._tokenize:
+            from beam_curator.models.text import caption_tokenizer
+
+            self._tokenizer = caption_tokenizer(self._model_dir)
         if Image.MAX_IMAGE_PIXELS is not None and self._max_pixels > Image.MAX_IMAGE_PIXELS:
             # Pillow refuses images above twice its own cap; --max_image_pixels decides here.
             Image.MAX_IMAGE_PIXELS = self._max_pixels
+
+    def _check_caption(self, info, text):
+        """The caption's measures on the info; Filtered when a caption check fails."""
+        checks = self._checks
+        words, chars = caption_words(text), caption_chars(text)
+        info = dataclasses.replace(info, caption_words=words, caption_chars=chars)
+        if checks.min_caption_words is not None and words < checks.min_caption_words:
+            return info, Filtered(FILTERED_CAPTION_LENGTH, f"caption has {words} word(s) < "
+                                  f"--min_caption_words {checks.min_caption_words}")
+        if checks.min_caption_chars is not None and chars < checks.min_caption_chars:
+            return info, Filtered(FILTERED_CAPTION_LENGTH, f"caption has {chars} character(s)"
+                                  f" < --min_caption_chars {checks.min_caption_chars}")
+        if self._language_id is not None:
+            language, prob = self._language_id(text)
+            info = dataclasses.replace(info, caption_language=language,
+                                       caption_language_prob=prob)
+            if language not in checks.caption_languages:
+                return info, Filtered(FILTERED_CAPTION_LANGUAGE, (
+                    f"caption language {language} (p={prob:.2f})" if language
+                    else "no caption to identify") + " not in --caption_languages "
+                    + ",".join(checks.caption_languages))
+        return info, None
 
     def process(self, sample):
         info = info_of(sample)
@@ -200,10 +314,20 @@ class DecodeFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(ERRORS, SampleResult(
                 info=info, status=ERROR, reason=sample.error, stage=STAGE_READ))
             return
+        caption = None
+        if self._checks.measures_captions or self._tokenize:
+            caption = caption_of(sample.sidecars, self._checks.caption_field)
+        if self._checks.measures_captions:
+            info, dropped = self._check_caption(info, caption.text)
+            if dropped is not None:
+                self.filtered.inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, SampleResult(
+                    info=info, status=dropped.status, reason=str(dropped)))
+                return
         digest = hashlib.sha256(sample.image_bytes).hexdigest()
         info = dataclasses.replace(info, content_hash=digest)
         try:
-            image = open_rgb(sample.image_bytes, self._max_pixels)
+            image = open_rgb(sample.image_bytes, self._max_pixels, self._checks)
             info = dataclasses.replace(info, width=image.width, height=image.height)
             resized = resized_pixels(image.width, image.height, self._cfg)
             if resized > self._max_pixels:
@@ -214,13 +338,25 @@ class DecodeFn(beam.DoFn):
                     f"model's input size makes {resized} pixels, above --max_image_pixels "
                     f"{self._max_pixels} (extreme aspect ratio)")
             tensor = self._preprocess(image)
+        except Filtered as dropped:
+            self.filtered.inc()
+            if dropped.size:
+                info = dataclasses.replace(info, width=dropped.size[0], height=dropped.size[1])
+            yield beam.pvalue.TaggedOutput(ERRORS, SampleResult(
+                info=info, status=dropped.status, reason=str(dropped)))
+            return
         except ImageError as exc:
             reason = str(exc)
         except Exception as exc:   # noqa: BLE001 - one bad image never fails a shard
             reason = f"preprocessing failed: {type(exc).__name__}: {exc}"
         else:
             self.decoded.inc()
-            yield info, tensor
+            if self._tokenize:
+                tokens = (self._tokenizer([caption.text])[0] if caption.text is not None
+                          else None)
+                yield info, ImageAndText(tensor, tokens)
+            else:
+                yield info, tensor
             return
         self.errors.inc()
         yield beam.pvalue.TaggedOutput(ERRORS, SampleResult(
@@ -234,7 +370,9 @@ class DecodeResult(NamedTuple):
         the way the model expects (normalisation happens on the inference device); the info
         now has content_hash (sha256 of the original bytes), width and height.
     errors: SampleResult with status error, stage decode (or read, for samples the reader
-        already marked) and the reason.
+        already marked) and the reason, and the samples a `SampleChecks` filter dropped
+        (status filtered_caption_length, filtered_caption_language, filtered_image_size or
+        filtered_aspect_ratio, with the reason).
     """
 
     decoded: beam.PCollection
@@ -252,18 +390,29 @@ class DecodeImages(beam.PTransform):
       image_size: the square input size when neither model_dir nor preprocess_cfg is given.
       preprocess_cfg: open_clip PreprocessCfg fields (size, mean, std, interpolation,
         resize_mode, ...), for a model of your own.
+      checks: `SampleChecks`, the filters that run before the model (default: none).
+      tokenize: also tokenize each caption with model_dir's open_clip tokenizer: the
+        elements become (SampleInfo, ImageAndText), for EmbedImages(clip_score=True).
 
     Example::
 
-        decoded = read.samples | DecodeImages("models/")
-        decoded.errors | beam.Map(lambda r: print(r.id, r.reason))
+        decoded = read.samples | DecodeImages(
+            "models/", checks=SampleChecks(min_image_side=200, max_aspect_ratio=3.0))
+        decoded.errors | beam.Map(lambda r: print(r.id, r.status, r.reason))
     """
 
     def __init__(self, model_dir: Optional[str] = None, *,
                  max_image_pixels: int = 89_478_485, image_size: int = 224,
-                 preprocess_cfg: Optional[dict] = None):
+                 preprocess_cfg: Optional[dict] = None,
+                 checks: Optional[SampleChecks] = None, tokenize: bool = False):
         super().__init__()
+        if tokenize and not model_dir:
+            raise ValueError("DecodeImages(tokenize=True) needs the model_dir whose "
+                             "tokenizer the CLIP score uses")
         self._model_dir = model_dir
+        self._checks = (checks or SampleChecks())._replace(
+            caption_languages=parse_languages((checks or SampleChecks()).caption_languages))
+        self._tokenize = tokenize
         self._max_pixels = max_image_pixels
         self._cfg = dict(preprocess_cfg or DEFAULT_PREPROCESS_CFG)
         if preprocess_cfg is None:
@@ -271,6 +420,7 @@ class DecodeImages(beam.PTransform):
 
     def expand(self, samples):
         out = samples | "DecodePreprocess" >> beam.ParDo(
-            DecodeFn(self._model_dir, self._max_pixels, self._cfg)).with_outputs(
+            DecodeFn(self._model_dir, self._max_pixels, self._cfg, self._checks,
+                     self._tokenize)).with_outputs(
                 ERRORS, main="decoded")
         return DecodeResult(decoded=out.decoded, errors=out[ERRORS])

@@ -6,12 +6,18 @@ and falls back to CPU with a log line, runs bf16 (or fp16) weights on GPU, and r
 L2-normalised float32 embeddings. A batch goes through the model in fixed-size forwards; the
 uint8 (H, W, 3) pixels are staged in pinned memory, copied to the device and normalised there,
 and the host stages the next forward while the GPU runs the current one.
+
+With `clip_score`, the same handler also runs the model's text tower on the captions that
+decode tokenized (`ImageAndText`), in fixed-size forwards like the images, and returns each
+sample's image-caption cosine beside its embedding: the score travels with the record (one
+float), never the caption embedding.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -132,14 +138,42 @@ def embed_images(loaded: LoadedClipModel, images: Sequence[Any],
     return embeddings.cpu().numpy().astype(np.float32, copy=False)
 
 
+def clip_scores(loaded: LoadedClipModel, embeddings: np.ndarray, tokens: Sequence[Any],
+                forward_batch_size: int) -> List[Optional[float]]:
+    """Each row's cosine between its image embedding and its caption's (None where the
+    token row is None: no caption). Captions go through the text tower in forwards of
+    exactly `forward_batch_size` rows, zero-padded, as the images do."""
+    import torch
+
+    from beam_curator.models.text import encode_tokens
+
+    rows = [i for i, t in enumerate(tokens) if t is not None]
+    scores: List[Optional[float]] = [None] * len(tokens)
+    if not rows:
+        return scores
+    text = []
+    for start in range(0, len(rows), forward_batch_size):
+        chunk = [tokens[i] for i in rows[start:start + forward_batch_size]]
+        batch = torch.zeros((forward_batch_size, chunk[0].shape[-1]), dtype=torch.long)
+        batch[:len(chunk)] = torch.stack(list(chunk))
+        text.append(encode_tokens(loaded.model, batch, loaded.device))
+    text_embeddings = torch.cat(text)[:len(rows)].cpu().numpy().astype(np.float32)
+    cosines = np.einsum("ij,ij->i", embeddings[rows], text_embeddings)
+    for i, cosine in zip(rows, cosines):
+        scores[i] = float(cosine)
+    return scores
+
+
 class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel]):
-    """open_clip image tower behind Beam's ModelHandler interface."""
+    """open_clip behind Beam's ModelHandler interface: the image tower, and with
+    `clip_score` the text tower too (examples are then `ImageAndText`)."""
 
     def __init__(self, model_dir: str, *, device: str = "auto", precision: str = "auto",
                  min_batch_size: Optional[int] = None,
                  max_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
                  forward_batch_size: Optional[int] = None, large_model: bool = False,
-                 model_copies: Optional[int] = None, compile_mode: Optional[str] = None):
+                 model_copies: Optional[int] = None, compile_mode: Optional[str] = None,
+                 clip_score: bool = False):
         # Batching and model sharing are Beam's: its ModelHandler takes them. Full batches
         # by default: the fewest padded rows and the fewest calls.
         super().__init__(min_batch_size=min_batch_size or max_batch_size,
@@ -151,6 +185,7 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
         self._forward_batch_size = (forward_batch_size
                                     or default_forward_batch_size(max_batch_size))
         self._compile_mode = compile_mode     # None: eager; else a torch.compile mode
+        self._clip_score = clip_score
 
     def load_model(self) -> LoadedClipModel:
         import torch
@@ -182,12 +217,25 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
     def run_inference(self, batch: Sequence[Any], model: LoadedClipModel,
                       inference_args: Optional[Dict[str, Any]] = None
                       ) -> Iterable[PredictionResult]:
-        embeddings = embed_images(model, batch, self._forward_batch_size)
-        # The example (150 kB of pixels at 224 px) is not kept: nothing downstream needs it.
-        return [PredictionResult(None, row) for row in embeddings]
+        if not self._clip_score:
+            embeddings = embed_images(model, batch, self._forward_batch_size)
+            # The example (150 kB of pixels at 224 px) is not kept: nothing downstream needs it.
+            return [PredictionResult(None, row) for row in embeddings]
+        from beam_curator.transforms.decode import ImageAndText
+
+        pixels = [e.pixels if isinstance(e, ImageAndText) else e for e in batch]
+        tokens = [e.tokens if isinstance(e, ImageAndText) else None for e in batch]
+        embeddings = embed_images(model, pixels, self._forward_batch_size)
+        scores = clip_scores(model, embeddings, tokens, self._forward_batch_size)
+        return [PredictionResult(None, (row, score)) for row, score in zip(embeddings, scores)]
 
     def get_metrics_namespace(self) -> str:
         return "curator_clip"
+
+
+def _with_clip_score(info, result):
+    embedding, score = result.inference
+    return dataclasses.replace(info, clip_score=score), embedding
 
 
 def _unit_embedding(result) -> np.ndarray:
@@ -221,6 +269,9 @@ class EmbedImages(beam.PTransform):
       torch_compile: None, or a torch.compile mode for the image tower on GPU.
       accelerator: a resource hint for this step only, e.g.
         "type:nvidia-l4;count:1;install-nvidia-driver" (Dataflow).
+      clip_score: also score each image against its caption with the same model's text
+        tower (the elements must come from DecodeImages(tokenize=True)); the info's
+        `clip_score` is then the cosine (None without a caption).
 
     Example::
 
@@ -234,16 +285,20 @@ class EmbedImages(beam.PTransform):
                  min_inference_batch_size: Optional[int] = None,
                  forward_batch_size: Optional[int] = None, large_model: bool = False,
                  model_copies: Optional[int] = None, torch_compile: Optional[str] = None,
-                 accelerator: Optional[str] = None):
+                 accelerator: Optional[str] = None, clip_score: bool = False):
         super().__init__()
         if model_handler is None and not model_dir:
             raise ValueError("EmbedImages needs a model_dir or a model_handler")
+        if clip_score and model_handler is not None:
+            raise ValueError("EmbedImages(clip_score=True) scores with our open_clip handler "
+                             "(model_dir): a model_handler of your own has no text tower here")
+        self._clip_score = clip_score
         self._own = model_handler is not None
         self._handler = model_handler or OpenClipModelHandler(
             model_dir, device=device, precision=precision,
             min_batch_size=min_inference_batch_size, max_batch_size=inference_batch_size,
             forward_batch_size=forward_batch_size, large_model=large_model,
-            model_copies=model_copies, compile_mode=torch_compile)
+            model_copies=model_copies, compile_mode=torch_compile, clip_score=clip_score)
         self._accelerator = accelerator
 
     def expand(self, decoded):
@@ -251,8 +306,12 @@ class EmbedImages(beam.PTransform):
         if self._accelerator:
             # GPU only where it pays: the rest of the graph stays on cheap CPU workers.
             inference = inference.with_resource_hints(accelerator=self._accelerator)
-        unwrap = ((lambda info, result: (info, _unit_embedding(result))) if self._own
-                  else (lambda info, result: (info, result.inference)))
+        if self._own:
+            unwrap = lambda info, result: (info, _unit_embedding(result))   # noqa: E731
+        elif self._clip_score:
+            unwrap = _with_clip_score
+        else:
+            unwrap = lambda info, result: (info, result.inference)   # noqa: E731
         return (decoded
                 | "RunInference" >> inference
                 | "Unwrap" >> beam.MapTuple(unwrap))

@@ -169,14 +169,16 @@ def _embedding_row(element) -> tuple:
     item, embedding = element
     info, passed = (item, True) if not hasattr(item, "info") else (item.info, False)
     return info.shard, {"id": info.id, "embedding": embedding,
-                        "content_hash": info.content_hash, "passed_filters": passed}
+                        "content_hash": info.content_hash, "passed_filters": passed,
+                        "clip_score": info.clip_score}
 
 
 class WriteEmbeddings(beam.PTransform):
     """(SampleInfo, embedding) -> OUTPUT/embeddings/<shard>.parquet; emits the paths written.
 
     Columns: id, embedding (list<float32>), content_hash, passed_filters (true for a
-    SampleInfo, false for a (SampleResult, embedding) of a filtered sample): the input of
+    SampleInfo, false for a (SampleResult, embedding) of a filtered sample), clip_score (null
+    without a caption or with the score off): the input of
     `DeduplicateEmbeddings` and of `python -m beam_curator dedup`.
 
     Args:
