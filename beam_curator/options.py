@@ -160,7 +160,13 @@ class CuratorOptions(PipelineOptions):
                    "tokenizer), column clip_score (null without a caption).")
         _flag(parser, "clip_score_threshold", type=_threshold, default=None,
               help="Filter samples whose CLIP score is below this (LAION-5B: 0.28 with "
-                   "ViT-B/32; LAION-400M: 0.3), and samples without a caption. Default: off.")
+                   "ViT-B/32; LAION-400M: 0.3), and samples without a caption. Default: off. "
+                   "dedup: only embeddings rows whose clip_score is at least this are "
+                   "candidates (pass an embed run's keep-fraction threshold here).")
+        _flag(parser, "clip_score_keep_fraction", type=_threshold, default=None,
+              help="Keep the top this fraction (0-1] of all scored samples by CLIP score "
+                   "(DataComp: 0.3): the threshold is a quantile over the whole input, in "
+                   "summary.json. Samples without a caption are filtered. Default: off.")
         _flag(parser, "caption_field", default=None,
               help="Read the caption from this field of the .json sidecar (img2dataset "
                    "writes 'caption') instead of the .txt sidecar.")
@@ -597,6 +603,18 @@ def _check_sample_filters(opts: "CuratorOptions") -> None:
         if not opts.clip_score:
             raise OptionError("--clip_score_threshold needs the CLIP score: drop "
                               "--clip_score false, or the threshold.")
+    if opts.clip_score_keep_fraction is not None:
+        if not (math.isfinite(opts.clip_score_keep_fraction)
+                and 0.0 < opts.clip_score_keep_fraction <= 1.0):
+            raise OptionError(f"--clip_score_keep_fraction {opts.clip_score_keep_fraction} "
+                              "must be in (0, 1]: the share of scored samples to keep "
+                              "(DataComp kept 0.3).")
+        if opts.clip_score_threshold is not None:
+            raise OptionError("--clip_score_keep_fraction and --clip_score_threshold both "
+                              "set a CLIP-score threshold: pass one of them.")
+        if not opts.clip_score:
+            raise OptionError("--clip_score_keep_fraction needs the CLIP score: drop "
+                              "--clip_score false, or the fraction.")
     for name in ("min_caption_words", "min_caption_chars", "min_image_side"):
         value = getattr(opts, name)
         if value is not None and value < 1:

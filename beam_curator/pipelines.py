@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -53,8 +53,13 @@ class Front(NamedTuple):
     read: ReadResult
     samples_read: beam.PCollection    # singleton count
     rejected: beam.PCollection        # SampleResult: error / filtered_*
-    passed: beam.PCollection          # (SampleInfo, embedding) that passed the filters
+    passed: beam.PCollection          # (SampleInfo, embedding) that passed the filters;
+    #                                   (SampleInfo, None) with --clip_score_keep_fraction
     embeddings_written: beam.PCollection
+    # --clip_score_keep_fraction: one dict (threshold, scored, passed, ...), and the one
+    # float that dedup holds the embeddings rows to; None without it.
+    clip_info: Optional[beam.PCollection] = None
+    min_clip_score: Optional[beam.PCollection] = None
 
 
 def dedup_kwargs(options) -> dict:
@@ -118,11 +123,38 @@ def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list) -> Front:
     embeddings_written = ((split.passed, split.filtered)
                           | "AllEmbeddings" >> beam.Flatten()
                           | "WriteEmbeddings" >> WriteEmbeddings(opts.output))
-    rejected = ((decoded.errors,
-                 split.filtered | "DropVectors" >> beam.MapTuple(lambda result, _: result))
-                | "Rejected" >> beam.Flatten())
-    return Front(read=read, samples_read=samples_read, rejected=rejected, passed=split.passed,
-                 embeddings_written=embeddings_written)
+    rejected = [decoded.errors,
+                split.filtered | "DropVectors" >> beam.MapTuple(lambda result, _: result)]
+    passed, clip_info, min_clip_score = split.passed, None, None
+    if opts.clip_score_keep_fraction is not None:
+        passed, clip_info, min_clip_score, filtered = _keep_top_clip_score(
+            scored, split.passed, opts.clip_score_keep_fraction)
+        rejected.append(filtered)
+    return Front(read=read, samples_read=samples_read,
+                 rejected=tuple(rejected) | "Rejected" >> beam.Flatten(), passed=passed,
+                 embeddings_written=embeddings_written, clip_info=clip_info,
+                 min_clip_score=min_clip_score)
+
+
+def _keep_top_clip_score(scored, passed, fraction: float):
+    """DataComp's keep-top-fraction: the threshold over every scored sample, applied to the
+    samples that passed the other filters. Their embeddings are already written (with
+    passed_filters true): what waits for the threshold is SampleInfo only, and dedup holds
+    the written rows to the same threshold (`min_clip_score`)."""
+    from beam_curator.transforms.filters import KeepTopClipScore
+
+    pool = scored | "PoolScores" >> beam.MapTuple(lambda info, _: info.clip_score)
+    top = (passed
+           | "CandidateInfos" >> beam.MapTuple(lambda info, _: info)
+           | "KeepTopClipScore" >> KeepTopClipScore(fraction, pool=pool))
+    n_passed = top.passed | "CountKeptByScore" >> beam.combiners.Count.Globally()
+    clip_info = top.threshold | "ClipScoreInfo" >> beam.Map(
+        lambda t, n: dict(t, passed=n), beam.pvalue.AsSingleton(n_passed))
+    # Nothing scored: no row can reach a threshold (every candidate was filtered).
+    min_clip_score = top.threshold | "MinClipScore" >> beam.Map(
+        lambda t: t["threshold"] if t["threshold"] is not None else float("inf"))
+    return (top.passed | "NoVectors" >> beam.Map(lambda info: (info, None)),
+            clip_info, min_clip_score, top.filtered)
 
 
 def _write_results(results, front: Front, opts: CuratorOptions, claim: OutputClaim, *,
@@ -140,7 +172,8 @@ def _write_results(results, front: Front, opts: CuratorOptions, claim: OutputCla
     return results | "Summary" >> WriteSummary(
         opts.output, extra, samples_read=front.samples_read,
         shard_errors=front.read.errors, curated_counts=curated_counts, written=written,
-        claim_token=claim.token, report=curated and opts.write_report, dedup_info=dedup_info)
+        claim_token=claim.token, report=curated and opts.write_report, dedup_info=dedup_info,
+        clip_info=front.clip_info)
 
 
 def _run_extra(opts: CuratorOptions, manifest, command: str) -> dict:
@@ -201,7 +234,8 @@ def build_run(p: beam.Pipeline, options) -> OutputClaim:
         from beam_curator.transforms.dedup import Deduplicate
 
         dedup = front.passed | "Dedup" >> Deduplicate(
-            opts.output, embeddings_written=front.embeddings_written, **dedup_kwargs(options))
+            opts.output, embeddings_written=front.embeddings_written,
+            min_clip_score=front.min_clip_score, **dedup_kwargs(options))
         deduped, more_written, dedup_info = dedup.results, [dedup.written], dedup.info
     else:
         deduped = front.passed | "NoDedup" >> beam.MapTuple(
@@ -235,13 +269,17 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
     check_embedding_sources(files, npy_pairs, DedupConfig(
         output=opts.output, id_column=opts.id_column, embedding_column=opts.embedding_column,
         centroids_path=opts.centroids))
+    if opts.clip_score_threshold is not None and npy_pairs:
+        raise OptionError("--clip_score_threshold holds dedup's candidates to the clip_score "
+                          "column of embeddings parquet files; clip-retrieval's img_emb/ has "
+                          "none: leave the threshold out.")
     inputs = files + [path for pair in npy_pairs for path in pair]
     claim = claim_output(opts, "dedup", inputs_of("--embeddings", inputs)
                          + _centroids_input(opts))
     dedup = p | "Dedup" >> DeduplicateEmbeddings(
         opts.embeddings, opts.output, id_column=opts.id_column,
         embedding_column=opts.embedding_column, sources=(files, npy_pairs), with_rows=False,
-        **dedup_kwargs(options))
+        min_clip_score=opts.clip_score_threshold, **dedup_kwargs(options))
     counts = dedup_summary(dedup.counts, dedup.info)
     out, token = opts.output, claim.token
     summary = {"command": "dedup", "options": outputs.recorded_options(opts), "eps": opts.eps,

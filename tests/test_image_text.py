@@ -21,7 +21,7 @@ from beam_curator.schema import (
     ShardSample,
 )
 from beam_curator.synthetic import draw_image, encode
-from tests.conftest import cli_fails, parquet_rows, run_args
+from tests.conftest import cli_fails, parquet_rows, run_args, with_option
 
 
 def png(width: int, height: int) -> bytes:
@@ -277,3 +277,116 @@ def test_the_score_does_not_depend_on_the_batch(tiny_model_dir):
                                   for i, p in enumerate(pixels)], model)
     assert full[0].inference[1] == alone
     assert all(r.inference[1] is None for r in full[1:])
+
+
+# ---- keep the top fraction of the pool ------------------------------------------------------
+
+def _threshold_of(scores, fraction, parts=4):
+    from beam_curator.transforms.filters import KeepFractionThresholdFn
+
+    fn = KeepFractionThresholdFn(fraction)
+    accs = []
+    for part in np.array_split(np.asarray(scores, dtype=np.float32), parts):
+        acc = fn.create_accumulator()
+        for score in part.tolist():
+            acc = fn.add_input(acc, score)
+        accs.append(acc)
+    return fn.extract_output(fn.merge_accumulators(accs))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 101, 5000])
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 1.0, 0.01])
+def test_the_keep_fraction_threshold_is_numpy_s_quantile_on_small_pools(n, fraction):
+    scores = np.random.default_rng(n).normal(0.25, 0.05, n).astype(np.float32)
+    out = _threshold_of(scores, fraction)
+    assert out["exact"] and out["scored"] == n
+    assert out["threshold"] == float(np.quantile(scores, 1 - fraction, method="lower"))
+
+
+def test_the_keep_fraction_threshold_stays_within_its_bound_on_a_large_pool():
+    from beam_curator.transforms.filters import EXACT_SCORES, QUANTILE_EPSILON, QUANTILES
+
+    n = 3 * EXACT_SCORES
+    scores = np.random.default_rng(0).normal(0.25, 0.05, n).astype(np.float32)
+    out = _threshold_of(scores, 0.3, parts=7)
+    assert not out["exact"] and out["scored"] == n
+    below = int((np.sort(scores) < out["threshold"]).sum())
+    assert abs(below - 0.7 * (n - 1)) <= (QUANTILE_EPSILON + 1.0 / (QUANTILES - 1)) * n
+    assert _threshold_of([], 0.3) == {"threshold": None, "scored": 0, "exact": True}
+
+
+@pytest.fixture(scope="module")
+def keep_top_run(captioned_shard, tiny_model_dir, tmp_path_factory):
+    from beam_curator import cli
+
+    directory, _ = captioned_shard
+    out = tmp_path_factory.mktemp("keep-top") / "out"
+    args = run_args(input_glob=str(directory / "*.tar"), output=str(out),
+                    model_dir=tiny_model_dir, progress_interval=0, aesthetic_threshold="none",
+                    nsfw_threshold="none", clip_score_keep_fraction=0.5, n_clusters=2,
+                    eps=0.5)
+    return out, args, cli.run_pipeline("run", args)
+
+
+@pytest.mark.slow
+def test_run_keeps_the_top_fraction_of_the_whole_pool(keep_top_run):
+    out, _, summary = keep_top_run
+    rows = parquet_rows(out / "samples")
+    scores = np.array([r["clip_score"] for r in rows if r["clip_score"] is not None],
+                      dtype=np.float32)
+    info = summary["clip_score"]
+    assert info["scored"] == len(scores) and info["keep_fraction"] == 0.5 and info["exact"]
+    assert info["threshold"] == float(np.quantile(scores, 0.5, method="lower"))
+    for row in rows:
+        above = row["clip_score"] is not None and row["clip_score"] >= info["threshold"]
+        assert (row["status"] == FILTERED_CLIP_SCORE) == (not above), row
+    assert info["passed"] == sum(1 for r in rows if r["status"] != FILTERED_CLIP_SCORE)
+    # dedup saw exactly the samples above the threshold
+    decided = {r["id"] for r in parquet_rows(out / "dedup" / "kmeans")}
+    exact = {r["id"] for r in rows if r["status"] == "exact_duplicate"}
+    assert decided | exact == {r["id"] for r in rows if r["status"] != FILTERED_CLIP_SCORE}
+    assert summary["accounting"]["ok"]
+
+
+@pytest.mark.slow
+def test_the_three_steps_keep_the_same_top_fraction_as_run(keep_top_run, tmp_path):
+    """embed (its summary names the threshold) -> dedup --clip_score_threshold T -> remove
+    gives run's curated samples."""
+    from beam_curator import cli
+
+    out, args, summary = keep_top_run
+    e, d, r = tmp_path / "E", tmp_path / "D", tmp_path / "R"
+    embedded = cli.run_pipeline("embed", with_option(args, "output", str(e)))
+    threshold = embedded["clip_score"]["threshold"]
+    assert threshold == summary["clip_score"]["threshold"]
+    cli.run_pipeline("dedup", ["--embeddings", str(e / "embeddings"), "--output", str(d),
+                               "--n_clusters", "2", "--eps", "0.5", "--runner", "FnApiRunner",
+                               "--clip_score_threshold", repr(threshold),
+                               "--progress_interval", "0"])
+    cli.run_pipeline("remove", ["--input", args[args.index("--input") + 1], "--output", str(r),
+                                "--removal_ids", f"{e / 'rejected'},{d / 'dedup' / 'duplicates'}",
+                                "--runner", "FnApiRunner", "--progress_interval", "0"])
+    from tests.conftest import tar_members
+
+    def curated(root):
+        return sorted(m for t in sorted((root / "curated").glob("*.tar"))
+                      for m, _ in tar_members(t))
+
+    assert curated(r) == curated(out) and curated(out)
+
+
+def test_a_caption_cut_to_its_length_bucket_encodes_as_the_full_context(tiny_model_dir):
+    """The text tower runs on a caption's length bucket only: causal attention and pooling at
+    the end-of-text token make that the full forward's answer."""
+    from beam_curator.models import load_clip
+    from beam_curator.models.text import caption_tokenizer, encode_tokens, token_bucket
+
+    model = load_clip(os.path.join(tiny_model_dir, "clip")).model
+    tokens = caption_tokenizer(tiny_model_dir)(["a dog", "a red square on a plain field",
+                                                "word " * 40])
+    full = encode_tokens(model, tokens, "cpu")
+    for row in range(len(tokens)):
+        length = token_bucket(tokens[row], tokens.shape[1])
+        cut = encode_tokens(model, tokens[row:row + 1], "cpu", length)
+        assert np.allclose(cut.numpy(), full[row:row + 1].numpy(), atol=1e-6), length
+    assert [token_bucket(t, tokens.shape[1]) for t in tokens] == [8, 16, 16]

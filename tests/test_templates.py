@@ -70,6 +70,7 @@ GOOD = {
     "nsfw_threshold": ["0.5", "0", "1", "1.0", "0.05", ".9", "none", "disabled"],
     "clip_score": ["true", "false"],
     "clip_score_threshold": ["0.28", "0.3", "-0.1", "1", "0", ".25"],
+    "clip_score_keep_fraction": ["0.3", ".3", "1", "0.05", "none"],
     "caption_field": ["caption", "text"],
     "min_caption_words": ["2", "10"],
     "min_caption_chars": ["5", "1"],
@@ -115,6 +116,7 @@ BAD = {
     "nsfw_threshold": ["1.5", "2", "-0.1", "50%", "high", ""],
     "clip_score": ["yes", "1", ""],
     "clip_score_threshold": ["high", "0.3x", ""],
+    "clip_score_keep_fraction": ["0", "0.0", "1.5", "30%", ""],
     "caption_field": ["", "a b"],
     "min_caption_words": ["0", "-1", "two", ""],
     "min_caption_chars": ["0", "five", ""],
@@ -298,8 +300,8 @@ def test_documented_values_are_valid_curator_options():
             args = {**base, name: value}
             opts = validate_options(curator_options([f"--{k}={v}" for k, v in args.items()]))
             got = getattr(opts, name)
-            if name in ("aesthetic_threshold", "nsfw_threshold") and value in ("none", "off",
-                                                                               "disabled"):
+            if name in ("aesthetic_threshold", "nsfw_threshold", "clip_score_keep_fraction"
+                        ) and value in ("none", "off", "disabled"):
                 expected = None
             elif name == "torch_compile":
                 expected = {"true": "default", "false": None}.get(value, value)

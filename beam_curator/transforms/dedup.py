@@ -204,13 +204,18 @@ class Deduplicate(beam.PTransform):
                  kmeans_seed: int = 0, kmeans_sample_size: Optional[int] = None,
                  pairwise_block_size: int = DEFAULT_BLOCK_ROWS,
                  border_margin: Optional[float] = None, vector_transport: str = SHUFFLE,
-                 device: str = "auto", embeddings_written: Optional[beam.PCollection] = None):
+                 device: str = "auto", embeddings_written: Optional[beam.PCollection] = None,
+                 min_clip_score: Optional[beam.PCollection] = None):
+        """`min_clip_score`: a singleton PCollection (a float, or None): only the embeddings
+        rows whose clip_score is at least this are candidates (the keep-top-fraction
+        threshold, known once the whole pool is scored)."""
         super().__init__()
         self._config = _dedup_config(output_dir, n_clusters, eps, which_to_keep, centroids,
                                      kmeans_iterations, kmeans_seed, kmeans_sample_size,
                                      pairwise_block_size, border_margin, vector_transport,
                                      device)
         self._embeddings_written = embeddings_written
+        self._min_clip_score = min_clip_score
 
     def expand(self, candidates):
         from beam_curator.transforms.write import WriteEmbeddings
@@ -219,8 +224,13 @@ class Deduplicate(beam.PTransform):
         if written is None:
             written = candidates | "WriteEmbeddings" >> WriteEmbeddings(self._config.output)
         config = self._config
-        chunks = written | "RowGroups" >> beam.FlatMap(
-            lambda path: row_group_chunks(path, chunk_names([path])[path], 0, config))
+        if self._min_clip_score is None:
+            chunks = written | "RowGroups" >> beam.FlatMap(
+                lambda path: row_group_chunks(path, chunk_names([path])[path], 0, config))
+        else:
+            chunks = written | "RowGroups" >> beam.FlatMap(
+                lambda path, t: row_group_chunks(path, chunk_names([path])[path], 0, config, t),
+                beam.pvalue.AsSingleton(self._min_clip_score))
         core = chunks | "SemDeDup" >> SemanticDedupCore(config, has_hash=True)
         decisions = _decisions(core)
         results = ({"info": candidates | "InfoByShard" >> beam.MapTuple(
@@ -278,9 +288,12 @@ class DeduplicateEmbeddings(beam.PTransform):
                  pairwise_block_size: int = DEFAULT_BLOCK_ROWS,
                  border_margin: Optional[float] = None, vector_transport: str = SHUFFLE,
                  device: str = "auto", with_rows: bool = True,
-                 sources: Optional[Tuple[Sequence[str], Sequence[Tuple[str, str]]]] = None):
+                 sources: Optional[Tuple[Sequence[str], Sequence[Tuple[str, str]]]] = None,
+                 min_clip_score: Optional[float] = None):
         """`sources`: (parquet files, (npy, metadata) pairs) already resolved from
-        `file_pattern` (the command line resolves them before it claims the output)."""
+        `file_pattern` (the command line resolves them before it claims the output).
+        `min_clip_score`: only rows whose clip_score column is at least this are candidates
+        (an `embed` run's keep-top-fraction threshold, from its summary.json)."""
         super().__init__()
         self._with_rows = with_rows
         self._config = _dedup_config(output_dir, n_clusters, eps, which_to_keep, centroids,
@@ -292,6 +305,10 @@ class DeduplicateEmbeddings(beam.PTransform):
             raise ValueError(f"{file_pattern!r} matches no embeddings file")
         self._paths: List[str] = sorted(paths)
         self._npy_pairs = sorted(pairs)
+        if min_clip_score is not None and self._npy_pairs:
+            raise ValueError("min_clip_score needs parquet embeddings with a clip_score "
+                             "column; clip-retrieval's img_emb/ has none")
+        self._min_clip_score = min_clip_score
 
     def expand(self, pbegin):
         config = self._config
@@ -309,7 +326,8 @@ class DeduplicateEmbeddings(beam.PTransform):
         chunks = (pbegin
                   | "Files" >> beam.Create(sources)
                   | "OneFilePerWorkItem" >> beam.Reshuffle()
-                  | "Chunks" >> beam.FlatMap(_source_chunks, dim, config))
+                  | "Chunks" >> beam.FlatMap(_source_chunks, dim, config,
+                                             self._min_clip_score))
         core = chunks | "SemDeDup" >> SemanticDedupCore(config, has_hash, check_ids=True)
         results = (_decisions(core) if self._with_rows
                    else pbegin | "NoRows" >> beam.Create([]))
@@ -366,7 +384,8 @@ def check_centroids(path: str, dim: int) -> None:
             "them.") from None
 
 
-def _source_chunks(source, dim: int, config: DedupConfig) -> List[Chunk]:
+def _source_chunks(source, dim: int, config: DedupConfig,
+                   min_clip_score: Optional[float] = None) -> List[Chunk]:
     kind, path, metadata, name, id_column = source
     if kind == "npy":
         chunks = npy_chunks(path, metadata, name, id_column)
@@ -375,7 +394,7 @@ def _source_chunks(source, dim: int, config: DedupConfig) -> List[Chunk]:
                               "dedup compares embeddings of one model. Leave it out of "
                               "--embeddings.")
         return chunks
-    return row_group_chunks(path, name, dim, config)
+    return row_group_chunks(path, name, dim, config, min_clip_score)
 
 
 def dedup_summary(counts, info) -> beam.PCollection:

@@ -144,7 +144,9 @@ class Chunk:
     """A batch of embeddings: a parquet row group, or rows of a clip-retrieval .npy.
     `excluded`: its exact duplicates (not candidates of the semantic pass); `dropped`: the
     positions of its invalid rows among its candidates (set by the row check, the first step
-    that reads the vectors; every later read leaves them out)."""
+    that reads the vectors; every later read leaves them out); `min_clip_score`: only rows
+    whose `clip_score` column is at least this are candidates (the keep-top-fraction
+    threshold, known once the pool's scores are; None: no such condition)."""
 
     name: str
     parquet: Optional[Tuple[str, int]] = None       # (path, row group)
@@ -152,6 +154,7 @@ class Chunk:
     excluded: FrozenSet[str] = frozenset()
     npy: Optional[NpyRows] = None
     dropped: Tuple[int, ...] = ()
+    min_clip_score: Optional[float] = None
 
     def ids(self, config: DedupConfig, with_hash: bool):
         """(id, content_hash or None) of the candidate rows, without the vectors."""
@@ -169,13 +172,13 @@ class Chunk:
         if self.npy is not None:
             ids = read_npy_ids(self.npy)
             return ids, [None] * len(ids), np.arange(self.npy.start, self.npy.stop)
-        return read_candidate_ids(self.parquet, config, with_hash)
+        return read_candidate_ids(self.parquet, config, with_hash, self.min_clip_score)
 
     def decode(self, config: DedupConfig) -> Decoded:
         """Every candidate row, decoded and checked (the dropped ones too)."""
         if self.npy is not None:
             return read_npy_chunk(self.npy)
-        return read_parquet_chunk(self.parquet, self.dim, config)
+        return read_parquet_chunk(self.parquet, self.dim, config, self.min_clip_score)
 
     def load(self, config: DedupConfig, stage_with: Optional[Callable] = None
              ) -> Tuple[List[str], np.ndarray]:
@@ -218,35 +221,53 @@ def _without_positions(items, positions: Sequence[int]):
     return (item for k, item in enumerate(items) if k not in skip)
 
 
-def _candidate_rows(ref: Tuple[str, int], columns: List[str], optional: Sequence[str] = ()):
+def _candidate_rows(ref: Tuple[str, int], columns: List[str], optional: Sequence[str] = (),
+                    min_clip_score: Optional[float] = None):
     """(table of `columns` and those of `optional` the file has, each row's number in the
     file) of a row group's dedup candidates.
 
     `embed` writes every embedded sample, with a `passed_filters` column: only the rows where
-    it is true are candidates (the same set `run` deduplicates)."""
+    it is true are candidates (the same set `run` deduplicates). With `min_clip_score`, also
+    only the rows whose `clip_score` is at least that (a null score is not)."""
+    from beam_curator.errors import OptionError
+
     path, row_group = ref
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
         names = parquet.schema_arrow.names
         filtered = "passed_filters" in names
+        if min_clip_score is not None and "clip_score" not in names:
+            raise OptionError(f"{path} has no clip_score column, so no row can be held to "
+                              f"a CLIP score of {min_clip_score}: embed with the CLIP score "
+                              "on, or leave --clip_score_threshold out.")
+        scored = ["clip_score"] if min_clip_score is not None else []
         table = parquet.read_row_group(
             row_group, columns=columns + [c for c in optional if c in names]
-            + (["passed_filters"] if filtered else []))
+            + (["passed_filters"] if filtered else []) + scored)
         first = sum(parquet.metadata.row_group(g).num_rows for g in range(row_group))
     rows = np.arange(first, first + table.num_rows, dtype=np.int64)
+    keep = None
     if filtered:
-        passed = pc.fill_null(table.column("passed_filters"), False).to_numpy(
-            zero_copy_only=False)
-        table, rows = table.filter(passed), rows[passed]
+        keep = pc.fill_null(table.column("passed_filters"), False)
+    if min_clip_score is not None:
+        high = pc.fill_null(pc.greater_equal(table.column("clip_score"),
+                                             pa.scalar(min_clip_score, pa.float32())), False)
+        keep = high if keep is None else pc.and_(keep, high)
+        table = table.drop_columns(scored)
+    if keep is not None:
+        keep = keep.to_numpy(zero_copy_only=False)
+        table, rows = table.filter(keep), rows[keep]
     return table, rows
 
 
-def read_parquet_chunk(ref: Tuple[str, int], dim: int, config: DedupConfig) -> Decoded:
+def read_parquet_chunk(ref: Tuple[str, int], dim: int, config: DedupConfig,
+                       min_clip_score: Optional[float] = None) -> Decoded:
     """A row group's candidates, decoded and checked. A row whose length is not `dim` (0:
     the first row's) is a corrupt or mixed file: refused, naming the file and row."""
     from beam_curator.errors import OptionError
 
-    table, rows = _candidate_rows(ref, [config.id_column, config.embedding_column])
+    table, rows = _candidate_rows(ref, [config.id_column, config.embedding_column],
+                                  min_clip_score=min_clip_score)
     ids = table.column(config.id_column).to_pylist()
     column = table.column(config.embedding_column)
     try:
@@ -395,11 +416,12 @@ def read_staged_rows(path: str, dim: int, rows: Optional[Sequence[int]]) -> np.n
     return out
 
 
-def read_candidate_ids(ref: Tuple[str, int], config: DedupConfig, with_hash: bool):
+def read_candidate_ids(ref: Tuple[str, int], config: DedupConfig, with_hash: bool,
+                       min_clip_score: Optional[float] = None):
     """(ids, content hashes or Nones, rows in the file) of a row group's candidates, without
     the vectors."""
     table, rows = _candidate_rows(ref, [config.id_column],
-                                  ["content_hash"] if with_hash else [])
+                                  ["content_hash"] if with_hash else [], min_clip_score)
     ids = table.column(config.id_column).to_pylist()
     hashes = (table.column("content_hash").to_pylist() if "content_hash" in table.column_names
               else [None] * len(ids))
@@ -415,9 +437,10 @@ def count_candidates(chunk: Chunk, config: DedupConfig) -> int:
     path, row_group = chunk.parquet
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
-        if "passed_filters" not in parquet.schema_arrow.names:   # every row is a candidate
+        if ("passed_filters" not in parquet.schema_arrow.names
+                and chunk.min_clip_score is None):   # every row is a candidate
             return parquet.metadata.row_group(row_group).num_rows - left_out
-    return len(read_candidate_ids(chunk.parquet, config, with_hash=False)[0]) - left_out
+    return sum(1 for _ in chunk.ids(config, with_hash=False)) - len(chunk.excluded)
 
 
 # ---- the input: parquet files -> row-group chunks -------------------------------------------
@@ -482,10 +505,11 @@ def chunk_names(paths: Sequence[str]) -> dict:
     return {p: f"{i:06d}" for i, p in enumerate(sorted(paths))}
 
 
-def row_group_chunks(path: str, name: str, dim: int, config: DedupConfig) -> List[Chunk]:
+def row_group_chunks(path: str, name: str, dim: int, config: DedupConfig,
+                     min_clip_score: Optional[float] = None) -> List[Chunk]:
     """One Chunk per row group of one file. Only the footer is read (and the first row, when
     `dim` is 0: not known when the graph was built); its columns are checked there, so a file
-    dedup cannot read fails before any vector is."""
+    dedup cannot read fails before any vector is. `min_clip_score`: see Chunk."""
     from beam_curator.errors import OptionError
 
     with FileSystems.open(path) as handle:
@@ -498,7 +522,8 @@ def row_group_chunks(path: str, name: str, dim: int, config: DedupConfig) -> Lis
                 f"{path}: its embeddings are {vector_type.list_size}-d, the others {dim}-d: "
                 "dedup compares embeddings of one model. Leave it out of --embeddings.")
         n_groups = parquet.metadata.num_row_groups
-    return [Chunk(name=f"{name}-{rg:05d}", parquet=(path, rg), dim=dim or file_dim)
+    return [Chunk(name=f"{name}-{rg:05d}", parquet=(path, rg), dim=dim or file_dim,
+                  min_clip_score=min_clip_score)
             for rg in range(n_groups)]
 
 

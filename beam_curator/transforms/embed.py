@@ -141,26 +141,29 @@ def embed_images(loaded: LoadedClipModel, images: Sequence[Any],
 def clip_scores(loaded: LoadedClipModel, embeddings: np.ndarray, tokens: Sequence[Any],
                 forward_batch_size: int) -> List[Optional[float]]:
     """Each row's cosine between its image embedding and its caption's (None where the
-    token row is None: no caption). Captions go through the text tower in forwards of
-    exactly `forward_batch_size` rows, zero-padded, as the images do."""
+    token row is None: no caption). Captions go through the text tower grouped by their
+    length bucket (models.text.TOKEN_BUCKETS), in forwards of exactly `forward_batch_size`
+    rows, zero-padded, as the images do: a caption's forward shape is its own."""
     import torch
 
-    from beam_curator.models.text import encode_tokens
+    from beam_curator.models.text import encode_tokens, token_bucket
 
-    rows = [i for i, t in enumerate(tokens) if t is not None]
     scores: List[Optional[float]] = [None] * len(tokens)
-    if not rows:
-        return scores
-    text = []
-    for start in range(0, len(rows), forward_batch_size):
-        chunk = [tokens[i] for i in rows[start:start + forward_batch_size]]
-        batch = torch.zeros((forward_batch_size, chunk[0].shape[-1]), dtype=torch.long)
-        batch[:len(chunk)] = torch.stack(list(chunk))
-        text.append(encode_tokens(loaded.model, batch, loaded.device))
-    text_embeddings = torch.cat(text)[:len(rows)].cpu().numpy().astype(np.float32)
-    cosines = np.einsum("ij,ij->i", embeddings[rows], text_embeddings)
-    for i, cosine in zip(rows, cosines):
-        scores[i] = float(cosine)
+    by_length: Dict[int, List[int]] = {}
+    for i, row in enumerate(tokens):
+        if row is not None:
+            by_length.setdefault(token_bucket(row, row.shape[-1]), []).append(i)
+    for length, rows in sorted(by_length.items()):
+        text = []
+        for start in range(0, len(rows), forward_batch_size):
+            chunk = [tokens[i] for i in rows[start:start + forward_batch_size]]
+            batch = torch.zeros((forward_batch_size, chunk[0].shape[-1]), dtype=torch.long)
+            batch[:len(chunk)] = torch.stack(list(chunk))
+            text.append(encode_tokens(loaded.model, batch, loaded.device, length))
+        text_embeddings = torch.cat(text)[:len(rows)].cpu().numpy().astype(np.float32)
+        cosines = np.einsum("ij,ij->i", embeddings[rows], text_embeddings)
+        for i, cosine in zip(rows, cosines):
+            scores[i] = float(cosine)
     return scores
 
 

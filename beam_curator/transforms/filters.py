@@ -8,9 +8,11 @@ such. A threshold of None switches that filter off.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
+import numpy as np
 
 from beam_curator.defaults import DEFAULT_AESTHETIC_THRESHOLD, DEFAULT_NSFW_THRESHOLD
 from beam_curator.schema import (
@@ -21,6 +23,14 @@ from beam_curator.schema import (
 )
 
 FILTERED = "filtered"
+
+# --clip_score_keep_fraction: the threshold is exact (numpy's "lower" quantile of every score)
+# up to EXACT_SCORES scores; above, Beam's ApproximateQuantiles with rank error below
+# QUANTILE_EPSILON * N (Munro-Paterson; ~1.7M floats of state whatever N, up to 1e9 scores),
+# read at a rank resolution of 1 / (QUANTILES - 1).
+EXACT_SCORES = 100_000
+QUANTILES = 10_001
+QUANTILE_EPSILON = 1e-4
 
 
 def filter_status(aesthetic: float, nsfw: float, aesthetic_threshold: Optional[float],
@@ -112,3 +122,138 @@ class FilterByScores(beam.PTransform):
             ThresholdFilterFn(self._aesthetic, self._nsfw, self._clip)).with_outputs(
                 FILTERED, main="passed")
         return FilterResult(passed=out.passed, filtered=out[FILTERED])
+
+
+def lower_quantile(sorted_scores: np.ndarray, q: float) -> float:
+    """numpy's "lower" quantile: the score at rank floor(q * (n - 1))."""
+    return float(sorted_scores[int(math.floor(q * (len(sorted_scores) - 1) + 1e-9))])
+
+
+class KeepFractionThresholdFn(beam.CombineFn):
+    """Scores -> the threshold that keeps the top `fraction` of them (None for no scores):
+    the (1 - fraction) lower quantile. Exact up to EXACT_SCORES scores, then approximate
+    with a bounded state (see QUANTILE_EPSILON). The accumulator is (count, the scores while
+    there are at most EXACT_SCORES, else None, the sketch once there are more, else None)."""
+
+    def __init__(self, fraction: float):
+        self._fraction = fraction
+        self._approx = None
+
+    def _sketch_fn(self):
+        from apache_beam.transforms.stats import ApproximateQuantilesCombineFn
+
+        if self._approx is None:
+            self._approx = ApproximateQuantilesCombineFn.create(
+                num_quantiles=QUANTILES, epsilon=QUANTILE_EPSILON)
+        return self._approx
+
+    def _sketch_of(self, acc):
+        count, scores, sketch = acc
+        if sketch is not None:
+            return sketch
+        fn = self._sketch_fn()
+        sketch = fn.create_accumulator()
+        for score in scores:
+            sketch = fn.add_input(sketch, score)
+        return sketch
+
+    def create_accumulator(self):
+        return 0, [], None
+
+    def add_input(self, acc, score):
+        count, scores, sketch = acc
+        if scores is not None:
+            scores.append(float(score))
+            if len(scores) <= EXACT_SCORES:
+                return count + 1, scores, None
+            return count + 1, None, self._sketch_of((count, scores, None))
+        return count + 1, None, self._sketch_fn().add_input(sketch, float(score))
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        count = sum(a[0] for a in accs)
+        if count <= EXACT_SCORES and all(a[1] is not None for a in accs):
+            return count, [s for a in accs for s in a[1]], None
+        sketch = self._sketch_fn().merge_accumulators([self._sketch_of(a) for a in accs])
+        return count, None, sketch
+
+    def extract_output(self, acc):
+        count, scores, sketch = acc
+        q = 1.0 - self._fraction
+        if scores is not None:
+            threshold = (lower_quantile(np.sort(np.asarray(scores, dtype=np.float32)), q)
+                         if scores else None)
+            return {"threshold": threshold, "scored": count, "exact": True}
+        quantiles = self._sketch_fn().extract_output(sketch)
+        return {"threshold": float(quantiles[int(round(q * (QUANTILES - 1)))]),
+                "scored": count, "exact": False}
+
+
+class _JudgeByThresholdFn(beam.DoFn):
+    def __init__(self, fraction: float):
+        self._fraction = fraction
+
+    def process(self, info, threshold: dict):
+        t = threshold["threshold"]
+        if info.clip_score is not None and t is not None and info.clip_score >= t:
+            yield info
+            return
+        reason = ("no caption to score (--clip_score_keep_fraction needs one)"
+                  if info.clip_score is None else
+                  f"clip_score {info.clip_score:.4f} < {t:.4f}, the threshold that keeps the "
+                  f"top {self._fraction:g} of the scored pool")
+        yield beam.pvalue.TaggedOutput(FILTERED, SampleResult(
+            info=info, status=FILTERED_CLIP_SCORE, reason=reason))
+
+
+class KeepTopResult(NamedTuple):
+    """What `KeepTopClipScore` returns.
+
+    passed: SampleInfo scoring at least the threshold.
+    filtered: SampleResult with status filtered_clip_score.
+    threshold: one dict: keep_fraction, threshold (None: nothing scored), scored (how many
+        scores the pool had), exact (whether the threshold is exact).
+    """
+
+    passed: beam.PCollection
+    filtered: beam.PCollection
+    threshold: beam.PCollection
+
+
+class KeepTopClipScore(beam.PTransform):
+    """SampleInfo candidates -> KeepTopResult: keep those whose CLIP score is in the top
+    `fraction` of `pool`'s scores (DataComp's CLIP-score filter: the top 30 % of the pool).
+
+    The threshold is a global combiner over the pool's scores (bounded state: exact up to
+    EXACT_SCORES scores, then rank error below QUANTILE_EPSILON * N), a singleton side input
+    of the judging step. The candidates are SampleInfo only (no embedding): what waits for
+    the threshold is a few hundred bytes per sample; the vectors are already written.
+
+    Args:
+      fraction: the share to keep, in (0, 1].
+      pool: the scores to take the threshold over (floats; None: unscored, left out).
+
+    Example::
+
+        scores = scored | beam.MapTuple(lambda info, _: info.clip_score)
+        top = (split.passed | beam.MapTuple(lambda info, _: info)
+               | KeepTopClipScore(0.3, pool=scores))
+    """
+
+    def __init__(self, fraction: float, *, pool: beam.PCollection):
+        super().__init__()
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction {fraction} must be in (0, 1]")
+        self._fraction = fraction
+        self._pool = pool
+
+    def expand(self, candidates):
+        fraction = self._fraction
+        threshold = (self._pool
+                     | "Scored" >> beam.Filter(lambda score: score is not None)
+                     | "Threshold" >> beam.CombineGlobally(KeepFractionThresholdFn(fraction))
+                     | "WithFraction" >> beam.Map(lambda t: dict(t, keep_fraction=fraction)))
+        out = candidates | "Judge" >> beam.ParDo(
+            _JudgeByThresholdFn(fraction), beam.pvalue.AsSingleton(threshold)).with_outputs(
+                FILTERED, main="passed")
+        return KeepTopResult(passed=out.passed, filtered=out[FILTERED], threshold=threshold)

@@ -73,12 +73,14 @@ class WriteSummaryFn(beam.DoFn):
         self._report = report
 
     def process(self, _, samples_read, status_counts, n_repeated, repeated_sample, n_errors,
-                error_sample, curated, dedup_info, *written):
+                error_sample, curated, dedup_info, clip_info, *written):
         extra = dict(self._extra)
         if curated is not None:
             extra["curated_samples_written"], extra["curated_shards_written"] = curated
         if dedup_info is not None:
             extra["dedup"] = dedup_info
+        if clip_info is not None:
+            extra["clip_score"] = clip_info
         summary = build_summary(samples_read, status_counts, (n_repeated, repeated_sample),
                                 (n_errors, [dict(zip(("shard", "member", "reason", "id"), e))
                                             for e in error_sample]), extra)
@@ -114,12 +116,13 @@ class WriteSummary(beam.PTransform):
     `written` are PCollections whose completion must come first (the other outputs); with
     `report`, report.html is written just before summary.json; `claim_token` names the run
     record (beam_curator.ownership) that is removed once summary.json is there;
-    `curated_counts` are (shard, samples written) and `dedup_info` one dict for the summary.
+    `curated_counts` are (shard, samples written); `dedup_info` and `clip_info` (the
+    keep-fraction threshold) one dict each for the summary.
     """
 
     def __init__(self, out: str, extra: dict, *, samples_read, shard_errors,
                  curated_counts=None, written=(), claim_token: Optional[str] = None,
-                 report: bool = False, dedup_info=None):
+                 report: bool = False, dedup_info=None, clip_info=None):
         super().__init__()
         self._out = out
         self._extra = extra
@@ -130,6 +133,7 @@ class WriteSummary(beam.PTransform):
         self._curated_counts = curated_counts
         self._written = list(written)
         self._dedup_info = dedup_info
+        self._clip_info = clip_info
 
     def expand(self, results):
         status_counts = (results
@@ -158,6 +162,8 @@ class WriteSummary(beam.PTransform):
             sides.append(None)
         sides.append(beam.pvalue.AsSingleton(self._dedup_info)
                      if self._dedup_info is not None else None)
+        sides.append(beam.pvalue.AsSingleton(self._clip_info)
+                     if self._clip_info is not None else None)
         sides += [_singleton(w | f"Done{i}" >> beam.combiners.Count.Globally())
                   for i, w in enumerate(self._written)]
         return (results.pipeline
