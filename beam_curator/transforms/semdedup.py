@@ -33,7 +33,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-from typing import Callable, List, NamedTuple
+import zlib
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -85,7 +86,7 @@ class CheckRowsFn(WriteBehindDoFn):
     number of rows normalised to NORMALIZED. The first step that reads the vectors: in the
     staged transport it stages the valid ones (written behind), so no later step decodes."""
 
-    INVALID, NORMALIZED = "invalid", "normalized"
+    INVALID, NORMALIZED, ROWS = "invalid", "normalized", "rows"
 
     def __init__(self, config: DedupConfig):
         self._config = config
@@ -98,6 +99,7 @@ class CheckRowsFn(WriteBehindDoFn):
             yield beam.pvalue.TaggedOutput(self.NORMALIZED, decoded.normalized)
         chunk = dataclasses.replace(
             chunk, dropped=tuple(np.flatnonzero(decoded.reasons).tolist()))
+        yield beam.pvalue.TaggedOutput(self.ROWS, len(decoded.ids) - len(chunk.dropped))
         staged = chunk.staged_copy(self._config)
         if staged and len(chunk.dropped) < len(decoded.ids):   # nothing to stage: reads decode
             self._writes.submit(write_staged, staged, decoded.without(chunk.dropped)[1])
@@ -149,34 +151,50 @@ def _input_checks(invalid: dict, normalized: int) -> dict:
     return {"invalid_rows": invalid, "normalized_rows": normalized}
 
 
-class IdPlacesFn(beam.DoFn):
-    """Chunk -> (id, (file, row)) for each candidate: where each id was read."""
+# The repeated-id check groups ids by a hash bucket, packed per (chunk, bucket): elements
+# and keys grow with chunks x buckets, not with ids, and one key holds about this many ids.
+IDS_PER_BUCKET = 500_000
+
+
+def id_buckets(n_ids: int) -> int:
+    return max(1, -(-n_ids // IDS_PER_BUCKET))
+
+
+class IdBucketsFn(beam.DoFn):
+    """Chunk -> (bucket, (file, ids, rows in the file)) for each hash bucket its candidate
+    ids fall in: where each id was read, packed."""
 
     def __init__(self, config: DedupConfig):
         self._config = config
 
-    def process(self, chunk: Chunk):
-        yield from chunk.places(self._config)
+    def process(self, chunk: Chunk, n_ids: int):
+        buckets = id_buckets(n_ids)
+        file = chunk.npy.npy if chunk.npy is not None else chunk.parquet[0]
+        packs: Dict[int, Tuple[List[str], List[int]]] = {}
+        for id_, (_, row) in chunk.places(self._config):
+            bucket = zlib.crc32(id_.encode("utf-8")) % buckets
+            ids, rows = packs.setdefault(bucket, ([], []))
+            ids.append(id_)
+            rows.append(row)
+        for bucket, (ids, rows) in packs.items():
+            yield bucket, (file, ids, rows)
 
 
-class FirstPlacesFn(beam.CombineFn):
-    """Places of one id -> (times seen, the first two places): enough to name a repeat,
-    never more than two places per id."""
-
-    def create_accumulator(self):
-        return 0, ()
-
-    def add_input(self, acc, place):
-        return acc[0] + 1, tuple(sorted(acc[1] + (place,)))[:2]
-
-    def merge_accumulators(self, accs):
-        seen, places = 0, ()
-        for n, more in accs:
-            seen, places = seen + n, tuple(sorted(places + more))[:2]
-        return seen, places
-
-    def extract_output(self, acc):
-        return acc
+def repeats_in_bucket(bucket_and_packs):
+    """(bucket, packs) -> (id, (times seen, its first two places)) for each id of the bucket
+    read more than once."""
+    _, packs = bucket_and_packs
+    first: Dict[str, Tuple[str, int]] = {}
+    again: Dict[str, list] = {}
+    for file, ids, rows in packs:
+        for id_, row in zip(ids, rows):
+            if id_ in first:
+                again.setdefault(id_, [first[id_]]).append((file, row))
+            else:
+                first[id_] = (file, row)
+    for id_, places in sorted(again.items()):
+        places = sorted(places)
+        yield id_, (len(places), tuple(places[:2]))
 
 
 class RepeatsFn(beam.CombineFn):
@@ -639,13 +657,16 @@ class SemanticDedupCore(beam.PTransform):
         config, p = self._config, chunks.pipeline
 
         checked = chunks | "CheckRows" >> beam.ParDo(CheckRowsFn(config)).with_outputs(
-            CheckRowsFn.INVALID, CheckRowsFn.NORMALIZED, main="chunks")
+            CheckRowsFn.INVALID, CheckRowsFn.NORMALIZED, CheckRowsFn.ROWS, main="chunks")
         chunks = checked.chunks
         if self._check_ids:
+            n_ids = (checked[CheckRowsFn.ROWS]
+                     | "CountRows" >> beam.CombineGlobally(sum).without_defaults())
             repeats = (chunks
-                       | "IdPlaces" >> beam.ParDo(IdPlacesFn(config))
-                       | "PlacesPerId" >> beam.CombinePerKey(FirstPlacesFn())
-                       | "RepeatedIds" >> beam.Filter(lambda kv: kv[1][0] > 1)
+                       | "IdBuckets" >> beam.ParDo(IdBucketsFn(config),
+                                                   beam.pvalue.AsSingleton(n_ids, default_value=0))
+                       | "GroupByIdBucket" >> beam.GroupByKey()
+                       | "RepeatedIds" >> beam.FlatMap(repeats_in_bucket)
                        | "CountRepeats" >> beam.CombineGlobally(RepeatsFn())
                        | "RefuseRepeatedIds" >> beam.Map(refuse_repeated_ids))
             # Every later step waits for the check: a failed one costs no k-means.
