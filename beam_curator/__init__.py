@@ -35,9 +35,9 @@ __all__ = [
     # stages
     "ReadWebDataset", "DecodeImages", "EmbedImages", "OpenClipModelHandler", "ScoreImages",
     "FilterByScores", "Deduplicate", "DeduplicateEmbeddings", "WriteCuratedShards",
-    "RemoveSamples", "WriteSamples", "WriteErrors", "WriteEmbeddings",
+    "RemoveSamples", "WriteSamples", "WriteErrors", "WriteEmbeddings", "WriteTextEmbeddings",
     # configuration of stages, and what multi-part stages return
-    "SampleChecks", "ReadResult", "DecodeResult", "FilterResult", "DedupResult",
+    "SampleChecks", "ReadResult", "DecodeResult", "EmbedResult", "FilterResult", "DedupResult",
     # records and statuses
     "ShardSample", "SampleInfo", "SampleResult", "ErrorRecord", "DedupDecision", "STATUSES",
     "KEPT", "FILTERED_AESTHETIC", "FILTERED_NSFW", "EXACT_DUPLICATE", "SEMANTIC_DUPLICATE",
@@ -50,6 +50,7 @@ _WHERE = {
     "DecodeImages": "transforms.decode", "DecodeResult": "transforms.decode",
     "SampleChecks": "transforms.decode",
     "EmbedImages": "transforms.embed", "OpenClipModelHandler": "transforms.embed",
+    "EmbedResult": "transforms.embed",
     "ScoreImages": "transforms.scores",
     "FilterByScores": "transforms.filters", "FilterResult": "transforms.filters",
     "Deduplicate": "transforms.dedup", "DeduplicateEmbeddings": "transforms.dedup",
@@ -57,6 +58,7 @@ _WHERE = {
     "WriteCuratedShards": "transforms.remove", "RemoveSamples": "transforms.remove",
     "WriteSamples": "transforms.write", "WriteErrors": "transforms.write",
     "WriteEmbeddings": "transforms.write",
+    "WriteTextEmbeddings": "transforms.text_embeddings",
 }
 _SCHEMA = {"ShardSample", "SampleInfo", "SampleResult", "ErrorRecord", "DedupDecision",
            "STATUSES", "KEPT", "FILTERED_AESTHETIC", "FILTERED_NSFW", "EXACT_DUPLICATE",

@@ -1,8 +1,9 @@
 """The output layout (README documents it; tests and users rely on it) and output hygiene.
 
 OUTPUT/curated/*.tar, samples/*.parquet, embeddings/*.parquet, errors/*.parquet,
-rejected/*.parquet (embed), dedup/..., summary.json, report.html: every writer writes one
-file per shard (or per cluster / chunk), never one file of the whole run.
+rejected/*.parquet (embed), text_embeddings/{text_emb,metadata}/ (--text_embeddings),
+dedup/..., summary.json, report.html: every writer writes one file per shard (or per
+cluster / chunk), never one file of the whole run.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ SUMMARY = "summary.json"
 RUN_COMMANDS = ("run", "embed", "dedup", "remove")
 FAILED_SUMMARY = "summary.FAILED.json"
 REPORT = "report.html"
-SUBDIRS = ("curated", "samples", "embeddings", "errors", "rejected", "dedup")
+SUBDIRS = ("curated", "samples", "embeddings", "errors", "rejected", "dedup",
+           "text_embeddings")
 TOP_LEVEL_FILES = (SUMMARY, FAILED_SUMMARY, REPORT)
 # The run record and lock of --output (beam_curator.ownership).
 LOCK_NAME = ".beam-curator.lock"
@@ -41,6 +43,12 @@ def samples_dir(out: str) -> str:
 
 def embeddings_dir(out: str) -> str:
     return FileSystems.join(out, "embeddings")
+
+
+def text_embeddings_dir(out: str) -> str:
+    """clip-retrieval's layout inside: text_emb/text_emb_<shard>.npy and
+    metadata/metadata_<shard>.parquet (--text_embeddings)."""
+    return FileSystems.join(out, "text_embeddings")
 
 
 def errors_dir(out: str) -> str:

@@ -190,6 +190,19 @@ EMBEDDINGS_SCHEMA = pa.schema([
     ("clip_score", pa.float32()),
 ])
 
+# text_embeddings/metadata/metadata_<shard>.parquet: row i describes row i of
+# text_embeddings/text_emb/text_emb_<shard>.npy. image_path and caption are the columns
+# clip-retrieval's `clip inference` writes (image_path: the webdataset __key__, as its
+# webdataset reader fills it); id is what `dedup` and a join with samples/ use.
+TEXT_METADATA_SCHEMA = pa.schema([
+    (ID_COLUMN, pa.string()),
+    ("image_path", pa.string()),
+    ("caption", pa.string()),
+    ("shard", pa.string()),
+    ("key", pa.string()),
+    ("clip_score", pa.float32()),
+])
+
 # rejected/ (written by `embed`): the ids step 3 must drop besides the duplicates.
 REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string())])
 

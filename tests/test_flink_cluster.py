@@ -1,12 +1,14 @@
 """The production-shaped Flink cluster (scripts/flink_cluster.sh): two TaskManagers, each with
-its own SDK worker pool reached by one --environment_config, and the README's Flink commands
-run exactly as written."""
+its own SDK worker pool reached by one --environment_config, the README's Flink commands run
+exactly as written, and the field's filters (DataComp's basic ones, the CLIP score's
+keep-top-fraction) deciding on the cluster what they decide on FnApiRunner."""
 from __future__ import annotations
 
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -113,3 +115,69 @@ def test_readme_flink_commands_as_written(tmp_path, tiny_model_dir):
     status = subprocess.run(["bash", "scripts/flink_cluster.sh", "status"], cwd=work, env=env,
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 3 and "pids:    none" in status.stdout, status.stdout
+
+
+@pytest.mark.timeout(1200)   # the cluster's start (first test of a session) counts too
+def test_field_filters_on_the_cluster_match_fnapi_runner(flink_cluster, tmp_path,
+                                                         tiny_model_dir):
+    """`run` with --min_caption_words, --caption_languages en, --min_image_side,
+    --max_aspect_ratio and --clip_score_keep_fraction, submitted to the cluster as a user does
+    (EXTERNAL workers, parallelism 2), gives every sample the status and clip_score that
+    FnApiRunner gives it, and the same keep-fraction threshold (a global combiner over both
+    TaskManagers' scores, read as a side input)."""
+    import pyarrow.parquet as pq
+    from test_report_clip_score import write_captioned_shards
+
+    from beam_curator import cli
+
+    write_captioned_shards(tmp_path / "data")
+    args = ["run", "--input", str(tmp_path / "data" / "*.tar"), "--model_dir", tiny_model_dir,
+            "--min_caption_words", "2", "--caption_languages", "en", "--min_image_side", "32",
+            "--max_aspect_ratio", "3", "--clip_score_keep_fraction", "0.5",
+            "--aesthetic_threshold", "none", "--n_clusters", "2",
+            "--write_report", "false", "--progress_interval", "0"]
+    local = tmp_path / "fnapi"
+    t0 = time.monotonic()
+    expected = cli.run_pipeline(args[0], args[1:] + ["--output", str(local),
+                                                     "--runner", "FnApiRunner"])
+    t_local = time.monotonic() - t0
+
+    flink_cluster.wait_ready()
+    on_flink = tmp_path / "flink"
+    log = tmp_path / "flink.log"
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        # its own process group: a hang is killed with the job server it started
+        proc = subprocess.Popen([sys.executable, "-m", "beam_curator", *args, "--output",
+                                 str(on_flink), *flink_cluster.pipeline_args(parallelism=2)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=str(tmp_path),
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=720)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    t_flink = time.monotonic() - t0
+    assert rc == 0, log.read_text(errors="replace")[-6000:]
+    print(f"field filters: FnApiRunner {t_local:.0f}s, Flink session cluster {t_flink:.0f}s")
+
+    got = json.loads((on_flink / "summary.json").read_text())
+    assert got["accounting"]["ok"] and expected["accounting"]["ok"]
+    assert got["counts"] == expected["counts"]
+    for status in ("filtered_caption_length", "filtered_caption_language",
+                   "filtered_image_size", "filtered_aspect_ratio", "filtered_clip_score",
+                   "kept"):
+        assert got["counts"][status] > 0, status   # the data exercises every filter
+    assert got["clip_score"] == expected["clip_score"]     # threshold, scored, passed, exact
+    assert got["clip_score"]["exact"] and got["clip_score"]["scored"] == 16
+
+    def rows(out):
+        table = pq.read_table(out / "samples",
+                              columns=["id", "status", "reason", "clip_score"]).to_pylist()
+        return {r["id"]: (r["status"], r["reason"], r["clip_score"]) for r in table}
+
+    assert rows(on_flink) == rows(local)
+    threshold = got["clip_score"]["threshold"]
+    for status, _, score in rows(on_flink).values():
+        if score is not None and status in ("kept", "filtered_clip_score"):
+            assert (status == "kept") == (score >= threshold)

@@ -330,6 +330,7 @@ def test_every_shown_id_gets_its_status_from_samples(runs):
         table = pq.read_table(path, columns=["id", "status"])
         statuses.update(zip(table.column("id").to_pylist(), table.column("status").to_pylist()))
     shown = ({p.id for p in data.pairs} | {p.duplicate_of for p in data.pairs}
-             | {i for _, i in data.spotlight_best} | {i for _, i in data.spotlight_worst})
+             | {i for _, i in data.spotlight_best} | {i for _, i in data.spotlight_worst}
+             | {i for _, i in data.clip_best} | {i for _, i in data.clip_worst})
     assert data.pairs and shown
     assert data.id_status == {i: statuses[i] for i in shown}

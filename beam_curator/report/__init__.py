@@ -9,7 +9,9 @@ One self-contained HTML file (inline CSS and SVG charts, thumbnails as base64 da
 scripts, no network): the accounting table (counts per status, input = sum, per shard),
 histograms of the aesthetic and NSFW scores with the thresholds drawn, the cluster sizes and the
 cosine-similarity distribution with the 1 - eps line, a gallery of removed duplicates beside the
-sample each duplicates, the aesthetic extremes, the top error reasons, the run's options, and a
+sample each duplicates, the aesthetic extremes, the CLIP image-caption score when the run has
+one (its histogram with the threshold, the samples each filter took, the highest- and
+lowest-scoring pairs with their captions), the top error reasons, the run's options, and a
 banner when the model weights were random. Every piece of text from the data is escaped.
 
 Modules: load.py (outputs -> aggregates), thumbs.py (thumbnails from the source shards),
@@ -37,6 +39,8 @@ def _wanted_ids(data: RunData):
         wanted.add(pair.duplicate_of)
     wanted.update(i for _, i in data.spotlight_best)
     wanted.update(i for _, i in data.spotlight_worst)
+    wanted.update(i for _, i in data.clip_best)
+    wanted.update(i for _, i in data.clip_worst)
     return wanted
 
 
@@ -52,7 +56,8 @@ def build_report(output_dir: str, thumbnails: bool = True,
     if thumbnails:
         max_pixels: Optional[int] = data.options.get("max_image_pixels")
         thumbs = fetch_thumbnails(_wanted_ids(data), data.shard_urls, max_pixels,
-                                  data.options.get("max_member_bytes"))
+                                  data.options.get("max_member_bytes"),
+                                  data.options.get("caption_field"))
     return render_report(data, thumbs)
 
 

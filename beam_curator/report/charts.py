@@ -90,6 +90,8 @@ class FineHistogram:
     data_min: float = math.inf
     data_max: float = -math.inf
 
+    _edges: Optional[np.ndarray] = field(default=None, init=False, repr=False)
+
     def __post_init__(self):
         for name in self.series:
             self.counts.setdefault(name, np.zeros(self.n_bins, dtype=np.int64))
@@ -106,10 +108,23 @@ class FineHistogram:
         self.data_min = min(self.data_min, float(values.min()))
         self.data_max = max(self.data_max, float(values.max()))
         self.clipped += int(((values < self.lo) | (values > self.hi)).sum())
-        width = (self.hi - self.lo) / self.n_bins
-        idx = np.floor((np.clip(values, self.lo, self.hi) - self.lo) / width).astype(np.int64)
-        idx = np.clip(idx, 0, self.n_bins - 1)
+        idx = self._bin_of(np.clip(values, self.lo, self.hi))
         self.counts[name] += np.bincount(idx, minlength=self.n_bins)
+
+    @property
+    def edges(self) -> np.ndarray:
+        """The fine grid's n_bins + 1 edges (rounded to 9 decimals, so round numbers are
+        exact). Bin i holds edges[i] <= v < edges[i + 1], the last one v == hi too: numpy's
+        `histogram` rule, so a view's bars count what np.histogram counts on its edges."""
+        if self._edges is None:
+            steps = np.arange(self.n_bins + 1, dtype=np.float64) / self.n_bins
+            self._edges = np.round(self.lo + (self.hi - self.lo) * steps, 9)
+            self._edges[0], self._edges[-1] = self.lo, self.hi
+        return self._edges
+
+    def _bin_of(self, values) -> np.ndarray:
+        idx = np.searchsorted(self.edges, values, side="right") - 1
+        return np.clip(idx, 0, self.n_bins - 1).astype(np.int64)
 
     def view(self, min_span: float, include: Sequence[Optional[float]] = (),
              max_bars: int = 50) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
@@ -132,12 +147,13 @@ class FineHistogram:
             lo_raw, hi_raw = max(self.lo, mid - min_span / 2), min(self.hi, mid + min_span / 2)
         bar_w = _nice_step((hi_raw - lo_raw) / max_bars, fine_w)
         group = max(1, int(round(bar_w / fine_w)))
-        first = int(math.floor((lo_raw - self.lo) / fine_w / group + 1e-9)) * group
-        last = min(self.n_bins, (int(math.floor((hi_raw - self.lo) / fine_w / group + 1e-9))
-                                 + 1) * group)
+        # The fine bins of the extent's ends, by the rule `add` bins with: the bars hold
+        # every value of the data (and the threshold's bin).
+        first = int(self._bin_of(lo_raw)) // group * group
+        last = min(self.n_bins, (int(self._bin_of(hi_raw)) // group + 1) * group)
         n_bars = max(1, math.ceil((last - first) / group))
-        edges = self.lo + fine_w * (first + group * np.arange(n_bars + 1))
-        edges = np.minimum(np.round(edges, 9), self.hi)
+        # Bar edges are fine-grid edges (the last one capped at hi).
+        edges = self.edges[np.minimum(first + group * np.arange(n_bars + 1), self.n_bins)]
         out = {}
         for name, counts in self.counts.items():
             sel = counts[first:first + n_bars * group]

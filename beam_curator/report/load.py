@@ -4,8 +4,9 @@ Only the outputs are read (summary.json, samples/*.parquet, errors/*.parquet, de
 the pipeline's state, so `python -m beam_curator report --output DIR` works on any finished run,
 local or gs://. The parquet files are streamed one at a time and folded into fixed-size
 aggregates (fine-grid histograms, per-cluster counts, a bounded pick of duplicate pairs), so
-memory does not grow with the number of samples. The few thumbnails the report shows are read
-from the source shards named by the `shard_url` column (see thumbs.py).
+memory does not grow with the number of samples. The few thumbnails the report shows, and the
+captions of the CLIP-score extremes (samples/ holds the score, not the caption), are read from
+the source shards named by the `shard_url` column (see thumbs.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from beam_curator.report.charts import FineHistogram
 from beam_curator.schema import (
     EXACT_DUPLICATE,
     FILTERED_AESTHETIC,
+    FILTERED_CLIP_SCORE,
     FILTERED_NSFW,
     KEPT,
     SEMANTIC_DUPLICATE,
@@ -36,14 +38,19 @@ from beam_curator.schema import (
 MAX_PAIRS = 24            # duplicate pairs in the gallery
 MAX_EXACT_PAIRS = 8       # of which exact duplicates, when there are semantic ones to show
 SPOTLIGHT = 8             # thumbnails per "highest / lowest aesthetic score" strip
+CLIP_EXTREMES = 5         # pairs per "highest / lowest CLIP score" list
 MAX_ERROR_REASONS = 12
 _MAX_DISTINCT_REASONS = 10_000   # beyond this, new reasons are counted as "(other reasons)"
 
 _SAMPLE_COLUMNS = ["id", "shard", "status", "aesthetic_score", "nsfw_score", "cluster",
-                   "duplicate_of", "cosine_sim", "shard_url"]
+                   "duplicate_of", "cosine_sim", "shard_url", "clip_score"]
 # Series of the score histograms: what happened to the samples that were scored.
 SCORE_SERIES = ("passed", FILTERED_AESTHETIC, FILTERED_NSFW)
 COSINE_SERIES = (KEPT, SEMANTIC_DUPLICATE)
+# Series of the CLIP-score histogram: every scored sample is in exactly one ("other": a
+# scored sample with any other status, which the graph does not make today).
+PASSED_STATUSES = (KEPT, EXACT_DUPLICATE, SEMANTIC_DUPLICATE)
+CLIP_SERIES = ("passed", FILTERED_CLIP_SCORE, FILTERED_AESTHETIC, FILTERED_NSFW, "other")
 
 
 class ReportError(OptionError):
@@ -79,6 +86,7 @@ class RunData:
     aesthetic: FineHistogram = None
     nsfw: FineHistogram = None
     cosine: FineHistogram = None
+    clip: FineHistogram = None              # clip_score of every scored sample
     first_ranked: int = 0                   # kept samples ranked first in their cluster
     clusters: Dict[int, Dict[str, int]] = field(default_factory=dict)
     n_centroids: Optional[int] = None
@@ -89,6 +97,9 @@ class RunData:
     n_pairs: Dict[str, int] = field(default_factory=dict)
     spotlight_best: List[Tuple[float, str]] = field(default_factory=list)
     spotlight_worst: List[Tuple[float, str]] = field(default_factory=list)
+    # (clip_score, id) of the CLIP_EXTREMES highest / lowest scored samples (not NSFW ones)
+    clip_best: List[Tuple[float, str]] = field(default_factory=list)
+    clip_worst: List[Tuple[float, str]] = field(default_factory=list)
     errors: List[ErrorGroup] = field(default_factory=list)
     n_errors: int = 0
     n_error_reasons: int = 0
@@ -153,6 +164,7 @@ def load_run(output_dir: str, summary: Optional[dict] = None) -> RunData:
     data.aesthetic = FineHistogram(-2.0, 12.0, 1400, SCORE_SERIES)
     data.nsfw = FineHistogram(0.0, 1.0, 1000, SCORE_SERIES)
     data.cosine = FineHistogram(-1.0, 1.0, 2000, COSINE_SERIES)
+    data.clip = FineHistogram(-1.0, 1.0, 2000, CLIP_SERIES)
     _load_samples(data)
     _load_errors(data)
     _load_dedup(data)
@@ -161,11 +173,12 @@ def load_run(output_dir: str, summary: Optional[dict] = None) -> RunData:
 
 def _load_samples(data: RunData) -> None:
     """One pass over samples/*.parquet, each file read once and folded into the aggregates
-    (`_fold_statuses_and_scores`), the gallery's pairs (`_PairPicker`) and the spotlight
-    strips (`_Spotlight`); then the statuses of the ids those show."""
+    (`_fold_statuses_and_scores`), the gallery's pairs (`_PairPicker`), the spotlight
+    strips (`_Spotlight`) and the CLIP-score extremes (`_Extremes`); then the statuses of
+    the ids those show."""
     counts = collections.Counter()
     clusters: Dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
-    pairs, spotlight = _PairPicker(), _Spotlight()
+    pairs, spotlight, clip = _PairPicker(), _Spotlight(), _Extremes(CLIP_EXTREMES)
     files = _glob(FileSystems.join(outputs.samples_dir(data.output_dir), "*.parquet"))
     data.samples_files = len(files)
     for path in files:
@@ -179,9 +192,13 @@ def _load_samples(data: RunData) -> None:
         cols["status"] = cols["status"].astype(str)
         cols["aesthetic_score"] = _floats(cols.get("aesthetic_score"), n)
         cols["cosine_sim"] = _floats(cols.get("cosine_sim"), n)
+        cols["clip_score"] = _floats(cols.get("clip_score"), n)
         _fold_statuses_and_scores(data, counts, clusters, cols, n)
         pairs.add(cols)
         spotlight.add(cols)
+        # NSFW-filtered samples are never shown (as in the aesthetic strips).
+        scored = np.isfinite(cols["clip_score"]) & (cols["status"] != FILTERED_NSFW)
+        clip.add(cols["id"], cols["clip_score"], scored, scored)
 
     data.counts_from_samples = {s: counts.get(s, 0) for s in STATUSES}
     for s in sorted(set(counts) - set(STATUSES)):
@@ -191,8 +208,10 @@ def _load_samples(data: RunData) -> None:
                     SEMANTIC_DUPLICATE: counts.get(SEMANTIC_DUPLICATE, 0)}
     data.pairs = pairs.pick()
     data.spotlight_best, data.spotlight_worst = spotlight.best(), spotlight.worst()
+    data.clip_best, data.clip_worst = clip.best(), clip.worst()
     shown = {p.id for p in data.pairs} | {p.duplicate_of for p in data.pairs}
     shown |= {i for _, i in data.spotlight_best} | {i for _, i in data.spotlight_worst}
+    shown |= {i for _, i in data.clip_best} | {i for _, i in data.clip_worst}
     data.id_status.update(_statuses_of(shown, files))
 
 
@@ -213,6 +232,14 @@ def _fold_statuses_and_scores(data: RunData, counts, clusters, cols: dict, n: in
     for series, mask in scored_series.items():
         data.aesthetic.add(series, aest[mask])
         data.nsfw.add(series, nsfw[mask])
+    clip = cols["clip_score"]
+    clip_series = {"passed": np.isin(status, PASSED_STATUSES),
+                   FILTERED_CLIP_SCORE: status == FILTERED_CLIP_SCORE,
+                   FILTERED_AESTHETIC: status == FILTERED_AESTHETIC,
+                   FILTERED_NSFW: status == FILTERED_NSFW}
+    clip_series["other"] = ~np.logical_or.reduce(list(clip_series.values()))
+    for series, mask in clip_series.items():
+        data.clip.add(series, clip[mask])
     # A cluster's first-ranked member has no earlier member: score exactly 0.0, not drawn.
     first = (status == KEPT) & (cos == 0.0)
     data.first_ranked += int(first.sum())
@@ -267,32 +294,47 @@ class _PairPicker:
         return pairs
 
 
-class _Spotlight:
-    """The highest-scored kept samples and the lowest-scored filtered ones (bounded heaps)."""
+class _Extremes:
+    """The k highest values among rows of one mask and the k lowest among rows of another,
+    ties to the smallest id, in two bounded heaps (files fold in one at a time)."""
 
-    def __init__(self):
-        self._best: List[Tuple[float, str]] = []    # min-heap of the highest kept scores
-        self._worst: List[Tuple[float, str]] = []   # max-heap of the lowest filtered
+    def __init__(self, k: int):
+        self._k = k
+        self._best: List[Tuple[float, str]] = []    # min-heap of the highest values
+        self._worst: List[Tuple[float, str]] = []   # min-heap of the negated lowest
 
-    @staticmethod
-    def _keep(heap: list, item) -> None:
-        if len(heap) < SPOTLIGHT:
+    def _keep(self, heap: list, item) -> None:
+        if len(heap) < self._k:
             heapq.heappush(heap, item)
         elif item > heap[0]:
             heapq.heapreplace(heap, item)
 
-    def add(self, cols: dict) -> None:
-        ids, status, aest = cols["id"], cols["status"], cols["aesthetic_score"]
-        for i in _top(aest, (status == KEPT) & np.isfinite(aest), SPOTLIGHT):
-            self._keep(self._best, (float(aest[i]), _neg_key(str(ids[i]))))
-        for i in _top(-aest, (status == FILTERED_AESTHETIC) & np.isfinite(aest), SPOTLIGHT):
-            self._keep(self._worst, (-float(aest[i]), _neg_key(str(ids[i]))))
+    def add(self, ids, values: np.ndarray, best_mask: np.ndarray,
+            worst_mask: np.ndarray) -> None:
+        # Only each file's own top k (and its ties) go through the Python heaps.
+        for i in _top(values, best_mask & np.isfinite(values), self._k):
+            self._keep(self._best, (float(values[i]), _neg_key(str(ids[i]))))
+        for i in _top(-values, worst_mask & np.isfinite(values), self._k):
+            self._keep(self._worst, (-float(values[i]), _neg_key(str(ids[i]))))
 
     def best(self) -> List[Tuple[float, str]]:
+        """(value, id), highest first (ties: smallest id first)."""
         return sorted(((s, _unneg(k)) for s, k in self._best), key=lambda t: (-t[0], t[1]))
 
     def worst(self) -> List[Tuple[float, str]]:
+        """(value, id), lowest first (ties: smallest id first)."""
         return sorted(((-s, _unneg(k)) for s, k in self._worst), key=lambda t: (t[0], t[1]))
+
+
+class _Spotlight(_Extremes):
+    """The highest-scored kept samples and the lowest-scored filtered ones (bounded heaps)."""
+
+    def __init__(self):
+        super().__init__(SPOTLIGHT)
+
+    def add(self, cols: dict) -> None:
+        status, aest = cols["status"], cols["aesthetic_score"]
+        super().add(cols["id"], aest, status == KEPT, status == FILTERED_AESTHETIC)
 
 
 def _statuses_of(ids: set, files: List[str]) -> Dict[str, str]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import numpy as np
 
 from beam_curator.report.charts import (
     Threshold,
@@ -30,6 +32,11 @@ from beam_curator.schema import (
     ERROR,
     EXACT_DUPLICATE,
     FILTERED_AESTHETIC,
+    FILTERED_ASPECT_RATIO,
+    FILTERED_CAPTION_LANGUAGE,
+    FILTERED_CAPTION_LENGTH,
+    FILTERED_CLIP_SCORE,
+    FILTERED_IMAGE_SIZE,
     FILTERED_NSFW,
     KEPT,
     SEMANTIC_DUPLICATE,
@@ -46,12 +53,49 @@ STATUS_COLORS = {
     EXACT_DUPLICATE: "#3b73c4",
     SEMANTIC_DUPLICATE: "#7b61c9",
     ERROR: "#7d7d7d",
+    FILTERED_CAPTION_LENGTH: "#8c6d46",
+    FILTERED_CAPTION_LANGUAGE: "#a8873a",
+    FILTERED_IMAGE_SIZE: "#4f8f8f",
+    FILTERED_ASPECT_RATIO: "#6b9c3f",
+    FILTERED_CLIP_SCORE: "#c4568f",
 }
+# What each status means, for people (the table shows the status name beside it).
+STATUS_LABELS = {
+    KEPT: "kept",
+    FILTERED_AESTHETIC: "aesthetic score below the threshold",
+    FILTERED_NSFW: "NSFW score at or above the threshold",
+    EXACT_DUPLICATE: "exact duplicate (same image bytes)",
+    SEMANTIC_DUPLICATE: "semantic duplicate",
+    ERROR: "error (unreadable or undecodable)",
+    FILTERED_CAPTION_LENGTH: "caption too short",
+    FILTERED_CAPTION_LANGUAGE: "caption not in an allowed language",
+    FILTERED_IMAGE_SIZE: "image too small (shorter side)",
+    FILTERED_ASPECT_RATIO: "aspect ratio too extreme",
+    FILTERED_CLIP_SCORE: "CLIP image–caption score below the threshold",
+}
+# The filters in the order a sample meets them (README, "Order"): the first failing check
+# wins. (status, the options that set it)
+FILTER_ORDER = (
+    (FILTERED_CAPTION_LENGTH, ("min_caption_words", "min_caption_chars")),
+    (FILTERED_CAPTION_LANGUAGE, ("caption_languages",)),
+    (FILTERED_IMAGE_SIZE, ("min_image_side",)),
+    (FILTERED_ASPECT_RATIO, ("max_aspect_ratio",)),
+    (FILTERED_NSFW, ("nsfw_threshold",)),
+    (FILTERED_AESTHETIC, ("aesthetic_threshold",)),
+    (FILTERED_CLIP_SCORE, ("clip_score_threshold", "clip_score_keep_fraction")),
+)
 SCORE_COLORS = {"passed": STATUS_COLORS[KEPT], FILTERED_AESTHETIC: STATUS_COLORS[
     FILTERED_AESTHETIC], FILTERED_NSFW: STATUS_COLORS[FILTERED_NSFW]}
 SCORE_LABELS = {"passed": "passed the filters", FILTERED_AESTHETIC: "filtered_aesthetic",
                 FILTERED_NSFW: "filtered_nsfw"}
 COSINE_COLORS = {KEPT: STATUS_COLORS[KEPT], SEMANTIC_DUPLICATE: STATUS_COLORS[SEMANTIC_DUPLICATE]}
+CLIP_COLORS = {"passed": STATUS_COLORS[KEPT], FILTERED_CLIP_SCORE: STATUS_COLORS[
+    FILTERED_CLIP_SCORE], FILTERED_AESTHETIC: STATUS_COLORS[FILTERED_AESTHETIC],
+    FILTERED_NSFW: STATUS_COLORS[FILTERED_NSFW], "other": "#9aa1ab"}
+CLIP_LABELS = {"passed": "passed the filters", FILTERED_CLIP_SCORE: "filtered_clip_score",
+               FILTERED_AESTHETIC: "filtered_aesthetic", FILTERED_NSFW: "filtered_nsfw",
+               "other": "other statuses"}
+CLIP_MIN_SPAN = 0.1       # the CLIP-score histogram spans at least this much cosine
 MAX_SHARD_ROWS = 200
 MAX_CLUSTER_BARS = 200
 
@@ -112,6 +156,13 @@ figure .id { display:block; }
 .caption { color:var(--muted); word-break:break-word; max-height:4.4em; overflow:hidden; }
 .badge { display:inline-block; padding:0 6px; border-radius:9px; color:#fff; font-size:10.5px; }
 .strip { display:flex; flex-wrap:wrap; gap:10px; }
+td.caption-text { max-width:560px; word-break:break-word; }
+td.thumb img, td.thumb .noimg { width:""" + str(THUMB_PX) + """px;
+        height:""" + str(THUMB_PX) + """px; object-fit:contain; background:#eceff3;
+        border-radius:4px; display:block; }
+td.thumb .noimg { color:var(--muted); font-size:11px; padding:4px; }
+.status-name { color:var(--muted); font-size:11.5px; margin-left:6px; }
+#filter-counts-table code { white-space:nowrap; }
 td.reason { max-width:640px; word-break:break-word; }
 code, .mono { font-family:"DejaVu Sans Mono", Menlo, Consolas, monospace; font-size:12px; }
 details summary { cursor:pointer; color:#2c5ea8; margin:8px 0; }
@@ -158,12 +209,16 @@ def render_report(data: RunData, thumbs: Dict[str, Thumb]) -> str:
         "</code></div></header>",
     ]
     parts += _banners(data)
+    clip = _has_clip_section(data)
     parts.append('<nav><a href="#accounting">Accounting</a><a href="#scores">Scores</a>'
-                 '<a href="#dedup">Dedup</a><a href="#duplicates">Duplicate gallery</a>'
+                 + ('<a href="#clip-score">CLIP score</a>' if clip else "")
+                 + '<a href="#dedup">Dedup</a><a href="#duplicates">Duplicate gallery</a>'
                  '<a href="#spotlight">Aesthetic extremes</a><a href="#errors">Errors</a>'
                  '<a href="#options">Options</a></nav><main>')
     parts.append(_accounting(data))
     parts.append(_scores(data))
+    if clip:
+        parts.append(_clip_score(data, thumbs))
     parts.append(_dedup(data))
     parts.append(_gallery(data, thumbs))
     parts.append(_spotlight(data, thumbs))
@@ -219,8 +274,10 @@ def _accounting(data: RunData) -> str:
     rows = []
     for status in list(STATUSES) + sorted(set(counts) - set(STATUSES)):
         n = int(counts.get(status, 0))
+        label = (f'{esc(STATUS_LABELS[status])}<code class="status-name">{esc(status)}</code>'
+                 if status in STATUS_LABELS else esc(status))
         rows.append(f'<tr data-status="{esc(status)}"><td><span class="swatch" style="background:'
-                    f'{STATUS_COLORS.get(status, "#555")}"></span>{esc(status)}</td>'
+                    f'{STATUS_COLORS.get(status, "#555")}"></span>{label}</td>'
                     f'<td class="num">{n:,}</td><td class="num">{_pct(n, total_in)}</td></tr>')
     total = sum(int(v) for v in counts.values())
     ok = acc.get("ok", total == total_in)
@@ -253,11 +310,15 @@ def _per_shard(data: RunData) -> str:
         return ""
     shards = sorted(per_shard)
     shown = shards[:MAX_SHARD_ROWS]
-    head = "".join(f'<th class="num">{esc(s)}</th>' for s in STATUSES)
+    # Only the statuses some shard has (kept always): eleven columns, most of them zero on a
+    # run without the field's filters, would hide the ones that matter.
+    present = {s for c in per_shard.values() for s, n in (c or {}).items() if n}
+    columns = [s for s in STATUSES if s == KEPT or s in present]
+    head = "".join(f'<th class="num">{esc(s)}</th>' for s in columns)
     rows = []
     for shard in shown:
         c = per_shard[shard] or {}
-        cells = "".join(f'<td class="num">{int(c.get(s, 0)):,}</td>' for s in STATUSES)
+        cells = "".join(f'<td class="num">{int(c.get(s, 0)):,}</td>' for s in columns)
         url = data.shard_urls.get(shard, "")
         rows.append(f'<tr><td class="mono">{esc(shard)}</td><td class="num">'
                     f'{sum(int(v) for v in c.values()):,}</td>{cells}'
@@ -316,6 +377,154 @@ def _threshold_note(kind: str, value, flag: str, rule: str) -> str:
                 f"off (<code>{esc(flag)} none</code>).</p>")
     return (f'<p class="note" id="{kind}-threshold-note">{esc(flag)} = '
             f"<b>{esc(fmt_num(value, 6))}</b>: {esc(rule)} {esc(fmt_num(value, 6))}.</p>")
+
+
+class ClipThreshold(NamedTuple):
+    value: Optional[float]   # None: no CLIP-score filter, or nothing was scored
+    source: str              # "threshold" (--clip_score_threshold), "keep_fraction" or "off"
+    label: str               # what the chart's line says
+
+
+def clip_threshold(data: RunData) -> ClipThreshold:
+    """The run's CLIP-score threshold: the absolute --clip_score_threshold, or the one the
+    keep-fraction's quantile gave (summary.json["clip_score"])."""
+    opts = data.options
+    info = data.summary.get("clip_score") or {}
+    if opts.get("clip_score_threshold") is not None:
+        t = float(opts["clip_score_threshold"])
+        return ClipThreshold(t, "threshold", f"keep ≥ {fmt_num(t, 4)} (--clip_score_threshold)")
+    fraction = info.get("keep_fraction", opts.get("clip_score_keep_fraction"))
+    if fraction is not None:
+        t = info.get("threshold")
+        t = float(t) if t is not None else None
+        return ClipThreshold(t, "keep_fraction",
+                             f"keep ≥ {fmt_num(t, 4)} (top {fmt_num(100 * fraction, 4)} %)")
+    return ClipThreshold(None, "off", "")
+
+
+def clip_score_view(data: RunData) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """(bar edges, counts per series) of the CLIP-score histogram as the page draws it."""
+    return data.clip.view(CLIP_MIN_SPAN, include=[clip_threshold(data).value])
+
+
+def _has_clip_section(data: RunData) -> bool:
+    """The run scored pairs, or filtered by the score (and then maybe scored none); not for
+    a `dedup` output (no samples/: its --clip_score_threshold only picks candidates)."""
+    return bool(data.clip.total) or (bool(data.samples_files)
+                                     and clip_threshold(data).source != "off")
+
+
+def _clip_score(data: RunData, thumbs: Dict[str, Thumb]) -> str:
+    opts = data.options
+    th = clip_threshold(data)
+    parts = ['<section id="clip-score"><h2>CLIP score</h2>',
+             '<p class="note">The cosine of each image\'s embedding and its caption\'s, from the '
+             "same CLIP model (null without a usable caption). "
+             f'<b id="clip-scored">{data.clip.total:,}</b> of {data.rows:,} samples were '
+             "scored; the basic filters (caption length and language, image size, aspect ratio) "
+             "run before the model, so the samples they take have no score.</p>"]
+    info = data.summary.get("clip_score") or {}
+    if th.source == "threshold":
+        parts.append(f'<p class="note" id="clip-threshold-note">--clip_score_threshold = '
+                     f"<b>{esc(fmt_num(th.value, 6))}</b> (absolute): kept when score ≥ "
+                     f"{esc(fmt_num(th.value, 6))}; a sample without a caption is filtered.</p>")
+    elif th.source == "keep_fraction":
+        fraction = info.get("keep_fraction", opts.get("clip_score_keep_fraction"))
+        how = ("exact" if info.get("exact") else
+               "approximate (Beam's ApproximateQuantiles)") if "exact" in info else "?"
+        scored = info.get("scored")
+        parts.append(
+            f'<p class="note" id="clip-threshold-note">--clip_score_keep_fraction = '
+            f"<b>{esc(fmt_num(fraction, 6))}</b>: threshold <b>{esc(fmt_num(th.value, 6))}</b>, "
+            f"computed as the (1 − {esc(fmt_num(fraction, 6))}) quantile of "
+            f"{_int(scored) if scored is not None else '?'} scored sample(s), {esc(how)} "
+            "(summary.json clip_score); kept when score ≥ the threshold"
+            + (f"; {_int(info['passed'])} sample(s) passed it" if "passed" in info else "")
+            + ". A sample without a caption is filtered.</p>")
+    else:
+        parts.append('<p class="note threshold-off" id="clip-threshold-off">CLIP-score filter '
+                     "off (no <code>--clip_score_threshold</code> or "
+                     "<code>--clip_score_keep_fraction</code>).</p>")
+    parts.append('<div class="charts">')
+    if data.clip.total:
+        edges, counts = clip_score_view(data)
+        colors = {n: c for n, c in CLIP_COLORS.items()
+                  if n in ("passed", FILTERED_CLIP_SCORE) or counts[n].any()}
+        ths = [Threshold(th.value, th.label, "clip_score")] if th.value is not None else []
+        parts.append('<div class="chartbox">' + legend_html(colors, CLIP_LABELS) + histogram_svg(
+            edges, counts, colors, title="CLIP image–caption score",
+            x_label="CLIP score (cosine of image and caption embeddings)", thresholds=ths,
+            chart_id="clip-score-histogram") + "</div>")
+    else:
+        parts.append('<p class="note" id="no-clip-scores">No CLIP scores in samples/ (no '
+                     "sample reached the model with a usable caption).</p>")
+    parts.append(_filter_counts(data) + "</div>")
+    if data.clip.clipped:
+        parts.append(f'<p class="note">{data.clip.clipped} score(s) outside [−1, 1] (rounding) '
+                     "were drawn in the end bars.</p>")
+    for title, key, items in (("Highest CLIP scores", "best", data.clip_best),
+                              ("Lowest CLIP scores", "worst", data.clip_worst)):
+        if items:
+            parts.append(f"<h3>{esc(title)}</h3>" + _clip_pairs(key, items, data, thumbs))
+    if data.clip_best or data.clip_worst:
+        parts.append('<p class="note">Captions as the pipeline read them from the source shards '
+                     "(the <code>.txt</code> sidecar, or <code>--caption_field</code> of the "
+                     "<code>.json</code>), cut at 300 characters; samples/ holds the score, not "
+                     "the caption. NSFW-filtered samples are never shown.</p>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _filter_counts(data: RunData) -> str:
+    """How many samples each filter took, in the order a sample meets them."""
+    summary, opts = data.summary, data.options
+    counts = summary.get("counts") or data.counts_from_samples
+    total_in = summary.get("samples_read", sum(counts.values()))
+    rows = []
+    for status, flags in FILTER_ORDER:
+        n = int(counts.get(status, 0))
+        on = [f"--{f} {_option_text(opts.get(f))}" for f in flags if opts.get(f) is not None]
+        setting = (" · ".join(f"<code>{esc(x)}</code>" for x in on) if on
+                   else '<span class="note">off</span>')
+        rows.append(f'<tr data-status="{esc(status)}"><td><span class="swatch" style="'
+                    f'background:{STATUS_COLORS[status]}"></span>{esc(STATUS_LABELS[status])}'
+                    f'<code class="status-name">{esc(status)}</code></td><td>{setting}</td>'
+                    f'<td class="num">{n:,}</td><td class="num">{_pct(n, total_in)}</td></tr>')
+    return ('<div class="chartbox"><h3>Samples each filter took</h3><p class="note">In the '
+            "order a sample meets them: the first failing check wins, so a sample is counted "
+            "once, by the first filter it fails. Share of the input.</p>"
+            '<table id="filter-counts-table"><tr><th>filter</th><th>setting</th>'
+            '<th class="num">samples</th><th class="num">share</th></tr>'
+            + "".join(rows) + "</table></div>")
+
+
+def _option_text(value) -> str:
+    if isinstance(value, float):
+        return fmt_num(value, 6)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _clip_pairs(key: str, items: List[Tuple[float, str]], data: RunData,
+                thumbs: Dict[str, Thumb]) -> str:
+    rows = []
+    for score, sample_id in items:
+        thumb = thumbs.get(sample_id)
+        if thumb is None:
+            caption = '<span class="note">caption not loaded (thumbnails off)</span>'
+        elif thumb.scored_caption is None:
+            caption = f'<span class="note">caption unavailable ({esc(thumb.note or "none")})</span>'
+        else:
+            caption = esc(thumb.scored_caption)
+        rows.append(f'<tr data-id="{esc(sample_id)}" data-score="{score:.6f}"><td class="thumb">'
+                    f'{_thumb_img(sample_id, thumb, f"clip score {score:.4f}")}</td>'
+                    f'<td class="num"><b>{score:.4f}</b></td><td>'
+                    f'{_badge(data.id_status.get(sample_id))} <span class="id">'
+                    f'{esc(_clip(sample_id, 160))}</span></td>'
+                    f'<td class="caption-text">{caption}</td></tr>')
+    return (f'<table id="clip-{esc(key)}-table"><tr><th>image</th><th class="num">score</th>'
+            f'<th>id</th><th>caption</th></tr>{"".join(rows)}</table>')
 
 
 def _dedup(data: RunData) -> str:
@@ -395,8 +604,6 @@ def _dedup(data: RunData) -> str:
 
 
 def _size_histogram(values: List[int]) -> str:
-    import numpy as np
-
     top = max(values) or 1
     n_bars = min(50, top + 1)
     width = math.ceil((top + 1) / n_bars)
@@ -405,6 +612,15 @@ def _size_histogram(values: List[int]) -> str:
     colors = {"clusters": "#7b61c9"}
     return histogram_svg(edges, {"clusters": counts}, colors, title="Cluster size distribution",
                          x_label="cluster size (candidates)", chart_id="cluster-sizes")
+
+
+def _thumb_img(sample_id: str, thumb: Optional[Thumb], role: str) -> str:
+    thumb = thumb or Thumb(sample_id, None, note="not loaded")
+    if thumb.data_uri:
+        # data_uri is ours (base64 of a JPEG we encoded): only [A-Za-z0-9+/=] after the prefix.
+        return (f'<img src="{esc(thumb.data_uri)}" width="{THUMB_PX}" height="{THUMB_PX}" '
+                f'alt="{esc(role)} {esc(sample_id)}">')
+    return f'<div class="noimg">{esc(thumb.note or "image unavailable")}</div>'
 
 
 def _figure(sample_id: str, thumb: Optional[Thumb], status: Optional[str], role: str,
@@ -416,12 +632,7 @@ def _figure(sample_id: str, thumb: Optional[Thumb], status: Optional[str], role:
         tip += "\n" + thumb.caption
     if thumb.meta:
         tip += "\n" + thumb.meta
-    if thumb.data_uri:
-        # data_uri is ours (base64 of a JPEG we encoded): only [A-Za-z0-9+/=] after the prefix.
-        img = (f'<img src="{esc(thumb.data_uri)}" width="{THUMB_PX}" height="{THUMB_PX}" '
-               f'alt="{esc(role)} {esc(sample_id)}">')
-    else:
-        img = f'<div class="noimg">{esc(thumb.note or "image unavailable")}</div>'
+    img = _thumb_img(sample_id, thumb, role)
     caption = (f'<div class="caption">{esc(thumb.caption)}</div>' if thumb.caption else "")
     return (f'<figure title="{esc(_clip(tip, 1200))}">{img}<figcaption>{prefix}'
             f'{_badge(status)} <span class="id">{esc(_clip(sample_id, 160))}</span>{caption}'

@@ -165,11 +165,14 @@ def check_image_size(width: int, height: int, checks: SampleChecks) -> None:
 
 
 class ImageAndText(NamedTuple):
-    """What EmbedImages gets when a CLIP score is asked for: the pixels and the caption's
-    tokens (int64 (context_length,), None without a caption)."""
+    """What EmbedImages gets when a CLIP score is asked for: the pixels, the caption's
+    tokens (int64 (context_length,), None without a caption) and the caption itself (the
+    text that was tokenized: what EmbedImages(text_embeddings=True) writes beside its
+    embedding)."""
 
     pixels: Any
     tokens: Any = None
+    caption: Optional[str] = None
 
 
 def open_rgb(data: bytes, max_pixels: int, checks: Optional[SampleChecks] = None
@@ -354,7 +357,7 @@ class DecodeFn(beam.DoFn):
             if self._tokenize:
                 tokens = (self._tokenizer([caption.text])[0] if caption.text is not None
                           else None)
-                yield info, ImageAndText(tensor, tokens)
+                yield info, ImageAndText(tensor, tokens, caption.text)
             else:
                 yield info, tensor
             return

@@ -10,14 +10,16 @@ and the host stages the next forward while the GPU runs the current one.
 With `clip_score`, the same handler also runs the model's text tower on the captions that
 decode tokenized (`ImageAndText`), in fixed-size forwards like the images, and returns each
 sample's image-caption cosine beside its embedding: the score travels with the record (one
-float), never the caption embedding.
+float), never the caption embedding. With `text_embeddings` the caption embeddings leave the
+inference step on an output of their own (`EmbedResult.text`), which `WriteTextEmbeddings`
+writes per shard; they still never travel with the record.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -144,11 +146,20 @@ def clip_scores(loaded: LoadedClipModel, embeddings: np.ndarray, tokens: Sequenc
     token row is None: no caption). Captions go through the text tower grouped by their
     length bucket (models.text.TOKEN_BUCKETS), in forwards of exactly `forward_batch_size`
     rows, zero-padded, as the images do: a caption's forward shape is its own."""
+    return clip_scores_and_captions(loaded, embeddings, tokens, forward_batch_size)[0]
+
+
+def clip_scores_and_captions(loaded: LoadedClipModel, embeddings: np.ndarray,
+                             tokens: Sequence[Any], forward_batch_size: int
+                             ) -> Tuple[List[Optional[float]], List[Optional[np.ndarray]]]:
+    """`clip_scores`, and each row's caption embedding the score was computed from:
+    (d,) float32, L2-normalised (None without a caption)."""
     import torch
 
     from beam_curator.models.text import encode_tokens, token_bucket
 
     scores: List[Optional[float]] = [None] * len(tokens)
+    texts: List[Optional[np.ndarray]] = [None] * len(tokens)
     by_length: Dict[int, List[int]] = {}
     for i, row in enumerate(tokens):
         if row is not None:
@@ -162,21 +173,24 @@ def clip_scores(loaded: LoadedClipModel, embeddings: np.ndarray, tokens: Sequenc
             text.append(encode_tokens(loaded.model, batch, loaded.device, length))
         text_embeddings = torch.cat(text)[:len(rows)].cpu().numpy().astype(np.float32)
         cosines = np.einsum("ij,ij->i", embeddings[rows], text_embeddings)
-        for i, cosine in zip(rows, cosines):
+        for i, cosine, vector in zip(rows, cosines, text_embeddings):
             scores[i] = float(cosine)
-    return scores
+            texts[i] = vector
+    return scores, texts
 
 
 class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel]):
     """open_clip behind Beam's ModelHandler interface: the image tower, and with
-    `clip_score` the text tower too (examples are then `ImageAndText`)."""
+    `clip_score` the text tower too (examples are then `ImageAndText`; the inference is
+    (embedding, score), or with `text_embeddings` (embedding, score, caption embedding,
+    caption), both None without a caption)."""
 
     def __init__(self, model_dir: str, *, device: str = "auto", precision: str = "auto",
                  min_batch_size: Optional[int] = None,
                  max_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
                  forward_batch_size: Optional[int] = None, large_model: bool = False,
                  model_copies: Optional[int] = None, compile_mode: Optional[str] = None,
-                 clip_score: bool = False):
+                 clip_score: bool = False, text_embeddings: bool = False):
         # Batching and model sharing are Beam's: its ModelHandler takes them. Full batches
         # by default: the fewest padded rows and the fewest calls.
         super().__init__(min_batch_size=min_batch_size or max_batch_size,
@@ -188,7 +202,8 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
         self._forward_batch_size = (forward_batch_size
                                     or default_forward_batch_size(max_batch_size))
         self._compile_mode = compile_mode     # None: eager; else a torch.compile mode
-        self._clip_score = clip_score
+        self._clip_score = clip_score or text_embeddings
+        self._text_embeddings = text_embeddings
 
     def load_model(self) -> LoadedClipModel:
         import torch
@@ -229,8 +244,16 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
         pixels = [e.pixels if isinstance(e, ImageAndText) else e for e in batch]
         tokens = [e.tokens if isinstance(e, ImageAndText) else None for e in batch]
         embeddings = embed_images(model, pixels, self._forward_batch_size)
-        scores = clip_scores(model, embeddings, tokens, self._forward_batch_size)
-        return [PredictionResult(None, (row, score)) for row, score in zip(embeddings, scores)]
+        if not self._text_embeddings:
+            scores = clip_scores(model, embeddings, tokens, self._forward_batch_size)
+            return [PredictionResult(None, (row, score))
+                    for row, score in zip(embeddings, scores)]
+        scores, texts = clip_scores_and_captions(model, embeddings, tokens,
+                                                 self._forward_batch_size)
+        captions = [e.caption if isinstance(e, ImageAndText) else None for e in batch]
+        return [PredictionResult(None, (row, score, text,
+                                        caption if text is not None else None))
+                for row, score, text, caption in zip(embeddings, scores, texts, captions)]
 
     def get_metrics_namespace(self) -> str:
         return "curator_clip"
@@ -239,6 +262,35 @@ class OpenClipModelHandler(ModelHandler[Any, PredictionResult, LoadedClipModel])
 def _with_clip_score(info, result):
     embedding, score = result.inference
     return dataclasses.replace(info, clip_score=score), embedding
+
+
+TEXT = "text"
+
+
+class EmbedResult(NamedTuple):
+    """What `EmbedImages(..., text_embeddings=True)` returns.
+
+    embedded: (SampleInfo, embedding), as EmbedImages returns without text embeddings.
+    text: (SampleInfo, caption embedding, caption) for each embedded sample with a caption:
+        the (d,) float32 L2-normalised output of the same model's text tower that its
+        `clip_score` (on the info) is the cosine with; for `WriteTextEmbeddings`.
+    """
+
+    embedded: beam.PCollection
+    text: beam.PCollection
+
+
+class _SplitTextFn(beam.DoFn):
+    """(info, (embedding, score, caption embedding, caption)) -> (info, embedding), and
+    (info, caption embedding, caption) to TEXT where there is a caption."""
+
+    def process(self, element):
+        info, result = element
+        embedding, score, text, caption = result.inference
+        info = dataclasses.replace(info, clip_score=score)
+        yield info, embedding
+        if text is not None:
+            yield beam.pvalue.TaggedOutput(TEXT, (info, text, caption))
 
 
 def _unit_embedding(result) -> np.ndarray:
@@ -275,6 +327,9 @@ class EmbedImages(beam.PTransform):
       clip_score: also score each image against its caption with the same model's text
         tower (the elements must come from DecodeImages(tokenize=True)); the info's
         `clip_score` is then the cosine (None without a caption).
+      text_embeddings: also hand on the caption embeddings the score was computed from:
+        the transform then returns an `EmbedResult` (embedded, text) instead of one
+        PCollection. Implies clip_score.
 
     Example::
 
@@ -288,8 +343,10 @@ class EmbedImages(beam.PTransform):
                  min_inference_batch_size: Optional[int] = None,
                  forward_batch_size: Optional[int] = None, large_model: bool = False,
                  model_copies: Optional[int] = None, torch_compile: Optional[str] = None,
-                 accelerator: Optional[str] = None, clip_score: bool = False):
+                 accelerator: Optional[str] = None, clip_score: bool = False,
+                 text_embeddings: bool = False):
         super().__init__()
+        clip_score = clip_score or text_embeddings
         if model_handler is None and not model_dir:
             raise ValueError("EmbedImages needs a model_dir or a model_handler")
         if clip_score and model_handler is not None:
@@ -301,7 +358,9 @@ class EmbedImages(beam.PTransform):
             model_dir, device=device, precision=precision,
             min_batch_size=min_inference_batch_size, max_batch_size=inference_batch_size,
             forward_batch_size=forward_batch_size, large_model=large_model,
-            model_copies=model_copies, compile_mode=torch_compile, clip_score=clip_score)
+            model_copies=model_copies, compile_mode=torch_compile, clip_score=clip_score,
+            text_embeddings=text_embeddings)
+        self._text_embeddings = text_embeddings
         self._accelerator = accelerator
 
     def expand(self, decoded):
@@ -309,6 +368,12 @@ class EmbedImages(beam.PTransform):
         if self._accelerator:
             # GPU only where it pays: the rest of the graph stays on cheap CPU workers.
             inference = inference.with_resource_hints(accelerator=self._accelerator)
+        if self._text_embeddings:
+            split = (decoded
+                     | "RunInference" >> inference
+                     | "Unwrap" >> beam.ParDo(_SplitTextFn()).with_outputs(
+                         TEXT, main="embedded"))
+            return EmbedResult(embedded=split.embedded, text=split[TEXT])
         if self._own:
             unwrap = lambda info, result: (info, _unit_embedding(result))   # noqa: E731
         elif self._clip_score:
