@@ -158,6 +158,13 @@ class CuratorOptions(PipelineOptions):
               help="Score each image against its caption: the cosine of the image and "
                    "caption embeddings of the same CLIP model (text tower, its own "
                    "tokenizer), column clip_score (null without a caption).")
+        _flag(parser, "text_embeddings", type=_bool, default=False,
+              help="run, embed: also write the caption embeddings that the CLIP score "
+                   "computes (float16, L2-normalised) in clip-retrieval's layout: "
+                   "OUTPUT/text_embeddings/text_emb/text_emb_<shard>.npy and "
+                   "metadata/metadata_<shard>.parquet, row for row (id, image_path, "
+                   "caption, shard, key, clip_score); a row per embedded sample with a "
+                   "caption. Needs --clip_score true.")
         _flag(parser, "clip_score_threshold", type=_threshold, default=None,
               help="Filter samples whose CLIP score is below this (LAION-5B: 0.28 with "
                    "ViT-B/32; LAION-400M: 0.3), and samples without a caption. Default: off. "
@@ -470,6 +477,18 @@ def is_local_runner(options: PipelineOptions) -> bool:
     return runner_name(options).lower().split(".")[-1] in LOCAL_RUNNERS
 
 
+def _check_dedup_settings(opts: "CuratorOptions") -> None:
+    """--eps, --n_clusters, ... by the one definition of what dedup accepts."""
+    from beam_curator.transforms.semdedup.config import DedupConfig
+
+    DedupConfig(output=opts.output or "", n_clusters=opts.n_clusters, eps=opts.eps,
+                which_to_keep=opts.which_to_keep, centroids=opts.centroids,
+                kmeans_iterations=opts.kmeans_iterations, kmeans_seed=opts.kmeans_seed,
+                kmeans_sample_size=opts.kmeans_sample_size,
+                pairwise_block_size=opts.pairwise_block_size,
+                border_margin=opts.border_margin, device=opts.dedup_device).checked()
+
+
 def _one_machine(options: PipelineOptions, output: Optional[str]) -> bool:
     """A local runner writing a local --output: every worker sees the same files."""
     local_output = not output or output.startswith("file://") or "://" not in output
@@ -541,28 +560,8 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
         raise OptionError(
             f"--nsfw_threshold {opts.nsfw_threshold} is not a probability: use a value in "
             "[0, 1] (for example 0.5), or 'none' to switch the filter off.")
-    if not (math.isfinite(opts.eps) and 0.0 <= opts.eps < 1.0):
-        raise OptionError(f"--eps {opts.eps} must be in [0, 1): duplicates are pairs with "
-                          "cosine similarity >= 1 - eps (SemDeDup uses 0.01 … 0.1).")
     _check_sample_filters(opts)
-    if opts.n_clusters is not None and opts.n_clusters < 1:
-        raise OptionError(f"--n_clusters {opts.n_clusters} must be >= 1, or auto.")
-    if opts.kmeans_iterations < 1:
-        raise OptionError(f"--kmeans_iterations {opts.kmeans_iterations} must be >= 1.")
-    if not 0 <= opts.kmeans_seed < 2**31:   # what k-means takes (faiss: a C int)
-        raise OptionError(f"--kmeans_seed {opts.kmeans_seed} must be in [0, 2**31), e.g. 0.")
-    if opts.kmeans_sample_size is not None and opts.kmeans_sample_size < 1:
-        raise OptionError(f"--kmeans_sample_size {opts.kmeans_sample_size} must be >= 1, "
-                          "or auto.")
-    if opts.pairwise_block_size < 1:
-        raise OptionError(f"--pairwise_block_size {opts.pairwise_block_size} must be >= 1.")
-    if opts.border_margin is not None and opts.which_to_keep == "random":
-        raise OptionError("--border_margin needs --which_to_keep hard or easy: a random order "
-                          "is drawn per cluster, so a pair seen in two clusters could lose "
-                          "both members.")
-    if opts.border_margin is not None and not (0.0 <= opts.border_margin <= 2.0):
-        raise OptionError(f"--border_margin {opts.border_margin} must be a cosine distance "
-                          "in [0, 2] (try 0.02), or left out.")
+    _check_dedup_settings(opts)
     if opts.inference_batch_size < 1 or (opts.min_inference_batch_size or 1) < 1:
         raise OptionError("--inference_batch_size and --min_inference_batch_size must be >= 1.")
     if (opts.min_inference_batch_size or 0) > opts.inference_batch_size:
@@ -603,6 +602,10 @@ def _check_sample_filters(opts: "CuratorOptions") -> None:
         if not opts.clip_score:
             raise OptionError("--clip_score_threshold needs the CLIP score: drop "
                               "--clip_score false, or the threshold.")
+    if opts.text_embeddings and not opts.clip_score:
+        raise OptionError("--text_embeddings writes the caption embeddings that the CLIP "
+                          "score computes, and --clip_score false switches the text tower "
+                          "off: drop --clip_score false, or --text_embeddings.")
     if opts.clip_score_keep_fraction is not None:
         if not (math.isfinite(opts.clip_score_keep_fraction)
                 and 0.0 < opts.clip_score_keep_fraction <= 1.0):

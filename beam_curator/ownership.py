@@ -618,18 +618,13 @@ class hold_output:   # noqa: N801 - used as a context manager, like open()
         return False
 
 
-def finish_output(out: str, summary: dict, token: Optional[str], *, report: bool = False
-                  ) -> str:
-    """The end of every run, inside the pipeline: temp files gone, report.html (run), then
-    summary.json as the very last file, then the run record removed."""
+def finish_output(out: str, summary: dict, token: Optional[str]) -> str:
+    """The end of every run, inside the pipeline, once every other output is written: temp
+    files gone, summary.json as the very last file, then the run record removed."""
 
     outputs.remove_temp_files(out)
     for warning in summary.get("warnings") or ():
         _LOG.warning("%s", warning)
-    if report:
-        from beam_curator.report import write_report
-
-        write_report(out, summary=summary)
     path = write_json(outputs.summary_file(out), summary)
     if token:
         _remove_record(out, token)

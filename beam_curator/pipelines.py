@@ -60,17 +60,20 @@ class Front(NamedTuple):
     # float that dedup holds the embeddings rows to; None without it.
     clip_info: Optional[beam.PCollection] = None
     min_clip_score: Optional[beam.PCollection] = None
+    # --text_embeddings: one dict (rows, files), once text_embeddings/ is written.
+    text_info: Optional[beam.PCollection] = None
 
 
 def dedup_kwargs(options) -> dict:
-    """The dedup transforms' keywords from the command line."""
+    """The dedup transforms' keywords from the command line (checked already, by
+    validate_options, with the transforms' own rule: `DedupConfig.checked`)."""
     opts = options.view_as(CuratorOptions)
     return dict(n_clusters=opts.n_clusters, eps=opts.eps, which_to_keep=opts.which_to_keep,
-                centroids=opts.centroids, kmeans_iterations=opts.kmeans_iterations,
-                kmeans_seed=opts.kmeans_seed, kmeans_sample_size=opts.kmeans_sample_size,
-                pairwise_block_size=opts.pairwise_block_size,
-                border_margin=opts.border_margin,
-                vector_transport=resolve_vector_transport(options), device=opts.dedup_device)
+                  centroids=opts.centroids, kmeans_iterations=opts.kmeans_iterations,
+                  kmeans_seed=opts.kmeans_seed, kmeans_sample_size=opts.kmeans_sample_size,
+                  pairwise_block_size=opts.pairwise_block_size,
+                  border_margin=opts.border_margin,
+                  vector_transport=resolve_vector_transport(options), device=opts.dedup_device)
 
 
 def _check_model_dir(opts: CuratorOptions):
@@ -115,7 +118,14 @@ def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list) -> Front:
         min_inference_batch_size=opts.min_inference_batch_size,
         forward_batch_size=opts.forward_batch_size, large_model=opts.large_model,
         model_copies=opts.model_copies, torch_compile=opts.torch_compile,
-        accelerator=opts.inference_accelerator, clip_score=opts.clip_score)
+        accelerator=opts.inference_accelerator, clip_score=opts.clip_score,
+        text_embeddings=opts.text_embeddings)
+    text_info = None
+    if opts.text_embeddings:
+        from beam_curator.transforms.text_embeddings import WriteTextEmbeddings
+
+        text_info = embedded.text | "WriteTextEmbeddings" >> WriteTextEmbeddings(opts.output)
+        embedded = embedded.embedded
     scored = embedded | "Score" >> ScoreImages(opts.model_dir)
     split = scored | "Filter" >> FilterByScores(
         aesthetic_threshold=opts.aesthetic_threshold, nsfw_threshold=opts.nsfw_threshold,
@@ -133,7 +143,7 @@ def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list) -> Front:
     return Front(read=read, samples_read=samples_read,
                  rejected=tuple(rejected) | "Rejected" >> beam.Flatten(), passed=passed,
                  embeddings_written=embeddings_written, clip_info=clip_info,
-                 min_clip_score=min_clip_score)
+                 min_clip_score=min_clip_score, text_info=text_info)
 
 
 def _keep_top_clip_score(scored, passed, fraction: float):
@@ -173,7 +183,7 @@ def _write_results(results, front: Front, opts: CuratorOptions, claim: OutputCla
         opts.output, extra, samples_read=front.samples_read,
         shard_errors=front.read.errors, curated_counts=curated_counts, written=written,
         claim_token=claim.token, report=curated and opts.write_report, dedup_info=dedup_info,
-        clip_info=front.clip_info)
+        clip_info=front.clip_info, text_info=front.text_info)
 
 
 def _run_extra(opts: CuratorOptions, manifest, command: str) -> dict:
@@ -233,7 +243,8 @@ def build_run(p: beam.Pipeline, options) -> OutputClaim:
     if opts.dedup:
         from beam_curator.transforms.dedup import Deduplicate
 
-        dedup = front.passed | "Dedup" >> Deduplicate(
+        # The vectors are in embeddings/ already: dedup reads them there, and is given ids.
+        dedup = front.passed | "Candidates" >> beam.Keys() | "Dedup" >> Deduplicate(
             opts.output, embeddings_written=front.embeddings_written,
             min_clip_score=front.min_clip_score, **dedup_kwargs(options))
         deduped, more_written, dedup_info = dedup.results, [dedup.written], dedup.info
@@ -249,13 +260,12 @@ def build_run(p: beam.Pipeline, options) -> OutputClaim:
 
 def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
     """Step 2: semantic dedup of embeddings -> OUTPUT/dedup/ and summary.json."""
-    from beam_curator.transforms.dedup import (
-        DeduplicateEmbeddings,
+    from beam_curator.transforms.dedup import DeduplicateEmbeddings, dedup_summary
+    from beam_curator.transforms.semdedup import DedupConfig
+    from beam_curator.transforms.semdedup.sources import (
         check_embedding_sources,
-        dedup_summary,
+        resolve_embeddings_sized,
     )
-    from beam_curator.transforms.dedup_data import resolve_embeddings_sized
-    from beam_curator.transforms.dedup_plan import DedupConfig
 
     opts = validate_options(options, needs=("embeddings", "output"))
     files, npy_pairs, input_bytes = resolve_embeddings_sized(opts.embeddings)
@@ -268,7 +278,7 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
     # Columns, types, the dim and --centroids: refused before --output is touched.
     check_embedding_sources(files, npy_pairs, DedupConfig(
         output=opts.output, id_column=opts.id_column, embedding_column=opts.embedding_column,
-        centroids_path=opts.centroids))
+        centroids=opts.centroids))
     if opts.clip_score_threshold is not None and npy_pairs:
         raise OptionError("--clip_score_threshold holds dedup's candidates to the clip_score "
                           "column of embeddings parquet files; clip-retrieval's img_emb/ has "
@@ -278,7 +288,7 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
                          + _centroids_input(opts))
     dedup = p | "Dedup" >> DeduplicateEmbeddings(
         opts.embeddings, opts.output, id_column=opts.id_column,
-        embedding_column=opts.embedding_column, sources=(files, npy_pairs), with_rows=False,
+        embedding_column=opts.embedding_column, resolved=(files, npy_pairs), with_rows=False,
         min_clip_score=opts.clip_score_threshold, **dedup_kwargs(options))
     counts = dedup_summary(dedup.counts, dedup.info)
     out, token = opts.output, claim.token

@@ -55,7 +55,7 @@ def write_parquet(directory: str, ids, vectors: np.ndarray, rows_per_file: int =
 def child_plain(args) -> dict:
     import pyarrow.parquet as pq
 
-    from beam_curator.transforms.dedup_data import list_column_to_numpy
+    from beam_curator.transforms.semdedup.sources import list_column_to_numpy
     from bench.dedup_plain import plain_semdedup
 
     t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def _time_steps() -> dict:
     the step's own work: Beam's coding and shuffles are in what is left of the wall time.
     For attribution only (`--step-times`); the timed numbers come from unwrapped runs.
     """
-    from beam_curator.transforms import dedup_outputs, semdedup
+    from beam_curator.transforms.semdedup import assign, centroids, outputs, pairwise, route
 
     seconds = {}
 
@@ -95,13 +95,13 @@ def _time_steps() -> dict:
             return result
         return wrapper
 
-    for cls, label in ((semdedup.SampleForTrainingFn, "sample"), (semdedup.AssignFn, "assign"),
-                       (semdedup.RouteFn, "route"), (semdedup.PairwiseFn, "pairwise"),
-                       (dedup_outputs.WriteClusterOutputsFn, "write_outputs")):
+    for cls, label in ((centroids.SampleForTrainingFn, "sample"), (assign.AssignFn, "assign"),
+                       (route.RouteFn, "route"), (pairwise.PairwiseFn, "pairwise"),
+                       (outputs.WriteClusterOutputsFn, "write_outputs")):
         cls.process = timed(cls.process, label)
     # k-means itself: looked up on its module when called (a patched train_centroids would be
     # pickled into the graph with a copy of `seconds`)
-    semdedup.km.train_kmeans = timed(semdedup.km.train_kmeans, "train")
+    centroids.km.train_kmeans = timed(centroids.km.train_kmeans, "train")
     return seconds
 
 

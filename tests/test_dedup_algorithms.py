@@ -13,17 +13,12 @@ from beam_curator.dedup import (
     assign_to_centroids,
     assign_top2,
     assign_with_runner_up,
-    block_pairs,
-    block_range,
     border_assignments,
-    combine_partials,
     duplicate_threshold,
     is_duplicate,
     load_centroids,
-    local_to_global,
     max_sim_to_earlier,
     pairwise,
-    partial_max,
     rank_cluster,
     sample_fraction,
     sample_mask,
@@ -186,36 +181,6 @@ def test_exact_copies_tie_to_earliest_and_score_one():
         assert by_id[ranked[2]][2] == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("block_size", [1, 3, 7, 16, 45])
-def test_split_partials_combine_to_unsplit_bit_identically(block_size):
-    ids, vectors, center, _ = planted_cluster(seed=3)
-    n = len(ids)
-    ranked = vectors[rank_cluster(ids, cos_dist_to(vectors, center), "hard", 0, 0)]
-    want_max, want_arg = max_sim_to_earlier(ranked, block_size)
-
-    # Each (i, j) as a separate worker would see it: fresh copies of the two blocks.
-    partials = {}
-    for i, j in block_pairs(n, block_size):
-        (i0, i1), (j0, j1) = block_range(n, block_size, i), block_range(n, block_size, j)
-        block_i, block_j = ranked[i0:i1].copy(), ranked[j0:j1].copy()
-        if i == j and j % 2:
-            block_j = block_i            # one array on both sides must not change the bits
-        m, a = partial_max(block_i, block_j, i == j)
-        assert m.dtype == np.float32 and a.dtype == np.int64 and m.shape == (j1 - j0,)
-        partials.setdefault(j, []).append((m, local_to_global(a, i0)))
-    got_max, got_arg = [], []
-    rng = random.Random(0)
-    for j in sorted(partials):
-        parts = partials[j]
-        rng.shuffle(parts)                               # arrival order must not matter
-        m, a = combine_partials(parts)
-        got_max.append(m)
-        got_arg.append(a)
-    np.testing.assert_array_equal(f32_bits(np.concatenate(got_max)), f32_bits(want_max))
-    np.testing.assert_array_equal(np.concatenate(got_arg), want_arg)
-    assert want_arg[0] == -1 and want_max[0] == 0.0
-
-
 @pytest.mark.parametrize("strip_rows", [1, 4, 13])
 @pytest.mark.parametrize("block_size", [5, 45])
 def test_strips_inside_a_block_change_no_bit(strip_rows, block_size, monkeypatch):
@@ -247,20 +212,6 @@ def test_max_sim_to_earlier_ties_and_edges():
     # The true max, negative when every earlier member points away.
     m, _ = max_sim_to_earlier(np.array([[1, 0], [-1, 0]], np.float32), 1)
     assert m[1] == -1.0
-    # combine_partials: equal similarity from two blocks goes to the lower global index.
-    m, a = combine_partials([(np.float32([0.5, -np.inf]), np.array([7, -1])),
-                             (np.float32([0.5, 0.25]), np.array([3, 2]))])
-    assert a.tolist() == [3, 2] and m.tolist() == [0.5, 0.25]
-    with pytest.raises(ValueError):
-        combine_partials([])
-
-
-def test_block_pairs():
-    assert block_pairs(10, 4) == [(0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 2)]
-    assert block_pairs(0, 4) == []
-    assert block_range(10, 4, 2) == (8, 10)
-    with pytest.raises(ValueError):
-        block_pairs(10, 0)
 
 
 # ---- the >= 1 - eps boundary -------------------------------------------------------------

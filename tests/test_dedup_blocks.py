@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from beam_curator.dedup import blocks
+from beam_curator.dedup import blocks, ranking
 from beam_curator.dedup.pairwise import max_sim_to_earlier
 from beam_curator.dedup.ranking import rank_cluster
 
@@ -29,12 +29,12 @@ def _one_pass(ids, v, cos, which, cluster):
 
 
 def _blocked(ids, v, cos, which, cluster, nb, backend=None):
-    primary = blocks.rank_primary(ids, cos, which, 0, cluster)
+    primary = ranking.rank_primary(ids, cos, which, 0, cluster)
     block = blocks.block_of(ids, nb, cluster)
     ranked = {}
     for b in range(nb):
         rows = np.flatnonzero(block == b)
-        ranked[b] = rows[blocks.rank_order([ids[r] for r in rows], primary[rows])]
+        ranked[b] = rows[ranking.rank_order([ids[r] for r in rows], primary[rows])]
     answer = {}
     for b, rows in ranked.items():
         b_ids = [ids[r] for r in rows]
@@ -68,13 +68,13 @@ def test_hash_blocks_give_the_one_pass_answer_bit_for_bit(which, nb, backend, mo
 def test_merge_is_order_free():
     ids, v, cos = _cluster()
     ids, v, cos = ids[:120], v[:120], cos[:120]
-    primary = blocks.rank_primary(ids, cos, "hard", 0, 1)
+    primary = ranking.rank_primary(ids, cos, "hard", 0, 1)
     rows = np.arange(40)
-    rows = rows[blocks.rank_order([ids[r] for r in rows], primary[rows])]
+    rows = rows[ranking.rank_order([ids[r] for r in rows], primary[rows])]
     t_ids = [ids[r] for r in rows]
     parts = [blocks.diagonal_partial(v[rows], t_ids, primary[rows])]
     for other in (np.arange(40, 80), np.arange(80, 120)):
-        other = other[blocks.rank_order([ids[r] for r in other], primary[other])]
+        other = other[ranking.rank_order([ids[r] for r in other], primary[other])]
         parts.append(blocks.cross_partial(v[rows], primary[rows], t_ids, v[other],
                                           primary[other], [ids[r] for r in other]))
     forward = blocks.merge_partials(blocks.merge_partials(parts[0], parts[1]), parts[2])
@@ -102,12 +102,12 @@ def test_plan_defaults_follow_the_data():
 
 
 def test_the_plan_says_what_was_chosen():
-    from beam_curator.transforms.dedup_plan import DedupConfig, make_plan
+    from beam_curator.transforms.semdedup.config import DedupConfig, make_plan
 
     auto = make_plan(2_500_000, DedupConfig(output="o"))
     assert (auto.n_clusters, auto.sample_size) == (250, 16_000)
     assert auto.n_clusters_from.startswith("auto")
-    given = make_plan(2_500_000, DedupConfig(output="o", n_clusters=100, sample_size=5000))
+    given = make_plan(2_500_000, DedupConfig(output="o", n_clusters=100, kmeans_sample_size=5000))
     assert (given.n_clusters, given.sample_size, given.n_clusters_from) == (
         100, 5000, "--n_clusters")
     lowered = make_plan(25, DedupConfig(output="o", n_clusters=100))

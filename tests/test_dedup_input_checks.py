@@ -60,7 +60,7 @@ def error_line(err):
 # ---- item 4: one file read once; an id read twice is an error naming both places ----------
 
 def test_two_spellings_of_one_file_resolve_to_one(tmp_path, planted, monkeypatch):
-    from beam_curator.transforms.dedup_data import resolve_embeddings_sized
+    from beam_curator.transforms.semdedup.sources import resolve_embeddings_sized
 
     ids, vectors, _ = planted
     path = write(str(tmp_path / "E" / "embeddings" / "e.parquet"), ids, vectors)
@@ -154,8 +154,8 @@ def test_rows_without_an_id_or_a_direction_are_left_out_counted_and_named(messy)
 
 
 def test_examples_are_bounded_and_the_first_by_place():
-    from beam_curator.transforms.dedup_data import InvalidRow
-    from beam_curator.transforms.semdedup import InvalidSummary
+    from beam_curator.transforms.semdedup.rows import InvalidSummary
+    from beam_curator.transforms.semdedup.sources import InvalidRow
 
     combine = InvalidSummary()
     rows = [InvalidRow(f"i{k}", f"f{k % 3}", k, "zero vector") for k in range(50)]
@@ -169,7 +169,7 @@ def test_examples_are_bounded_and_the_first_by_place():
 
 
 def test_unit_rows_marks_what_has_no_direction_and_leaves_unit_rows_as_they_are():
-    from beam_curator.transforms.dedup_data import REASONS, unit_rows
+    from beam_curator.transforms.semdedup.sources import REASONS, unit_rows
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 8)).astype(np.float32)
@@ -192,7 +192,7 @@ def test_unit_rows_marks_what_has_no_direction_and_leaves_unit_rows_as_they_are(
 # ---- item 6: every row's length is checked -------------------------------------------------
 
 def test_every_row_length_is_checked_even_when_the_total_divides():
-    from beam_curator.transforms.dedup_data import RowLengthError, list_column_to_numpy
+    from beam_curator.transforms.semdedup.sources import RowLengthError, list_column_to_numpy
 
     # 4 + 2 + 6 = 12 values in 3 rows: a reshape made three 4-d garbage rows of it
     column = pa.array([[1.0] * 4, [2.0] * 2, [3.0] * 6], type=pa.list_(pa.float32()))

@@ -33,6 +33,7 @@ BOUNDED_SIDE_INPUTS = [
     (r"Summary/CountShardStatus(/.*)?", "shards x statuses counts"),
     (r".*/RefuseRepeatedIds", "one 0: the repeated-id check passed"),
     (r".*/SummariseInvalid(/.*)?", "counts by reason and the first 20 rows (InvalidSummary)"),
+    (r".*/InputChecks", "counts by reason and the first 20 rows (InvalidSummary)"),
 ]
 # Global combines whose output grows with their input (the rest are counts, sums, Top-n).
 COLLECTING_FNS = ("ToListCombineFn", "ToDictCombineFn", "ToSetCombineFn")
@@ -90,6 +91,8 @@ def graphs(tiny_model_dir, small_dataset, tmp_path_factory):
         "run-shuffle": ["--input", shards, "--model_dir", tiny_model_dir,
                         "--dedup_vector_transport", "shuffle"],
         "embed": ["--input", shards, "--model_dir", tiny_model_dir],
+        "embed-text": ["--input", shards, "--model_dir", tiny_model_dir,
+                       "--text_embeddings", "true"],
         "dedup": ["--embeddings", str(emb / "*.parquet"), "--border_margin", "0.02"],
         "remove": ["--input", shards, "--removal_ids", str(removal)],
     }

@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import os
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -179,7 +180,7 @@ def test_default_k_comes_from_the_data_and_small_inputs_still_dedup(planted, tmp
 
 
 def test_staged_rows_come_back_in_the_order_asked_and_a_short_file_is_an_error(tmp_path):
-    from beam_curator.transforms.dedup_data import read_staged_rows, write_staged
+    from beam_curator.transforms.semdedup.vectors import read_staged_rows, write_staged
 
     vectors = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
     path = write_staged(str(tmp_path / "chunk.f32"), vectors)
@@ -199,47 +200,61 @@ def test_staged_rows_come_back_in_the_order_asked_and_a_short_file_is_an_error(t
 
 
 def test_a_chunk_sends_one_element_per_bin_of_whole_clusters_read_in_one_run(tmp_path):
-    """Assign stages a chunk's vectors in cluster order; Route packs small clusters into bins
-    of at most block_rows members: one element per (chunk, bin) whose staged rows are one run
-    of the file, so the pairwise step reads them with one read, and gets the right vectors."""
+    """The staged store keeps a chunk's vectors in cluster order after the assign step; Route
+    packs small clusters into bins of at most pairwise_block_size members: one element per
+    (chunk, bin) whose staged rows are one run of the file, so the pairwise step reads them
+    with one read, and gets the right vectors."""
     from beam_curator.dedup import blocks
-    from beam_curator.transforms.dedup_data import row_group_chunks
-    from beam_curator.transforms.dedup_plan import DedupConfig
-    from beam_curator.transforms.semdedup import AssignFn, RouteFn
+    from beam_curator.transforms.semdedup.assign import AssignFn
+    from beam_curator.transforms.semdedup.config import DedupConfig
+    from beam_curator.transforms.semdedup.records import BinKey
+    from beam_curator.transforms.semdedup.route import RouteFn
+    from beam_curator.transforms.semdedup.rows import CheckRowsFn
+    from beam_curator.transforms.semdedup.sources import row_group_chunks
+    from beam_curator.transforms.semdedup.vectors import StagedVectors
 
     rng = np.random.default_rng(4)
     ids = [f"s{i:03d}" for i in range(200)]
     vectors = rng.normal(size=(200, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     pattern = write_embeddings(str(tmp_path / "emb"), ids, vectors, files=1, row_group=200)
-    config = DedupConfig(output=str(tmp_path / "out"), block_rows=70)
+    config = DedupConfig(output=str(tmp_path / "out"), pairwise_block_size=70,
+                         vector_transport="staged")
+    store = StagedVectors(config)
     (chunk,) = row_group_chunks(glob.glob(pattern)[0], "part", 8, config)
-    # as the sampling pass does (there written behind): the chunk staged in its own order
-    chunk.load(config, stage_with=lambda write, *args: write(*args))
-    assert os.listdir(config.staging_dir) == [f"chunk-{chunk.name}.f32"]
-    centroids = vectors[:8]
-    assign = AssignFn(config)
-    assign.setup()
-    assign.start_bundle()
-    (assigned,) = assign.process(chunk, centroids)
-    assign.finish_bundle()   # the cluster-order copy is written behind, done by here
-    assign.teardown()
+
+    def run(fn, *args):
+        fn.setup()
+        fn.start_bundle()
+        out = list(fn.process(*args))
+        fn.finish_bundle()   # what the store writes behind is done by here
+        fn.teardown()
+        return out
+
+    (chunk,) = [c for c in run(CheckRowsFn(config, store), chunk)
+                if not isinstance(c, beam.pvalue.TaggedOutput)]
+    assert os.listdir(config.staging_dir) == [f"chunk-{chunk.name}.f32"]   # the first copy
+    (assigned,) = run(AssignFn(config, store), chunk, vectors[:8])
     sizes = dict(assigned.cluster_counts())
     assert len(sizes) > 3 and max(sizes.values()) <= 70
-    routed = list(RouteFn(config).process(assigned, sizes))
+    routed = list(RouteFn(config, store).process(assigned, sizes))
     bins = blocks.pack_clusters(sizes, 70)
-    assert sorted(key[0] for key, _ in routed) == sorted(set(bins.values()))
+    assert all(isinstance(key, BinKey) for key, _ in routed)
+    assert sorted(key.first_cluster for key, _ in routed) == sorted(set(bins.values()))
     assert len(routed) < len(sizes)                        # fewer elements than clusters
     by_id = dict(zip(ids, vectors))
-    for (first, nb, _, _), (_, members) in routed:
-        assert nb == 1 and len(members) <= 70
-        assert set(members.cluster.tolist()) == {c for c, b in bins.items() if b == first}
+    for key, (_, members) in routed:
+        assert len(members) <= 70 and members.vectors is None   # references, not vectors
+        assert set(members.cluster.tolist()) == {c for c, b in bins.items()
+                                                 if b == key.first_cluster}
         assert np.array_equal(np.diff(members.rows), np.ones(len(members) - 1))   # one run
-        assert np.array_equal(members.load_vectors(), np.stack([by_id[i] for i in members.ids]))
+        assert np.array_equal(store.read(members), np.stack([by_id[i] for i in members.ids]))
         for cluster, part in members.by_cluster():
             assert len(part) == sizes[cluster] and part.cluster is None
     staging = os.listdir(config.staging_dir)
     assert staging == [f"chunk-{chunk.name}.by-cluster.f32"]   # the first copy is dropped
+    store.discard_all()
+    assert not os.path.exists(config.staging_dir)
 
 
 def test_small_clusters_pack_in_order_and_never_past_the_bound():
@@ -259,7 +274,7 @@ def test_members_survive_beam_coding_with_every_column():
     """Members pickle their per-member columns as one bytes (Members.__reduce__)."""
     from apache_beam.coders.typecoders import registry
 
-    from beam_curator.transforms.dedup_data import Members
+    from beam_curator.transforms.semdedup.records import BinKey, Members
 
     coder = registry.get_coder(object)
     rng = np.random.default_rng(0)
@@ -271,7 +286,7 @@ def test_members_survive_beam_coding_with_every_column():
     empty = Members(ids=(), cos_dist=np.zeros(0, np.float32), l2_dist=np.zeros(0, np.float32),
                     border=np.zeros(0, bool))
     for members in (full, empty, full.take([2]), dataclasses.replace(full, vectors=None)):
-        back = coder.decode(coder.encode(((1, 1, 0, 0), (0, members))))[1][1]
+        back = coder.decode(coder.encode((BinKey(1), (0, members))))[1][1]
         assert back.ids == members.ids and back.dim == members.dim
         assert back.paths == members.paths
         for name in ("cos_dist", "l2_dist", "border", "vectors", "path_index", "rows",

@@ -265,7 +265,7 @@ def test_embeddings_dir_and_the_clip_retrieval_layout(tmp_path):
         [v.tolist() for v in vectors], type=pa.list_(pa.float32()))}), emb / "e.parquet")
     # The bytes that size Flink's tasks: the vector files, not the clip-retrieval metadata;
     # float16 .npy counted as the float32 they become.
-    from beam_curator.transforms.dedup_data import resolve_embeddings_sized
+    from beam_curator.transforms.semdedup.sources import resolve_embeddings_sized
     assert resolve_embeddings_sized(str(emb))[2] == os.path.getsize(emb / "e.parquet")
     assert resolve_embeddings_sized(str(clip))[2] == 2 * sum(
         os.path.getsize(p) for p in (clip / "img_emb").iterdir())

@@ -5,8 +5,9 @@ The Beam transforms in `beam_curator.transforms.semdedup` are plumbing around th
 * `kmeans`   – train / save / load the centroid model, hash-based training sample;
 * `assign`   – nearest centroid of each embedding (blocked, chunking-independent);
 * `ranking`  – the order inside one cluster that decides which member is kept;
-* `pairwise` – max cosine similarity to any earlier-ranked member, unsplit or as
-               (block i, block j) partials that combine to the same bits.
+* `pairwise` – max cosine similarity to any earlier-ranked member, in one pass;
+* `blocks`   – the same answer for a cluster cut into hash blocks, from per-block-pair
+               partials that combine in any order (how a large cluster is spread out).
 
 Every function is deterministic for its inputs; ties are broken by id or by lowest index.
 The dense math runs on numpy (the CPU reference) or torch on a GPU, with the same decisions:
@@ -28,12 +29,8 @@ from beam_curator.dedup.kmeans import (
 )
 from beam_curator.dedup.pairwise import (
                                       TILE_ROWS,
-                                      block_pairs,
-                                      block_range,
-                                      combine_partials,
                                       duplicate_threshold,
                                       is_duplicate,
-                                      local_to_global,
                                       max_sim_to_earlier,
                                       partial_max,
                                       semdedup_cluster,
@@ -46,14 +43,10 @@ __all__ = [
     "assign_to_centroids",
     "assign_top2",
     "assign_with_runner_up",
-    "block_pairs",
-    "block_range",
     "border_assignments",
-    "combine_partials",
     "duplicate_threshold",
     "is_duplicate",
     "load_centroids",
-    "local_to_global",
     "max_sim_to_earlier",
     "partial_max",
     "rank_cluster",

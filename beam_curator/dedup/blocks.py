@@ -10,7 +10,7 @@ holding at most ~2 x block_rows members; for each member it finds the best earli
 member of the other block (`cross_partials`), and the diagonal {a, a} the best earlier one
 inside the block. A member's answer is the best of its nb partials (`merge_partials`): the
 highest similarity, ties to the earliest-ranked member -- exactly what one pass over the
-whole ranked cluster gives, because the rank order (`rank_primary`, then the id) is global
+whole ranked cluster gives, because the rank order (`ranking.rank_primary`, then the id) is global
 and every similarity is the same float64-accumulated dot product rounded once to float32
 (`pairwise.block_similarities`).
 
@@ -33,7 +33,6 @@ from beam_curator.dedup.pairwise import (
     block_similarities,
     max_sim_to_earlier,
 )
-from beam_curator.dedup.ranking import WHICH_TO_KEEP, random_rank_keys
 
 ROWS_PER_CLUSTER = 10_000       # SemDeDup: 50k clusters on LAION-440M; NeMo: ~10k rows each
 POINTS_PER_CENTROID = 64        # faiss trains well on 39-256 points per centroid
@@ -109,26 +108,6 @@ def block_of(ids: Sequence[str], nb: int, cluster: int) -> np.ndarray:
 def pair_keys(block: int, nb: int) -> list:
     """The unordered block pairs (lo, hi) a member of `block` takes part in: nb of them."""
     return [(min(block, j), max(block, j)) for j in range(nb)]
-
-
-# ---- the rank order --------------------------------------------------------------------
-
-def rank_primary(ids: Sequence[str], cos_dist: np.ndarray, which_to_keep: str, seed: int,
-                 cluster: int) -> np.ndarray:
-    """The primary rank key of each member (ties broken by id): `ranking.rank_cluster`'s order
-    is `lexsort((ids, rank_primary(...)))`. float64 for hard/easy, uint64 for random."""
-    if which_to_keep not in WHICH_TO_KEEP:
-        raise ValueError(f"which_to_keep must be one of {', '.join(WHICH_TO_KEEP)}; "
-                         f"got {which_to_keep!r}")
-    if which_to_keep == "random":
-        return random_rank_keys(list(ids), int(seed), int(cluster))
-    dist = np.asarray(cos_dist, dtype=np.float32).astype(np.float64)
-    return -dist if which_to_keep == "hard" else dist
-
-
-def rank_order(ids: Sequence[str], primary: np.ndarray) -> np.ndarray:
-    id_arr = np.asarray(list(ids), dtype=str) if len(ids) else np.empty(0, dtype="U1")
-    return np.lexsort((id_arr, primary)).astype(np.int64)
 
 
 # ---- partials: (similarity, the source's rank key, the source's id) per member ---------------

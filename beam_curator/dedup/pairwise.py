@@ -5,14 +5,12 @@ Within a cluster ranked by `ranking.rank_cluster`, member r is a semantic duplic
 NeMo Curator, r is compared with *every* earlier member, including ones that are themselves
 duplicates (a chain a ~ b ~ c removes b and c).
 
-The work is cut into square blocks of `block_size` ranked rows. Block i against block j
-(i <= j) gives, for each row of j, its best earlier row in i (`partial_max`); combining the
-partials of all i <= j gives the answer for j (`combine_partials`). `max_sim_to_earlier` runs
-exactly those calls in one process; a runner can instead send each (i, j) to its own worker.
-Both paths compute every dot product with the same float32 matmul on the same block shapes,
-so they agree bit for bit (for the same `block_size`). Memory: O(STRIP_ROWS x block_size)
-per block pair (block j is scored a strip of rows at a time) plus O(n) for the results --
-never n x n.
+`max_sim_to_earlier` cuts the work into square tiles of `block_size` ranked rows: tile i
+against tile j (i <= j) gives, for each row of j, its best earlier row in i (`partial_max`),
+folded into j's answer in place. Memory: O(STRIP_ROWS x block_size) per tile pair (tile j is
+scored a strip of rows at a time) plus O(n) for the results -- never n x n. (A cluster too
+large for one worker is cut into hash blocks instead, whose partials carry rank keys and ids:
+`dedup.blocks`, the one scheme that crosses workers.)
 
 Conventions (NeMo Curator's pairwise output is `id, max_id, cosine_sim_score`):
 * the first-ranked member has no earlier member: max_sim 0.0 and argmax -1 here;
@@ -31,7 +29,7 @@ float64 summation order, see `dedup.shortlist`).
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -53,20 +51,13 @@ def _n_blocks(n: int, block_size: int) -> int:
     return -(-n // block_size)
 
 
-def block_range(n: int, block_size: int, b: int) -> Tuple[int, int]:
+def _block_range(n: int, block_size: int, b: int) -> Tuple[int, int]:
     """Rows [start, stop) of block b when n ranked rows are cut into blocks of block_size."""
     block_size = check_positive_int(block_size, "block_size")
     if not 0 <= b < _n_blocks(n, block_size):
         raise ValueError(f"block {b} out of range for {n} rows in blocks of {block_size}")
     start = b * block_size
     return start, min(n, start + block_size)
-
-
-def block_pairs(n: int, block_size: int) -> List[Tuple[int, int]]:
-    """All (i, j) with i <= j: block i of earlier-ranked rows against block j."""
-    block_size = check_positive_int(block_size, "block_size")
-    nb = _n_blocks(n, block_size)
-    return [(i, j) for j in range(nb) for i in range(j + 1)]
 
 
 def block_similarities(block_j: np.ndarray, block_i: np.ndarray) -> np.ndarray:
@@ -142,12 +133,6 @@ def partial_max(block_i_vectors: np.ndarray, block_j_vectors: np.ndarray, same_b
     return _run_partial(resolve(device, backend), bi, bj, bool(same_block))
 
 
-def local_to_global(argmax_local: np.ndarray, block_i_start: int) -> np.ndarray:
-    """Turn `partial_max`'s block-local argmax into ranked-row indices (-1 stays -1)."""
-    a = np.asarray(argmax_local, dtype=np.int64)
-    return np.where(a >= 0, a + int(block_i_start), -1)
-
-
 # ---- combining ---------------------------------------------------------------------------
 
 def _merge(acc_max: np.ndarray, acc_arg: np.ndarray, m: np.ndarray, a: np.ndarray) -> None:
@@ -162,33 +147,6 @@ def _finish(acc_max: np.ndarray, acc_arg: np.ndarray) -> Tuple[np.ndarray, np.nd
     none = acc_arg < 0
     acc_max[none] = 0.0   # no earlier member: score 0, like NeMo's first member
     return acc_max, acc_arg
-
-
-def combine_partials(partials: Iterable[Tuple[np.ndarray, np.ndarray]]
-                     ) -> Tuple[np.ndarray, np.ndarray]:
-    """Combine `(max_sim, global_argmax)` partials of one block j, in any order.
-
-    Returns `(max_sim float32, argmax int64)`: the highest similarity, ties to the earliest-
-    ranked row; rows without any earlier row get 0.0 and -1. Combining the partials of all
-    (i, j) for j equals `max_sim_to_earlier` on j's rows exactly.
-    """
-    acc_max = acc_arg = None
-    for m, a in partials:
-        m = np.asarray(m, dtype=np.float32)
-        a = np.asarray(a, dtype=np.int64)
-        if m.ndim != 1 or m.shape != a.shape:
-            raise ValueError(f"a partial must be two 1-d arrays of one length, got "
-                             f"{m.shape} and {a.shape}")
-        if acc_max is None:
-            acc_max = np.full(m.shape, -np.inf, np.float32)
-            acc_arg = np.full(m.shape, -1, np.int64)
-        elif m.shape != acc_max.shape:
-            raise ValueError(f"partials of different lengths: {acc_max.shape[0]} and "
-                             f"{m.shape[0]}")
-        _merge(acc_max, acc_arg, m, a)
-    if acc_max is None:
-        raise ValueError("combine_partials needs at least one partial")
-    return _finish(acc_max, acc_arg)
 
 
 def max_sim_to_earlier(vectors_ranked: np.ndarray, block_size: int = TILE_ROWS,
@@ -211,13 +169,13 @@ def max_sim_to_earlier(vectors_ranked: np.ndarray, block_size: int = TILE_ROWS,
     max_sim = np.empty(n, dtype=np.float32)
     argmax = np.empty(n, dtype=np.int64)
     for j in range(_n_blocks(n, block_size)):
-        j0, j1 = block_range(n, block_size, j)
+        j0, j1 = _block_range(n, block_size, j)
         acc_max = np.full(j1 - j0, -np.inf, np.float32)
         acc_arg = np.full(j1 - j0, -1, np.int64)
         for i in range(j + 1):
-            i0, i1 = block_range(n, block_size, i)
+            i0, i1 = _block_range(n, block_size, i)
             m, a = _run_partial(choice, v[i0:i1], v[j0:j1], i == j)   # v is checked
-            _merge(acc_max, acc_arg, m, local_to_global(a, i0))
+            _merge(acc_max, acc_arg, m, np.where(a >= 0, a + i0, -1))
         max_sim[j0:j1], argmax[j0:j1] = _finish(acc_max, acc_arg)
     return max_sim, argmax
 

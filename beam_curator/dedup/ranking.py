@@ -19,9 +19,7 @@ from beam_curator.dedup._checks import as_float_vector
 from beam_curator.defaults import WHICH_TO_KEEP
 
 
-def _check_ids(ids: Sequence[str]) -> np.ndarray:
-    if len(set(ids)) != len(ids):
-        raise ValueError("ids inside one cluster must be unique")
+def _id_array(ids: Sequence[str]) -> np.ndarray:
     # Unicode numpy arrays sort by code point, exactly like Python str comparison.
     return np.asarray(list(ids), dtype=str) if len(ids) else np.empty(0, dtype="U1")
 
@@ -41,6 +39,26 @@ def random_rank_keys(ids: Sequence[str], seed: int, cluster: int) -> np.ndarray:
         dtype=np.uint64, count=len(ids))
 
 
+def rank_primary(ids: Sequence[str], cos_dist: np.ndarray, which_to_keep: str, seed: int,
+                 cluster: int) -> np.ndarray:
+    """The primary rank key of each member; the order is ascending (primary, id).
+
+    float64 of the float32 distance for hard (negated) and easy, so the order is the one the
+    written kmeans/ files (float32 `cosine_dist_to_cent`) give; uint64 for random."""
+    if which_to_keep not in WHICH_TO_KEEP:
+        raise ValueError(f"which_to_keep must be one of {', '.join(WHICH_TO_KEEP)}; "
+                         f"got {which_to_keep!r}")
+    if which_to_keep == "random":
+        return random_rank_keys(list(ids), int(seed), int(cluster))
+    dist = as_float_vector(cos_dist, "cos_dist", len(ids)).astype(np.float32).astype(np.float64)
+    return -dist if which_to_keep == "hard" else dist
+
+
+def rank_order(ids: Sequence[str], primary: np.ndarray) -> np.ndarray:
+    """Indices that sort the members by (primary, id): ties broken by id."""
+    return np.lexsort((_id_array(ids), primary)).astype(np.int64)
+
+
 def rank_cluster(ids: Sequence[str], cos_dist: np.ndarray, which_to_keep: str, seed: int,
                  cluster: int) -> np.ndarray:
     """Rank the members of one cluster; returns the order as int64 indices into the input.
@@ -48,17 +66,6 @@ def rank_cluster(ids: Sequence[str], cos_dist: np.ndarray, which_to_keep: str, s
     `cos_dist` is each member's cosine distance to the cluster's centroid. Position 0 is kept
     first: a member is a duplicate when it is too similar to any member ranked before it.
     """
-    if which_to_keep not in WHICH_TO_KEEP:
-        raise ValueError(f"which_to_keep must be one of {', '.join(WHICH_TO_KEEP)}; "
-                         f"got {which_to_keep!r}")
-    n = len(ids)
-    id_arr = _check_ids(ids)
-    if which_to_keep == "random":
-        keys = random_rank_keys(id_arr.tolist(), int(seed), int(cluster))
-        order = np.lexsort((id_arr, keys))
-    else:
-        dist = as_float_vector(cos_dist, "cos_dist", n).astype(np.float64)
-        primary = -dist if which_to_keep == "hard" else dist
-        # lexsort: the last key is the primary one; equal distances fall back to the id.
-        order = np.lexsort((id_arr, primary))
-    return order.astype(np.int64)
+    if len(set(ids)) != len(ids):
+        raise ValueError("ids inside one cluster must be unique")
+    return rank_order(ids, rank_primary(ids, cos_dist, which_to_keep, seed, cluster))

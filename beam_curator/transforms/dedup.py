@@ -13,7 +13,7 @@ import apache_beam as beam
 import numpy as np
 
 from beam_curator.dedup.blocks import DEFAULT_BLOCK_ROWS
-from beam_curator.errors import OptionError
+from beam_curator.defaults import DEFAULT_EPS, SHUFFLE
 from beam_curator.schema import (
     ERROR,
     EXACT_DUPLICATE,
@@ -25,19 +25,16 @@ from beam_curator.schema import (
     SampleResult,
     shard_of_id,
 )
-from beam_curator.transforms.dedup_data import (
-    Chunk,
-    Decisions,
+from beam_curator.transforms.semdedup import DedupConfig, SemanticDedup
+from beam_curator.transforms.semdedup.records import Decisions
+from beam_curator.transforms.semdedup.sources import (
+    EmbeddingsFile,
+    check_embedding_sources,
     chunk_names,
-    embeddings_schema,
-    npy_chunks,
     npy_id_column,
-    npy_shape,
     resolve_embeddings,
     row_group_chunks,
 )
-from beam_curator.transforms.dedup_plan import SHUFFLE, DedupConfig
-from beam_curator.transforms.semdedup import SemanticDedupCore
 
 __all__ = ["Deduplicate", "DeduplicateEmbeddings", "DedupResult"]
 
@@ -63,37 +60,6 @@ class DedupResult(NamedTuple):
     written: beam.PCollection
     info: beam.PCollection
     counts: beam.PCollection
-
-
-def _config(output_dir: str, **options) -> DedupConfig:
-    """Keywords -> DedupConfig, checked (a bad value fails while the graph is built)."""
-    from beam_curator.dedup.ranking import WHICH_TO_KEEP
-
-    config = DedupConfig(output=output_dir, **options)
-    if config.which_to_keep not in WHICH_TO_KEEP:
-        raise ValueError(f"which_to_keep must be one of {WHICH_TO_KEEP}, got "
-                         f"{config.which_to_keep!r}")
-    if not 0.0 <= config.eps < 1.0:
-        raise ValueError(f"eps must be in [0, 1), got {config.eps}")
-    for name in ("n_clusters", "sample_size"):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1 or None (from the data), got {value}")
-    if config.block_rows < 1:
-        raise ValueError(f"pairwise_block_size must be >= 1, got {config.block_rows}")
-    return config
-
-
-def _dedup_config(output_dir, n_clusters, eps, which_to_keep, centroids, kmeans_iterations,
-                  kmeans_seed, kmeans_sample_size, pairwise_block_size, border_margin,
-                  vector_transport, device, id_column="id",
-                  embedding_column="embedding") -> DedupConfig:
-    return _config(output_dir, n_clusters=n_clusters, eps=eps, which_to_keep=which_to_keep,
-                   centroids_path=centroids, kmeans_iterations=kmeans_iterations,
-                   seed=kmeans_seed, sample_size=kmeans_sample_size,
-                   block_rows=pairwise_block_size, border_margin=border_margin,
-                   transport=vector_transport, device=device, id_column=id_column,
-                   embedding_column=embedding_column)
 
 
 def _decision_rows(decisions: Decisions):
@@ -161,9 +127,11 @@ class Deduplicate(beam.PTransform):
     An embedding dedup cannot use (NaN, infinite or all zero) makes its sample an `error`
     (stage embed); one not of unit length is normalised (`info["input_checks"]` counts both).
 
-    The embeddings are read back from parquet (vectors never travel as Python lists): pass
-    `embeddings_written`, the paths a `WriteEmbeddings` step emitted, when the pipeline writes
-    them anyway; otherwise this transform writes `output_dir/embeddings/` itself.
+    The vectors are read from embeddings parquet (they never travel as Python lists):
+    without `embeddings_written` this transform writes `output_dir/embeddings/` from the
+    (SampleInfo, embedding) pairs it is given. With `embeddings_written`, the paths a
+    `WriteEmbeddings` step emitted, it is given the candidates' SampleInfo alone (as `run`
+    does) and reads their vectors from those files.
 
     Args:
       output_dir: where dedup/ (and, without embeddings_written, embeddings/) are written.
@@ -199,7 +167,7 @@ class Deduplicate(beam.PTransform):
     """
 
     def __init__(self, output_dir: str, *, n_clusters: Optional[int] = None,
-                 eps: float = 0.01, which_to_keep: str = "hard",
+                 eps: float = DEFAULT_EPS, which_to_keep: str = "hard",
                  centroids: Optional[str] = None, kmeans_iterations: int = 20,
                  kmeans_seed: int = 0, kmeans_sample_size: Optional[int] = None,
                  pairwise_block_size: int = DEFAULT_BLOCK_ROWS,
@@ -210,10 +178,12 @@ class Deduplicate(beam.PTransform):
         rows whose clip_score is at least this are candidates (the keep-top-fraction
         threshold, known once the whole pool is scored)."""
         super().__init__()
-        self._config = _dedup_config(output_dir, n_clusters, eps, which_to_keep, centroids,
-                                     kmeans_iterations, kmeans_seed, kmeans_sample_size,
-                                     pairwise_block_size, border_margin, vector_transport,
-                                     device)
+        self._config = DedupConfig(
+            output=output_dir, n_clusters=n_clusters, eps=eps, which_to_keep=which_to_keep,
+            centroids=centroids, kmeans_iterations=kmeans_iterations, kmeans_seed=kmeans_seed,
+            kmeans_sample_size=kmeans_sample_size, pairwise_block_size=pairwise_block_size,
+            border_margin=border_margin, vector_transport=vector_transport,
+            device=device).checked()
         self._embeddings_written = embeddings_written
         self._min_clip_score = min_clip_score
 
@@ -221,8 +191,9 @@ class Deduplicate(beam.PTransform):
         from beam_curator.transforms.write import WriteEmbeddings
 
         written = self._embeddings_written
-        if written is None:
+        if written is None:   # (SampleInfo, embedding) pairs: written, then read as chunks
             written = candidates | "WriteEmbeddings" >> WriteEmbeddings(self._config.output)
+            candidates = candidates | "Infos" >> beam.Keys()
         config = self._config
         if self._min_clip_score is None:
             chunks = written | "RowGroups" >> beam.FlatMap(
@@ -231,10 +202,10 @@ class Deduplicate(beam.PTransform):
             chunks = written | "RowGroups" >> beam.FlatMap(
                 lambda path, t: row_group_chunks(path, chunk_names([path])[path], 0, config, t),
                 beam.pvalue.AsSingleton(self._min_clip_score))
-        core = chunks | "SemDeDup" >> SemanticDedupCore(config, has_hash=True)
+        core = chunks | "SemDeDup" >> SemanticDedup(config, has_hash=True)
         decisions = _decisions(core)
-        results = ({"info": candidates | "InfoByShard" >> beam.MapTuple(
-                        lambda info, _: (info.shard, info)),
+        results = ({"info": candidates | "InfoByShard" >> beam.Map(
+                        lambda info: (info.shard, info)),
                     "decision": decisions | "DecisionByShard" >> beam.Map(
                         lambda d: (shard_of_id(d.id), d)),
                     "invalid": core.invalid | "InvalidByShard" >> beam.Map(
@@ -266,8 +237,8 @@ class DeduplicateEmbeddings(beam.PTransform):
       id_column, embedding_column: the parquet column names (clip-retrieval: the id column,
         else `key`, else `image_path`).
       with_rows: False leaves `results` empty: the answers are still written under dedup/
-        and counted in `counts`, without a Python object per embedding (what the `dedup`
-        command does: the rows were the largest cost of its 1M benchmark's regression).
+        and counted in `counts`, without a Python object per embedding (the `dedup` command
+        needs no more, and a Python object per row is what a large dedup costs most).
       The other keywords: as for `Deduplicate`.
 
     Example::
@@ -282,25 +253,27 @@ class DeduplicateEmbeddings(beam.PTransform):
 
     def __init__(self, file_pattern: str, output_dir: str, *, id_column: str = "id",
                  embedding_column: str = "embedding", n_clusters: Optional[int] = None,
-                 eps: float = 0.01, which_to_keep: str = "hard",
+                 eps: float = DEFAULT_EPS, which_to_keep: str = "hard",
                  centroids: Optional[str] = None, kmeans_iterations: int = 20,
                  kmeans_seed: int = 0, kmeans_sample_size: Optional[int] = None,
                  pairwise_block_size: int = DEFAULT_BLOCK_ROWS,
                  border_margin: Optional[float] = None, vector_transport: str = SHUFFLE,
                  device: str = "auto", with_rows: bool = True,
-                 sources: Optional[Tuple[Sequence[str], Sequence[Tuple[str, str]]]] = None,
+                 resolved: Optional[Tuple[Sequence[str], Sequence[Tuple[str, str]]]] = None,
                  min_clip_score: Optional[float] = None):
-        """`sources`: (parquet files, (npy, metadata) pairs) already resolved from
+        """`resolved`: (parquet files, (npy, metadata) pairs) already resolved from
         `file_pattern` (the command line resolves them before it claims the output).
         `min_clip_score`: only rows whose clip_score column is at least this are candidates
         (an `embed` run's keep-top-fraction threshold, from its summary.json)."""
         super().__init__()
         self._with_rows = with_rows
-        self._config = _dedup_config(output_dir, n_clusters, eps, which_to_keep, centroids,
-                                     kmeans_iterations, kmeans_seed, kmeans_sample_size,
-                                     pairwise_block_size, border_margin, vector_transport,
-                                     device, id_column, embedding_column)
-        paths, pairs = sources if sources is not None else resolve_embeddings(file_pattern)
+        self._config = DedupConfig(
+            output=output_dir, n_clusters=n_clusters, eps=eps, which_to_keep=which_to_keep,
+            centroids=centroids, kmeans_iterations=kmeans_iterations, kmeans_seed=kmeans_seed,
+            kmeans_sample_size=kmeans_sample_size, pairwise_block_size=pairwise_block_size,
+            border_margin=border_margin, vector_transport=vector_transport, device=device,
+            id_column=id_column, embedding_column=embedding_column).checked()
+        paths, pairs = resolved if resolved is not None else resolve_embeddings(file_pattern)
         if not paths and not pairs:
             raise ValueError(f"{file_pattern!r} matches no embeddings file")
         self._paths: List[str] = sorted(paths)
@@ -313,88 +286,26 @@ class DeduplicateEmbeddings(beam.PTransform):
     def expand(self, pbegin):
         config = self._config
         dim, has_hash = check_embedding_sources(self._paths, self._npy_pairs, config)
-        if config.transport == SHUFFLE:
+        if config.vector_transport == SHUFFLE:
             _LOG.info("dedup: vectors travel through the shuffle as float32 bytes")
         names = chunk_names(self._paths + [npy for npy, _ in self._npy_pairs])
-        sources = [("parquet", p, None, names[p], None) for p in self._paths]
+        files = [EmbeddingsFile(p, names[p]) for p in self._paths]
         if self._npy_pairs:
             id_column = npy_id_column(self._npy_pairs[0][1], config.id_column)
             _LOG.info("dedup: clip-retrieval layout, %d img_emb files, ids from column %r",
                       len(self._npy_pairs), id_column)
-            sources += [("npy", npy, meta, names[npy], id_column)
-                        for npy, meta in self._npy_pairs]
+            files += [EmbeddingsFile(npy, names[npy], meta, id_column)
+                      for npy, meta in self._npy_pairs]
         chunks = (pbegin
-                  | "Files" >> beam.Create(sources)
+                  | "Files" >> beam.Create(files)
                   | "OneFilePerWorkItem" >> beam.Reshuffle()
-                  | "Chunks" >> beam.FlatMap(_source_chunks, dim, config,
+                  | "Chunks" >> beam.FlatMap(lambda f, *a: f.chunks(*a), dim, config,
                                              self._min_clip_score))
-        core = chunks | "SemDeDup" >> SemanticDedupCore(config, has_hash, check_ids=True)
+        core = chunks | "SemDeDup" >> SemanticDedup(config, has_hash, check_ids=True)
         results = (_decisions(core) if self._with_rows
                    else pbegin | "NoRows" >> beam.Create([]))
         return DedupResult(results=results, written=core.written, info=core.info,
                            counts=_status_counts(core))
-
-
-def check_embedding_sources(paths: Sequence[str], npy_pairs: Sequence[Tuple[str, str]],
-                            config: DedupConfig) -> Tuple[int, bool]:
-    """(dim, every file has content_hash) of resolved embeddings, checked before any work
-    from what is cheap to read: the first clip-retrieval header; the footers (columns and
-    their types) of the parquet files up to the first with an embedding, whose first row
-    gives the dim; and the --centroids file against it. Each file's footer is checked again
-    where its chunks are made, and every row where it is decoded."""
-    dim, has_hash, where = 0, not npy_pairs, None   # clip-retrieval writes no content hash
-    for npy, _ in npy_pairs[:1]:
-        dim, where = npy_shape(npy)[1], npy
-    for path in paths:
-        file_dim, file_hash = embeddings_schema(path, config)
-        has_hash = has_hash and file_hash
-        if file_dim:
-            if dim and file_dim != dim:
-                raise OptionError(f"{path} holds {file_dim}-d embeddings, {where} {dim}-d: "
-                                  "dedup compares embeddings of one model. Leave one out of "
-                                  "--embeddings.")
-            dim = file_dim
-            break
-    if not dim:
-        raise OptionError(
-            f"--embeddings: the {len(paths) + len(npy_pairs)} file(s) it matches hold no "
-            "embedding (no rows, or only null embeddings). Point it at the embeddings of an "
-            "`embed` run (OUTPUT/embeddings) or another file with rows.")
-    if config.centroids_path:
-        check_centroids(config.centroids_path, dim)
-    return dim, has_hash
-
-
-def check_centroids(path: str, dim: int) -> None:
-    """--centroids must be a plain (k, dim) float .npy with finite, non-zero rows."""
-    from beam_curator.dedup.kmeans import load_centroids
-
-    try:
-        load_centroids(path, dim)
-    except FileNotFoundError:
-        raise OptionError(
-            f"--centroids {path} does not exist. Point it at a centroids .npy (e.g. "
-            "OUTPUT/dedup/centroids.npy of an earlier run), or leave it out to train them."
-        ) from None
-    except ValueError as exc:
-        reason = " ".join(str(exc).split())   # one line
-        raise OptionError(
-            f"--centroids: {reason}. Pass the centroids.npy of a run on {dim}-d embeddings "
-            "like these (OUTPUT/dedup/centroids.npy), or leave --centroids out to train "
-            "them.") from None
-
-
-def _source_chunks(source, dim: int, config: DedupConfig,
-                   min_clip_score: Optional[float] = None) -> List[Chunk]:
-    kind, path, metadata, name, id_column = source
-    if kind == "npy":
-        chunks = npy_chunks(path, metadata, name, id_column)
-        if chunks and chunks[0].dim != dim:
-            raise OptionError(f"{path} holds {chunks[0].dim}-d embeddings, the others {dim}-d: "
-                              "dedup compares embeddings of one model. Leave it out of "
-                              "--embeddings.")
-        return chunks
-    return row_group_chunks(path, name, dim, config, min_clip_score)
 
 
 def dedup_summary(counts, info) -> beam.PCollection:

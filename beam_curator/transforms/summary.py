@@ -73,7 +73,7 @@ class WriteSummaryFn(beam.DoFn):
         self._report = report
 
     def process(self, _, samples_read, status_counts, n_repeated, repeated_sample, n_errors,
-                error_sample, curated, dedup_info, clip_info, *written):
+                error_sample, curated, dedup_info, clip_info, text_info, *written):
         extra = dict(self._extra)
         if curated is not None:
             extra["curated_samples_written"], extra["curated_shards_written"] = curated
@@ -81,6 +81,8 @@ class WriteSummaryFn(beam.DoFn):
             extra["dedup"] = dedup_info
         if clip_info is not None:
             extra["clip_score"] = clip_info
+        if text_info is not None:
+            extra["text_embeddings"] = dict(text_info, written=True)
         summary = build_summary(samples_read, status_counts, (n_repeated, repeated_sample),
                                 (n_errors, [dict(zip(("shard", "member", "reason", "id"), e))
                                             for e in error_sample]), extra)
@@ -99,7 +101,11 @@ class WriteSummaryFn(beam.DoFn):
             raise AccountingError(
                 f"accounting failed: {summary['accounting']} — see summary.FAILED.json")
         # Every other output is complete (side inputs): the report, then summary.json last.
-        yield finish_output(self._out, summary, self._claim_token, report=self._report)
+        if self._report:
+            from beam_curator.report import write_report
+
+            write_report(self._out, summary=summary)
+        yield finish_output(self._out, summary, self._claim_token)
 
 
 def sum_pairs(pairs) -> Tuple[int, int]:
@@ -116,13 +122,14 @@ class WriteSummary(beam.PTransform):
     `written` are PCollections whose completion must come first (the other outputs); with
     `report`, report.html is written just before summary.json; `claim_token` names the run
     record (beam_curator.ownership) that is removed once summary.json is there;
-    `curated_counts` are (shard, samples written); `dedup_info` and `clip_info` (the
-    keep-fraction threshold) one dict each for the summary.
+    `curated_counts` are (shard, samples written); `dedup_info`, `clip_info` (the
+    keep-fraction threshold) and `text_info` (what WriteTextEmbeddings wrote) one dict each
+    for the summary.
     """
 
     def __init__(self, out: str, extra: dict, *, samples_read, shard_errors,
                  curated_counts=None, written=(), claim_token: Optional[str] = None,
-                 report: bool = False, dedup_info=None, clip_info=None):
+                 report: bool = False, dedup_info=None, clip_info=None, text_info=None):
         super().__init__()
         self._out = out
         self._extra = extra
@@ -134,6 +141,7 @@ class WriteSummary(beam.PTransform):
         self._written = list(written)
         self._dedup_info = dedup_info
         self._clip_info = clip_info
+        self._text_info = text_info
 
     def expand(self, results):
         status_counts = (results
@@ -164,6 +172,8 @@ class WriteSummary(beam.PTransform):
                      if self._dedup_info is not None else None)
         sides.append(beam.pvalue.AsSingleton(self._clip_info)
                      if self._clip_info is not None else None)
+        sides.append(beam.pvalue.AsSingleton(self._text_info)
+                     if self._text_info is not None else None)
         sides += [_singleton(w | f"Done{i}" >> beam.combiners.Count.Globally())
                   for i, w in enumerate(self._written)]
         return (results.pipeline

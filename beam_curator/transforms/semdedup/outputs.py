@@ -1,5 +1,7 @@
-"""dedup/'s files: kmeans/, pairwise_results/ and duplicates/ per cluster (or block of a split
-cluster), and the exact copies' rows per chunk. NeMo Curator's formats (see schema.py)."""
+"""Stage 8, outputs: each cluster's (or block's) kmeans/, pairwise_results/ and duplicates/
+files, written where its decisions are made (no further shuffle of rows), in NeMo Curator's
+formats (schema.py); then, once every dedup output is written, the scratch files go.
+"""
 from __future__ import annotations
 
 import apache_beam as beam
@@ -8,6 +10,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from beam_curator.schema import DUPLICATES_SCHEMA, KMEANS_SCHEMA, PAIRWISE_SCHEMA
+from beam_curator.transforms.semdedup.vectors import VectorStore
 from beam_curator.transforms.write import write_parquet
 
 
@@ -40,15 +43,19 @@ class WriteClusterOutputsFn(beam.DoFn):
                                 use_dictionary=False)
 
 
-def write_exact_outputs(element, dedup_dir: str):
-    """(chunk, [ExactDuplicate]) -> pairwise rows (max_id = survivor, score 1.0) and removal
-    ids, one file per chunk that holds copies."""
-    chunk, exact = element
-    exact = sorted(exact)
-    ids = [e.id for e in exact]
-    name = f"exact-{chunk}.parquet"
-    yield write_parquet(FileSystems.join(dedup_dir, "pairwise_results", name), pa.table({
-        "id": ids, "max_id": [e.survivor for e in exact],
-        "cosine_sim_score": pa.array([1.0] * len(ids), pa.float32())}, schema=PAIRWISE_SCHEMA))
-    yield write_parquet(FileSystems.join(dedup_dir, "duplicates", name),
-                        pa.table({"id": ids}, schema=DUPLICATES_SCHEMA))
+def _count_done(pcoll, label: str):
+    return beam.pvalue.AsSingleton(pcoll | label >> beam.combiners.Count.Globally())
+
+
+def discard_scratch_after(store: VectorStore, written: list) -> beam.PCollection:
+    """Delete the vector store's scratch files once every PCollection of `written` is
+    complete (side inputs order it); returns a one-element PCollection: all done."""
+    def cleanup(_, *done):
+        store.discard_all()
+        return 1
+
+    p = written[0].pipeline
+    return (p
+            | "CleanupOnce" >> beam.Create([None])
+            | "DeleteStaging" >> beam.Map(cleanup, *[_count_done(w, f"Written{i}")
+                                                     for i, w in enumerate(written)]))
