@@ -230,6 +230,25 @@ class CuratorOptions(PipelineOptions):
                    "files under --output, one machine only: a local runner and a local "
                    "--output), shuffle (float32 bytes through the GroupByKey, once; for "
                    "distributed runners); auto picks staged where it can.")
+        _flag(parser, "reference", default=None,
+              help="Dedup AGAINST these embeddings too (comma-separated globs or "
+                   "directories, read like --embeddings, same column options): a candidate "
+                   "within --reference_eps of a reference row is reference_duplicate (and in "
+                   "dedup/duplicates/); reference rows are never removed nor counted. For "
+                   "decontamination (an evaluation set) and new shards against an already "
+                   "curated set (with its --centroids).")
+        _flag(parser, "reference_eps", type=float, default=None,
+              help="A candidate is a reference duplicate at cosine >= 1 - this. Default: "
+                   "--eps.")
+        _flag(parser, "reference_exact", type=_bool, default=False,
+              help="Compare every candidate with every --reference row (brute force; for "
+                   "small references such as evaluation sets, at most 500,000 rows) instead "
+                   "of only those in its cluster.")
+        _flag(parser, "target", default=None,
+              help="DataComp's image-based filter: keep a candidate only when its nearest "
+                   "centroid is also the nearest centroid of some embedding here (globs or "
+                   "directories, e.g. ImageNet's train embeddings); others are "
+                   "filtered_target.")
 
         # ---- output ---------------------------------------------------------------------
         _flag(parser, "write_report", type=_bool, default=True,
@@ -486,7 +505,9 @@ def _check_dedup_settings(opts: "CuratorOptions") -> None:
                 kmeans_iterations=opts.kmeans_iterations, kmeans_seed=opts.kmeans_seed,
                 kmeans_sample_size=opts.kmeans_sample_size,
                 pairwise_block_size=opts.pairwise_block_size,
-                border_margin=opts.border_margin, device=opts.dedup_device).checked()
+                border_margin=opts.border_margin, device=opts.dedup_device,
+                reference_eps=opts.reference_eps, reference_exact=opts.reference_exact).checked()
+
 
 
 def _one_machine(options: PipelineOptions, output: Optional[str]) -> bool:

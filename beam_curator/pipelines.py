@@ -73,7 +73,30 @@ def dedup_kwargs(options) -> dict:
                   kmeans_seed=opts.kmeans_seed, kmeans_sample_size=opts.kmeans_sample_size,
                   pairwise_block_size=opts.pairwise_block_size,
                   border_margin=opts.border_margin,
-                  vector_transport=resolve_vector_transport(options), device=opts.dedup_device)
+                  vector_transport=resolve_vector_transport(options), device=opts.dedup_device,
+                  reference=opts.reference, reference_eps=opts.reference_eps,
+                  reference_exact=opts.reference_exact, target=opts.target)
+
+
+def _other_sets(opts: CuratorOptions, dim: int) -> List[Tuple[str, str]]:
+    """--reference and --target resolved and checked (files, dimension, the exact mode's
+    size) before the output is claimed; their files, as inputs the output must not touch."""
+    from beam_curator.transforms.dedup import OtherSets
+    from beam_curator.transforms.semdedup import DedupConfig
+    from beam_curator.transforms.semdedup.sources import resolve_embeddings
+
+    if not opts.reference and not opts.target and not opts.reference_exact:
+        return []
+    config = DedupConfig(output=opts.output, id_column=opts.id_column,
+                         embedding_column=opts.embedding_column,
+                         reference_exact=opts.reference_exact)
+    OtherSets(config, opts.reference, opts.target).check_dim(dim)
+    inputs = []
+    for flag, pattern in (("--reference", opts.reference), ("--target", opts.target)):
+        if pattern:
+            files, pairs = resolve_embeddings(pattern)
+            inputs += inputs_of(flag, files + [path for pair in pairs for path in pair])
+    return inputs
 
 
 def _check_model_dir(opts: CuratorOptions):
@@ -237,7 +260,8 @@ def build_run(p: beam.Pipeline, options) -> OutputClaim:
     opts = validate_options(options, needs=("input", "output", "model_dir"))
     manifest = _check_model_dir(opts)
     shard_list = list_shards(opts.input, opts.output)
-    claim = _claim_for_shards(opts, "run", shard_list)
+    others = _other_sets(opts, manifest.embed_dim) if opts.dedup else []
+    claim = _claim_for_shards(opts, "run", shard_list, others)
     front = build_front(p, opts, shard_list)
     more_written, dedup_info = [], None
     if opts.dedup:
@@ -276,7 +300,7 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
             "directory) or at a clip-retrieval output directory (img_emb/ + metadata/).")
     flink_parallelism_for(options, input_bytes, "--embeddings")
     # Columns, types, the dim and --centroids: refused before --output is touched.
-    check_embedding_sources(files, npy_pairs, DedupConfig(
+    dim, _ = check_embedding_sources(files, npy_pairs, DedupConfig(
         output=opts.output, id_column=opts.id_column, embedding_column=opts.embedding_column,
         centroids=opts.centroids))
     if opts.clip_score_threshold is not None and npy_pairs:
@@ -285,7 +309,7 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
                           "none: leave the threshold out.")
     inputs = files + [path for pair in npy_pairs for path in pair]
     claim = claim_output(opts, "dedup", inputs_of("--embeddings", inputs)
-                         + _centroids_input(opts))
+                         + _centroids_input(opts) + _other_sets(opts, dim))
     dedup = p | "Dedup" >> DeduplicateEmbeddings(
         opts.embeddings, opts.output, id_column=opts.id_column,
         embedding_column=opts.embedding_column, resolved=(files, npy_pairs), with_rows=False,

@@ -11,8 +11,8 @@ Every `interval_s` seconds a line like
 
 goes to stderr, from the Beam counters the transforms already emit (namespace "curator":
 samples_read, decoded, decode_errors, shard_errors, passed_filters, filtered, dedup_assigned,
-exact_duplicates, semantic_duplicates, kept, curated_samples_written; and RunInference's own
-"curator_clip/num_inferences" for the images embedded).
+exact_duplicates, semantic_duplicates, reference_duplicates, kept, curated_samples_written;
+and RunInference's own "curator_clip/num_inferences" for the images embedded).
 
 How the numbers are read while the pipeline runs (why not just poll result.metrics()):
 `FnApiRunner.run_pipeline` blocks until the whole pipeline is done and only then returns a
@@ -65,6 +65,7 @@ FIELDS: List[Tuple[str, Tuple[MetricKey, ...]]] = [
     ("errors", (_c("decode_errors"), _c("shard_errors"))),
     ("dedup assigned", (_c("dedup_assigned"),)),
     ("duplicates", (_c("exact_duplicates"), _c("semantic_duplicates"))),
+    ("reference duplicates", (_c("reference_duplicates"),)),
     ("kept", (_c("kept"),)),
     ("kept (written)", (_c("curated_samples_written"),)),
 ]

@@ -27,9 +27,15 @@ FILTERED_CAPTION_LANGUAGE = "filtered_caption_language"
 FILTERED_IMAGE_SIZE = "filtered_image_size"
 FILTERED_ASPECT_RATIO = "filtered_aspect_ratio"
 FILTERED_CLIP_SCORE = "filtered_clip_score"
+# Dedup against other sets (--target, --reference), decided in the dedup step: a candidate
+# outside the target's clusters is filtered_target (and takes no part in the dedup); one
+# within --reference_eps of a reference embedding is a reference_duplicate (before the
+# semantic duplicates among the candidates).
+FILTERED_TARGET = "filtered_target"
+REFERENCE_DUPLICATE = "reference_duplicate"
 STATUSES = (KEPT, FILTERED_AESTHETIC, FILTERED_NSFW, EXACT_DUPLICATE, SEMANTIC_DUPLICATE, ERROR,
             FILTERED_CAPTION_LENGTH, FILTERED_CAPTION_LANGUAGE, FILTERED_IMAGE_SIZE,
-            FILTERED_ASPECT_RATIO, FILTERED_CLIP_SCORE)
+            FILTERED_ASPECT_RATIO, FILTERED_CLIP_SCORE, FILTERED_TARGET, REFERENCE_DUPLICATE)
 
 # ---- stages named in error records ------------------------------------------------------
 STAGE_READ = "read"
@@ -130,7 +136,8 @@ class SampleResult:
 @dataclass(frozen=True)
 class DedupDecision:
     """Dedup's answer for one embedding (what `DeduplicateEmbeddings` emits): status is
-    kept, exact_duplicate or semantic_duplicate; `duplicate_of` the member it duplicates
+    kept, exact_duplicate, semantic_duplicate, reference_duplicate (`duplicate_of`: the
+    reference id) or filtered_target; `duplicate_of` the member it duplicates
     (kept: its most similar earlier-ranked member, or itself when it is first);
     `cosine_sim` that similarity (1.0 for an exact copy, 0.0 when first in its cluster);
     `cluster` None for exact copies (decided before clustering)."""
@@ -229,6 +236,11 @@ PAIRWISE_SCHEMA = pa.schema([
 ])
 
 DUPLICATES_SCHEMA = pa.schema([("id", pa.string())])
+# dedup/reference_duplicates/: a candidate and the reference embedding it is too close to.
+REFERENCE_DUPLICATES_SCHEMA = pa.schema([
+    ("id", pa.string()), ("reference_id", pa.string()), ("cosine_sim_score", pa.float32())])
+# dedup/target_filtered/: candidates whose nearest centroid no target embedding has.
+TARGET_FILTERED_SCHEMA = pa.schema([("id", pa.string()), ("centroid", pa.int32())])
 
 
 @dataclass(frozen=True)

@@ -63,3 +63,35 @@ def planted_embeddings(n_groups: int, per_group: int, dim: int, seed: int = 0):
         rows.append(copy / np.linalg.norm(copy))
         planted[f"p{j:02d}/copy"] = (ids[src], target_cos)
     return ids, np.array(rows, dtype=np.float32), planted
+
+
+def union_with_reference(ids: List[str], vectors: np.ndarray, reference_ids: List[str],
+                         reference: np.ndarray, centroids: np.ndarray, eps: float,
+                         which_to_keep: str = "hard", exact: bool = False
+                         ) -> Dict[str, Tuple[str, str, float]]:
+    """What a dedup of candidates and reference together removes from the candidates, with
+    every reference row ranked before every candidate (so never removed), brute force:
+    candidate id -> ("reference_duplicate", reference id, cosine) when some reference row of
+    its cluster (any reference row, `exact`) is >= 1 - eps; else ("semantic_duplicate",
+    earlier candidate, cosine) as `reference_semdedup` says. Kept candidates are absent."""
+    c = centroids.astype(np.float64)
+    c = c / np.linalg.norm(c, axis=1, keepdims=True)
+    ref = reference.astype(np.float64)
+    ref_labels = np.argmax(ref @ c.T, axis=1)
+    cand = vectors.astype(np.float64)
+    labels = np.argmax(cand @ c.T, axis=1)
+    semantic = reference_semdedup(ids, vectors, centroids, eps, which_to_keep)
+    out = {}
+    for r, id_ in enumerate(ids):
+        rows = np.arange(len(reference_ids)) if exact else np.flatnonzero(ref_labels == labels[r])
+        if rows.size:
+            scores = (ref[rows] @ cand[r]).astype(np.float32)
+            best = scores.max()
+            if best >= np.float32(1.0 - eps):
+                winner = min(reference_ids[q] for q, s in zip(rows, scores) if s == best)
+                out[id_] = ("reference_duplicate", winner, float(best))
+                continue
+        _, max_id, score, dup = semantic[id_]
+        if dup:
+            out[id_] = ("semantic_duplicate", max_id, score)
+    return out

@@ -165,14 +165,11 @@ def captioned_shard(tmp_path_factory):
 
 def _open_clip_reference(tiny_model_dir, image, caption):
     """open_clip's own encode_image / encode_text cosine, with its own preprocess."""
-    import open_clip
     import torch
 
-    clip_dir = os.path.join(tiny_model_dir, "clip")
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        "local-dir:" + clip_dir, force_quick_gelu=True, weights_only=True)
-    model.eval()
-    tokenizer = open_clip.get_tokenizer("local-dir:" + clip_dir)
+    from tests.open_clip_reference import open_clip_model
+
+    model, preprocess, tokenizer = open_clip_model(tiny_model_dir)
     with torch.no_grad():
         image_features = model.encode_image(preprocess(image.convert("RGB"))[None]).float()
         text_features = model.encode_text(tokenizer([caption])).float()

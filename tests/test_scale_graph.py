@@ -34,6 +34,10 @@ BOUNDED_SIDE_INPUTS = [
     (r".*/RefuseRepeatedIds", "one 0: the repeated-id check passed"),
     (r".*/SummariseInvalid(/.*)?", "counts by reason and the first 20 rows (InvalidSummary)"),
     (r".*/InputChecks", "counts by reason and the first 20 rows (InvalidSummary)"),
+    (r".*/(Reference|Target)Checks", "rows and input checks of --reference / --target"),
+    (r".*/DistinctTargetClusters(/.*)?", "the clusters --target touches: at most k"),
+    (r".*/ReferenceStats(/.*)?", "20 top matches and a 40-bin histogram (ReferenceStats)"),
+    (r".*/(Reference|Target)Info", "a few numbers"),
 ]
 # Global combines whose output grows with their input (the rest are counts, sums, Top-n).
 COLLECTING_FNS = ("ToListCombineFn", "ToDictCombineFn", "ToSetCombineFn")
@@ -42,7 +46,7 @@ BOUNDED_GLOBAL_LISTS = [
     (r"Total(/Total)?", "(shard, written) per shard"),
 ]
 CONSTANT_FNS = ("CountCombineFn", "TopCombineFn", "_SizeStats", "sum", "sum_pairs",
-                "RepeatsFn", "InvalidSummary",
+                "RepeatsFn", "InvalidSummary", "ReferenceStats",
                 "ToListCombineFn", "ToDictCombineFn", "ToSetCombineFn")
 
 
@@ -94,6 +98,10 @@ def graphs(tiny_model_dir, small_dataset, tmp_path_factory):
         "embed-text": ["--input", shards, "--model_dir", tiny_model_dir,
                        "--text_embeddings", "true"],
         "dedup": ["--embeddings", str(emb / "*.parquet"), "--border_margin", "0.02"],
+        "dedup-against": ["--embeddings", str(emb / "*.parquet"), "--reference", str(emb),
+                          "--target", str(emb)],
+        "dedup-exact": ["--embeddings", str(emb / "*.parquet"), "--reference", str(emb),
+                        "--reference_exact", "true"],
         "remove": ["--input", shards, "--removal_ids", str(removal)],
     }
     found = {}

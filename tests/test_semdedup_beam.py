@@ -243,7 +243,9 @@ def test_a_chunk_sends_one_element_per_bin_of_whole_clusters_read_in_one_run(tmp
     assert sorted(key.first_cluster for key, _ in routed) == sorted(set(bins.values()))
     assert len(routed) < len(sizes)                        # fewer elements than clusters
     by_id = dict(zip(ids, vectors))
-    for key, (_, members) in routed:
+    for key, part in routed:
+        members = part.members
+        assert part.block == 0 and not part.reference
         assert len(members) <= 70 and members.vectors is None   # references, not vectors
         assert set(members.cluster.tolist()) == {c for c, b in bins.items()
                                                  if b == key.first_cluster}

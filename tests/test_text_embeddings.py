@@ -73,14 +73,11 @@ def read_layout(out: Path):
 
 def open_clip_text(tiny_model_dir, captions):
     """open_clip's own tokenizer and encode_text, normalised (float32)."""
-    import open_clip
     import torch
 
-    clip_dir = os.path.join(tiny_model_dir, "clip")
-    model, _, _ = open_clip.create_model_and_transforms(
-        "local-dir:" + clip_dir, force_quick_gelu=True, weights_only=True)
-    model.eval()
-    tokenizer = open_clip.get_tokenizer("local-dir:" + clip_dir)
+    from tests.open_clip_reference import open_clip_model
+
+    model, _, tokenizer = open_clip_model(tiny_model_dir)
     with torch.no_grad():
         features = model.encode_text(tokenizer(captions)).float()
     return (features / features.norm(dim=-1, keepdim=True)).numpy()

@@ -11,8 +11,10 @@ histograms of the aesthetic and NSFW scores with the thresholds drawn, the clust
 cosine-similarity distribution with the 1 - eps line, a gallery of removed duplicates beside the
 sample each duplicates, the aesthetic extremes, the CLIP image-caption score when the run has
 one (its histogram with the threshold, the samples each filter took, the highest- and
-lowest-scoring pairs with their captions), the top error reasons, the run's options, and a
-banner when the model weights were random. Every piece of text from the data is escaped.
+lowest-scoring pairs with their captions), with a --reference the matches (settings, a
+histogram of each candidate's best reference cosine with the threshold, the highest-cosine
+matches), with a --target the clusters it touched, the top error reasons, the run's options,
+and a banner when the model weights were random. Every piece of text from the data is escaped.
 
 Modules: load.py (outputs -> aggregates), thumbs.py (thumbnails from the source shards),
 charts.py (SVG), render.py (HTML).
@@ -41,6 +43,7 @@ def _wanted_ids(data: RunData):
     wanted.update(i for _, i in data.spotlight_worst)
     wanted.update(i for _, i in data.clip_best)
     wanted.update(i for _, i in data.clip_worst)
+    wanted.update(m.id for m in data.reference_matches)
     return wanted
 
 

@@ -29,7 +29,9 @@ from beam_curator.schema import (
     FILTERED_AESTHETIC,
     FILTERED_CLIP_SCORE,
     FILTERED_NSFW,
+    FILTERED_TARGET,
     KEPT,
+    REFERENCE_DUPLICATE,
     SEMANTIC_DUPLICATE,
     STATUSES,
     shard_of_id,
@@ -40,6 +42,7 @@ MAX_EXACT_PAIRS = 8       # of which exact duplicates, when there are semantic o
 SPOTLIGHT = 8             # thumbnails per "highest / lowest aesthetic score" strip
 CLIP_EXTREMES = 5         # pairs per "highest / lowest CLIP score" list
 MAX_ERROR_REASONS = 12
+MAX_REFERENCE_MATCHES = 20   # rows of the "Matched a reference" table (summary.json has 20)
 _MAX_DISTINCT_REASONS = 10_000   # beyond this, new reasons are counted as "(other reasons)"
 
 _SAMPLE_COLUMNS = ["id", "shard", "status", "aesthetic_score", "nsfw_score", "cluster",
@@ -47,9 +50,12 @@ _SAMPLE_COLUMNS = ["id", "shard", "status", "aesthetic_score", "nsfw_score", "cl
 # Series of the score histograms: what happened to the samples that were scored.
 SCORE_SERIES = ("passed", FILTERED_AESTHETIC, FILTERED_NSFW)
 COSINE_SERIES = (KEPT, SEMANTIC_DUPLICATE)
+# The statuses of a sample that passed the score filters: kept, or taken later by the dedup
+# step (duplicates among the candidates or of a --reference, outside the --target).
+PASSED_STATUSES = (KEPT, EXACT_DUPLICATE, SEMANTIC_DUPLICATE, REFERENCE_DUPLICATE,
+                   FILTERED_TARGET)
 # Series of the CLIP-score histogram: every scored sample is in exactly one ("other": a
 # scored sample with any other status, which the graph does not make today).
-PASSED_STATUSES = (KEPT, EXACT_DUPLICATE, SEMANTIC_DUPLICATE)
 CLIP_SERIES = ("passed", FILTERED_CLIP_SCORE, FILTERED_AESTHETIC, FILTERED_NSFW, "other")
 
 
@@ -64,6 +70,16 @@ class Pair:
     status: str              # exact_duplicate or semantic_duplicate
     id: str
     duplicate_of: str
+    cosine_sim: Optional[float]
+
+
+@dataclass(frozen=True)
+class ReferenceMatch:
+    """A candidate and the --reference row nearest it (summary.json's
+    dedup.reference.top_matches): a reference duplicate when cosine_sim >= the threshold."""
+
+    id: str
+    reference_id: str
     cosine_sim: Optional[float]
 
 
@@ -106,10 +122,24 @@ class RunData:
     errors_files: int = 0
     shard_urls: Dict[str, str] = field(default_factory=dict)   # shard name -> url
     id_status: Dict[str, str] = field(default_factory=dict)    # status of the ids shown
+    # the highest-cosine --reference matches, highest first (summary.json: at most 20)
+    reference_matches: List[ReferenceMatch] = field(default_factory=list)
 
     @property
     def options(self) -> dict:
         return self.summary.get("options") or {}
+
+    @property
+    def reference(self) -> Optional[dict]:
+        """summary.json's dedup.reference (the run had a --reference), else None."""
+        info = (self.summary.get("dedup") or {}).get("reference")
+        return info if isinstance(info, dict) else None
+
+    @property
+    def target(self) -> Optional[dict]:
+        """summary.json's dedup.target (the run had a --target), else None."""
+        info = (self.summary.get("dedup") or {}).get("target")
+        return info if isinstance(info, dict) else None
 
 
 def read_json(path: str) -> dict:
@@ -165,6 +195,7 @@ def load_run(output_dir: str, summary: Optional[dict] = None) -> RunData:
     data.nsfw = FineHistogram(0.0, 1.0, 1000, SCORE_SERIES)
     data.cosine = FineHistogram(-1.0, 1.0, 2000, COSINE_SERIES)
     data.clip = FineHistogram(-1.0, 1.0, 2000, CLIP_SERIES)
+    data.reference_matches = reference_matches(data.reference)
     _load_samples(data)
     _load_errors(data)
     _load_dedup(data)
@@ -212,7 +243,25 @@ def _load_samples(data: RunData) -> None:
     shown = {p.id for p in data.pairs} | {p.duplicate_of for p in data.pairs}
     shown |= {i for _, i in data.spotlight_best} | {i for _, i in data.spotlight_worst}
     shown |= {i for _, i in data.clip_best} | {i for _, i in data.clip_worst}
+    shown |= {m.id for m in data.reference_matches}
     data.id_status.update(_statuses_of(shown, files))
+
+
+def reference_matches(info: Optional[dict]) -> List[ReferenceMatch]:
+    """The top matches of summary.json's dedup.reference, in its order (highest cosine
+    first), at most MAX_REFERENCE_MATCHES; rows without an id are left out."""
+    rows = (info or {}).get("top_matches")
+    out: List[ReferenceMatch] = []
+    for row in rows if isinstance(rows, list) else []:
+        if not isinstance(row, dict) or row.get("id") is None:
+            continue
+        sim = row.get("cosine_sim")
+        sim = float(sim) if isinstance(sim, (int, float)) else None
+        ref = row.get("reference_id")
+        out.append(ReferenceMatch(str(row["id"]), "" if ref is None else str(ref), sim))
+        if len(out) == MAX_REFERENCE_MATCHES:
+            break
+    return out
 
 
 def _fold_statuses_and_scores(data: RunData, counts, clusters, cols: dict, n: int) -> None:
@@ -225,7 +274,7 @@ def _fold_statuses_and_scores(data: RunData, counts, clusters, cols: dict, n: in
             data.shard_urls[shard] = url
     nsfw = _floats(cols.get("nsfw_score"), n)
     scored_series = {
-        "passed": np.isin(status, [KEPT, EXACT_DUPLICATE, SEMANTIC_DUPLICATE]),
+        "passed": np.isin(status, PASSED_STATUSES),
         FILTERED_AESTHETIC: status == FILTERED_AESTHETIC,
         FILTERED_NSFW: status == FILTERED_NSFW,
     }

@@ -26,7 +26,7 @@ from beam_curator.report.charts import (
     histogram_svg,
     legend_html,
 )
-from beam_curator.report.load import Pair, RunData
+from beam_curator.report.load import Pair, ReferenceMatch, RunData
 from beam_curator.report.thumbs import THUMB_PX, Thumb
 from beam_curator.schema import (
     ERROR,
@@ -38,7 +38,9 @@ from beam_curator.schema import (
     FILTERED_CLIP_SCORE,
     FILTERED_IMAGE_SIZE,
     FILTERED_NSFW,
+    FILTERED_TARGET,
     KEPT,
+    REFERENCE_DUPLICATE,
     SEMANTIC_DUPLICATE,
     STATUSES,
 )
@@ -58,6 +60,8 @@ STATUS_COLORS = {
     FILTERED_IMAGE_SIZE: "#4f8f8f",
     FILTERED_ASPECT_RATIO: "#6b9c3f",
     FILTERED_CLIP_SCORE: "#c4568f",
+    FILTERED_TARGET: "#a0633c",
+    REFERENCE_DUPLICATE: "#1f5f8b",
 }
 # What each status means, for people (the table shows the status name beside it).
 STATUS_LABELS = {
@@ -72,6 +76,8 @@ STATUS_LABELS = {
     FILTERED_IMAGE_SIZE: "image too small (shorter side)",
     FILTERED_ASPECT_RATIO: "aspect ratio too extreme",
     FILTERED_CLIP_SCORE: "CLIP image–caption score below the threshold",
+    FILTERED_TARGET: "outside the target's clusters (--target)",
+    REFERENCE_DUPLICATE: "duplicate of a reference row (--reference)",
 }
 # The filters in the order a sample meets them (README, "Order"): the first failing check
 # wins. (status, the options that set it)
@@ -83,6 +89,8 @@ FILTER_ORDER = (
     (FILTERED_NSFW, ("nsfw_threshold",)),
     (FILTERED_AESTHETIC, ("aesthetic_threshold",)),
     (FILTERED_CLIP_SCORE, ("clip_score_threshold", "clip_score_keep_fraction")),
+    # In the dedup step, after the filters above; listed only when the run had a --target.
+    (FILTERED_TARGET, ("target",)),
 )
 SCORE_COLORS = {"passed": STATUS_COLORS[KEPT], FILTERED_AESTHETIC: STATUS_COLORS[
     FILTERED_AESTHETIC], FILTERED_NSFW: STATUS_COLORS[FILTERED_NSFW]}
@@ -96,6 +104,8 @@ CLIP_LABELS = {"passed": "passed the filters", FILTERED_CLIP_SCORE: "filtered_cl
                FILTERED_AESTHETIC: "filtered_aesthetic", FILTERED_NSFW: "filtered_nsfw",
                "other": "other statuses"}
 CLIP_MIN_SPAN = 0.1       # the CLIP-score histogram spans at least this much cosine
+REFERENCE_COLORS = {"candidates": STATUS_COLORS[REFERENCE_DUPLICATE]}
+REFERENCE_LABELS = {"candidates": "candidates, by the cosine of their nearest reference row"}
 MAX_SHARD_ROWS = 200
 MAX_CLUSTER_BARS = 200
 
@@ -212,7 +222,10 @@ def render_report(data: RunData, thumbs: Dict[str, Thumb]) -> str:
     clip = _has_clip_section(data)
     parts.append('<nav><a href="#accounting">Accounting</a><a href="#scores">Scores</a>'
                  + ('<a href="#clip-score">CLIP score</a>' if clip else "")
-                 + '<a href="#dedup">Dedup</a><a href="#duplicates">Duplicate gallery</a>'
+                 + '<a href="#dedup">Dedup</a>'
+                 + ('<a href="#reference">Matched a reference</a>' if data.reference else "")
+                 + ('<a href="#target">Target</a>' if data.target else "")
+                 + '<a href="#duplicates">Duplicate gallery</a>'
                  '<a href="#spotlight">Aesthetic extremes</a><a href="#errors">Errors</a>'
                  '<a href="#options">Options</a></nav><main>')
     parts.append(_accounting(data))
@@ -220,6 +233,10 @@ def render_report(data: RunData, thumbs: Dict[str, Thumb]) -> str:
     if clip:
         parts.append(_clip_score(data, thumbs))
     parts.append(_dedup(data))
+    if data.reference:
+        parts.append(_reference(data, thumbs))
+    if data.target:
+        parts.append(_target(data))
     parts.append(_gallery(data, thumbs))
     parts.append(_spotlight(data, thumbs))
     parts.append(_errors(data))
@@ -476,12 +493,16 @@ def _clip_score(data: RunData, thumbs: Dict[str, Thumb]) -> str:
 
 
 def _filter_counts(data: RunData) -> str:
-    """How many samples each filter took, in the order a sample meets them."""
+    """How many samples each filter took, in the order a sample meets them (the target
+    filter, in the dedup step, only for a run with a --target)."""
     summary, opts = data.summary, data.options
     counts = summary.get("counts") or data.counts_from_samples
     total_in = summary.get("samples_read", sum(counts.values()))
+    with_target = bool(data.target or opts.get("target") or counts.get(FILTERED_TARGET))
     rows = []
     for status, flags in FILTER_ORDER:
+        if status == FILTERED_TARGET and not with_target:
+            continue
         n = int(counts.get(status, 0))
         on = [f"--{f} {_option_text(opts.get(f))}" for f in flags if opts.get(f) is not None]
         setting = (" · ".join(f"<code>{esc(x)}</code>" for x in on) if on
@@ -492,7 +513,10 @@ def _filter_counts(data: RunData) -> str:
                     f'<td class="num">{n:,}</td><td class="num">{_pct(n, total_in)}</td></tr>')
     return ('<div class="chartbox"><h3>Samples each filter took</h3><p class="note">In the '
             "order a sample meets them: the first failing check wins, so a sample is counted "
-            "once, by the first filter it fails. Share of the input.</p>"
+            "once, by the first filter it fails"
+            + (" (the target filter runs in the dedup step, after the others)"
+               if with_target else "")
+            + ". Share of the input.</p>"
             '<table id="filter-counts-table"><tr><th>filter</th><th>setting</th>'
             '<th class="num">samples</th><th class="num">share</th></tr>'
             + "".join(rows) + "</table></div>")
@@ -570,6 +594,9 @@ def _dedup(data: RunData) -> str:
                      f"candidates · largest {values[0]} · median {median} · smallest "
                      f"{values[-1]} · empty {empty}{chosen}</p>")
         colors = {KEPT: STATUS_COLORS[KEPT], SEMANTIC_DUPLICATE: STATUS_COLORS[SEMANTIC_DUPLICATE]}
+        for status in (REFERENCE_DUPLICATE, FILTERED_TARGET):   # --reference, --target
+            if any(v.get(status) for v in sizes.values()):
+                colors[status] = STATUS_COLORS[status]
         if any("assigned" in v for v in sizes.values()):     # from dedup/kmeans only
             colors = {"assigned": STATUS_COLORS[SEMANTIC_DUPLICATE]}
         if len(totals) <= MAX_CLUSTER_BARS:
@@ -601,6 +628,149 @@ def _dedup(data: RunData) -> str:
         parts.append(f'<p class="note">dedup/ holds {files}.</p>')
     parts.append("</section>")
     return "".join(parts)
+
+
+def reference_view(info: dict) -> Optional[Tuple[np.ndarray, Dict[str, np.ndarray]]]:
+    """(bar edges, {"candidates": counts}) of the best-reference-cosine histogram, from
+    summary.json's dedup.reference.best_cosine_histogram (equal bins from low to high); None
+    when it has none or it does not read as one."""
+    hist = info.get("best_cosine_histogram")
+    try:
+        low, high = float(hist["low"]), float(hist["high"])
+        counts = np.asarray([int(c) for c in hist["counts"]], dtype=np.int64)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not len(counts) or not (math.isfinite(low) and math.isfinite(high) and low < high):
+        return None
+    return np.linspace(low, high, len(counts) + 1), {"candidates": counts}
+
+
+def _reference(data: RunData, thumbs: Dict[str, Thumb]) -> str:
+    """--reference: the settings, how many candidates are reference duplicates, the
+    histogram of each candidate's best reference cosine near the threshold, the top matches."""
+    info, opts = data.reference, data.options
+    threshold = info.get("threshold")
+    threshold = float(threshold) if isinstance(threshold, (int, float)) else None
+    eps = info.get("reference_eps")
+    exact = info.get("exact")
+    mode = ("exact: every candidate against every reference row" if exact else
+            "within clusters: each candidate against the reference rows of its cluster (its "
+            "nearest centroid)") if exact is not None else "?"
+    parts = ['<section id="reference"><h2>Matched a reference</h2>',
+             '<p class="note">Dedup against another set (<code>--reference</code>: an '
+             "evaluation set, or an already curated one): a candidate whose embedding is within "
+             "the threshold of a reference row is a <code>reference_duplicate</code>, "
+             "<code>duplicate_of</code> the reference id; reference rows are never removed nor "
+             "counted.</p>",
+             '<table id="reference-settings"><tr><th>setting</th><th>value</th></tr>'
+             f'<tr><td>reference</td><td class="mono">{esc(opts.get("reference", "?"))}</td></tr>'
+             f'<tr><td>threshold</td><td>cosine ≥ <b>{esc(fmt_num(threshold, 6))}</b> '
+             f"(1 − reference_eps, inclusive)</td></tr>"
+             f"<tr><td>reference_eps</td><td>{esc(fmt_num(eps, 6))}</td></tr>"
+             f"<tr><td>compared</td><td>{esc(mode)}</td></tr>"
+             f'<tr><td>reference rows</td><td>{_int(info.get("rows", "?"))}</td>'
+             "</tr></table>"]
+    n_dups = info.get("reference_duplicates", "?")
+    met = info.get("candidates_that_met_a_reference_row")
+    n_candidates = (data.summary.get("dedup") or {}).get("n_candidates")
+    of = f" of {_int(n_candidates)} candidates" if n_candidates is not None else ""
+    parts.append(f'<p id="reference-counts"><b>{_int(n_dups)}</b>{of} are reference '
+                 "duplicates"
+                 + (f" · {_int(met)} met a reference row (had one to compare with)"
+                    if met is not None else "") + ".</p>")
+    counts = data.summary.get("counts") or {}
+    if (REFERENCE_DUPLICATE in counts and isinstance(n_dups, int)
+            and counts[REFERENCE_DUPLICATE] != n_dups):
+        parts.append(f'<p class="note">{_int(counts[REFERENCE_DUPLICATE])} sample(s) ended '
+                     "with the status reference_duplicate (Accounting).</p>")
+    parts.append(_input_checks_note("reference", info.get("input_checks")))
+    view = reference_view(info)
+    hist = info.get("best_cosine_histogram") or {}
+    if view is not None:
+        edges, bars = view
+        ths = ([Threshold(threshold, f"duplicate ≥ {fmt_num(threshold, 6)}", "reference")]
+               if threshold is not None else [])
+        below = hist.get("below_low", 0)
+        parts.append(
+            '<div class="chartbox"><h3>Best reference cosine of each candidate</h3>'
+            '<p class="note" id="reference-below-low">Near the threshold only: '
+            f"<b>{_int(below)}</b> candidate(s) whose nearest reference row is below "
+            f"{esc(fmt_num(float(edges[0]), 6))} are not drawn"
+            + (", nor those that met no reference row (in a cluster without one)"
+               if not exact else "") + ".</p>"
+            + legend_html(REFERENCE_COLORS, REFERENCE_LABELS) + histogram_svg(
+                edges, bars, REFERENCE_COLORS, title="Best reference cosine",
+                x_label="cosine of the candidate and its nearest reference row",
+                thresholds=ths, chart_id="reference-histogram") + "</div>")
+    else:
+        parts.append('<p class="note" id="no-reference-histogram">summary.json has no '
+                     "histogram of the reference cosines.</p>")
+    if data.reference_matches:
+        parts.append("<h3>Highest-cosine matches</h3>"
+                     + _reference_table(data.reference_matches, data, thumbs)
+                     + '<p class="note">Each candidate beside its nearest reference row, highest '
+                     "cosine first (summary.json's top matches); the status is the candidate's "
+                     "(an exact copy among the candidates is removed before the reference "
+                     "is met). Reference rows have no thumbnail: the reference is embeddings "
+                     "only.</p>")
+    else:
+        parts.append('<p class="note" id="no-reference-matches">No candidate met a reference '
+                     "row.</p>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _reference_table(matches: List[ReferenceMatch], data: RunData,
+                     thumbs: Dict[str, Thumb]) -> str:
+    rows = []
+    for m in matches:
+        known = m.cosine_sim is not None and math.isfinite(m.cosine_sim)
+        sim = f"{m.cosine_sim:.4f}" if known else "?"
+        rows.append(f'<tr data-id="{esc(m.id)}" data-reference-id="{esc(m.reference_id)}" '
+                    f'data-cosine="{f"{m.cosine_sim:.6f}" if known else ""}"><td class="thumb">'
+                    f'{_thumb_img(m.id, thumbs.get(m.id), f"cosine {sim}")}</td>'
+                    f'<td class="num"><b>{esc(sim)}</b></td>'
+                    f'<td>{_badge(data.id_status.get(m.id))} <span class="id">'
+                    f'{esc(_clip(m.id, 160))}</span></td>'
+                    f'<td class="id">{esc(_clip(m.reference_id, 160))}</td></tr>')
+    return ('<table id="reference-matches-table"><tr><th>candidate</th>'
+            '<th class="num">cosine</th><th>candidate id</th><th>reference id</th></tr>'
+            + "".join(rows) + "</table>")
+
+
+def _input_checks_note(what: str, checks) -> str:
+    """The rows of --reference / --target the input checks set aside or normalised."""
+    if not isinstance(checks, dict):
+        return ""
+    invalid = (checks.get("invalid_rows") or {}).get("count") or 0
+    normalized = checks.get("normalized_rows") or 0
+    if not invalid and not normalized:
+        return ""
+    return (f'<p class="note" id="{esc(what)}-input-checks">Input checks of the {esc(what)} '
+            f"rows: {_int(invalid)} invalid (left out), {_int(normalized)} normalised to unit "
+            "length (summary.json has the reasons).</p>")
+
+
+def _target(data: RunData) -> str:
+    """--target (DataComp's image-based filter): the clusters a target row touches keep their
+    candidates, the others' are filtered_target."""
+    info = data.target
+    # a `dedup` output has no statuses (no samples/, no counts): no kept count to show
+    counts = data.summary.get("counts") or (data.counts_from_samples if data.samples_files
+                                            else {})
+    k = (data.summary.get("dedup") or {}).get("n_clusters", data.n_centroids)
+    of = f" of {_int(k)}" if k is not None else ""
+    kept = counts.get(KEPT)
+    return ('<section id="target"><h2>Target</h2>'
+            '<p class="note">A candidate is kept only when its nearest centroid is also the '
+            "nearest centroid of some <code>--target</code> row; the others are "
+            "<code>filtered_target</code> and take no part in the dedup.</p>"
+            f'<p id="target-counts">target <code>{esc(data.options.get("target", "?"))}</code> '
+            f'· {_int(info.get("rows", "?"))} target row(s) · clusters touched: '
+            f'<b>{_int(info.get("clusters_touched", "?"))}</b>{of} · samples filtered_target: '
+            f'<b>{_int(info.get("filtered_target", "?"))}</b>'
+            + (f" · samples kept: <b>{_int(kept)}</b>" if kept is not None else "") + "</p>"
+            + _input_checks_note("target", info.get("input_checks")) + "</section>")
 
 
 def _size_histogram(values: List[int]) -> str:

@@ -14,10 +14,13 @@ import numpy as np
 
 from beam_curator.dedup.blocks import DEFAULT_BLOCK_ROWS
 from beam_curator.defaults import DEFAULT_EPS, SHUFFLE
+from beam_curator.errors import OptionError
 from beam_curator.schema import (
     ERROR,
     EXACT_DUPLICATE,
+    FILTERED_TARGET,
     KEPT,
+    REFERENCE_DUPLICATE,
     SEMANTIC_DUPLICATE,
     STAGE_EMBED,
     DedupDecision,
@@ -26,12 +29,15 @@ from beam_curator.schema import (
     shard_of_id,
 )
 from beam_curator.transforms.semdedup import DedupConfig, SemanticDedup
+from beam_curator.transforms.semdedup.pairwise import ReferenceSet
 from beam_curator.transforms.semdedup.records import Decisions
 from beam_curator.transforms.semdedup.sources import (
-    EmbeddingsFile,
+    REFERENCE,
+    TARGET,
     check_embedding_sources,
     chunk_names,
-    npy_id_column,
+    embeddings_files,
+    npy_shape,
     resolve_embeddings,
     row_group_chunks,
 )
@@ -63,38 +69,64 @@ class DedupResult(NamedTuple):
 
 
 def _decision_rows(decisions: Decisions):
-    """Columnar Decisions -> one DedupDecision per member."""
-    for id_, max_id, sim, dup in decisions.rows():
+    """Columnar Decisions -> one DedupDecision per member. A reference duplicate is that
+    first (its answer names the reference row), then a semantic duplicate, else kept."""
+    ref = decisions.reference
+    for k, (id_, max_id, sim, dup) in enumerate(decisions.rows()):
+        if ref is not None and decisions.is_reference_duplicate[k]:
+            yield DedupDecision(id_, REFERENCE_DUPLICATE, decisions.cluster, ref.ids[k],
+                                float(ref.sim[k]))
+            continue
         yield DedupDecision(id_, SEMANTIC_DUPLICATE if dup else KEPT, decisions.cluster,
                             max_id, sim)
+
+
+def _target_rows(filtered):
+    """(chunk, ids, home clusters) outside --target -> DedupDecision each (duplicate_of:
+    itself, as for a kept sample first in its cluster; no similarity was computed)."""
+    _, ids, clusters = filtered
+    for id_, cluster in zip(ids, np.asarray(clusters).tolist()):
+        yield DedupDecision(id_, FILTERED_TARGET, cluster, id_, 0.0)
 
 
 def _decisions(core) -> beam.PCollection:
     return ((core.decisions | "DecisionRows" >> beam.FlatMap(_decision_rows),
              core.exact | "ExactRows" >> beam.Map(
-                 lambda e: DedupDecision(e.id, EXACT_DUPLICATE, None, e.survivor, 1.0)))
+                 lambda e: DedupDecision(e.id, EXACT_DUPLICATE, None, e.survivor, 1.0)),
+             core.filtered | "TargetRows" >> beam.FlatMap(_target_rows))
             | "AllDecisions" >> beam.Flatten())
 
 
 def _semantic_counts(decisions: Decisions):
     """Columnar Decisions -> (status, n): one pair per status per cluster, not per member."""
-    n_dups = int(np.count_nonzero(decisions.is_duplicate))
-    n_kept = len(decisions.is_duplicate) - n_dups
+    removed = decisions.is_duplicate
+    counts = []
+    if decisions.reference is not None:
+        ref_dups = decisions.is_reference_duplicate
+        counts.append((REFERENCE_DUPLICATE, int(np.count_nonzero(ref_dups))))
+        removed = removed & ~ref_dups
+        beam.metrics.Metrics.counter("curator", "reference_duplicates").inc(counts[0][1])
+        removed_all = decisions.is_duplicate | ref_dups
+    else:
+        removed_all = removed
+    n_dups = int(np.count_nonzero(removed))
+    n_kept = len(removed) - int(np.count_nonzero(removed_all))
     beam.metrics.Metrics.counter("curator", "semantic_duplicates").inc(n_dups)   # the live
     beam.metrics.Metrics.counter("curator", "kept").inc(n_kept)                  # progress line
-    return [(SEMANTIC_DUPLICATE, n_dups), (KEPT, n_kept)]
+    return counts + [(SEMANTIC_DUPLICATE, n_dups), (KEPT, n_kept)]
 
 
 def _status_counts(core) -> beam.PCollection:
-    """(status, n) for kept / semantic_duplicate / exact_duplicate, from combiners."""
+    """(status, n) for every dedup status, from combiners."""
     return ((core.decisions | "SemanticCounts" >> beam.FlatMap(_semantic_counts),
-             core.exact | "ExactCounts" >> beam.Map(lambda _: (EXACT_DUPLICATE, 1)))
+             core.exact | "ExactCounts" >> beam.Map(lambda _: (EXACT_DUPLICATE, 1)),
+             core.filtered | "TargetCounts" >> beam.Map(lambda f: (FILTERED_TARGET, len(f[1]))))
             | "AllCounts" >> beam.Flatten()
             | "CountStatuses" >> beam.CombinePerKey(sum))
 
 
 def _result_of(info: SampleInfo, decision: DedupDecision) -> SampleResult:
-    duplicate = decision.status != KEPT
+    duplicate = decision.status not in (KEPT, FILTERED_TARGET)   # of something, that is
     return SampleResult(info=info, status=decision.status, cluster=decision.cluster,
                         duplicate_of=decision.duplicate_of if duplicate else None,
                         cosine_sim=decision.cosine_sim)
@@ -147,6 +179,17 @@ class Deduplicate(beam.PTransform):
       vector_transport: "shuffle" (anywhere) or "staged" (one machine, a local output_dir).
       device: "auto", "cpu" or "cuda": where the dense math runs (same decisions).
       embeddings_written: optional PCollection of embeddings parquet paths (see above).
+      reference: comma-separated globs / directories of embeddings to dedup AGAINST (read
+        like the inputs, same column names): a candidate whose cosine to a reference row is
+        >= 1 - reference_eps is a `reference_duplicate`; reference rows are never removed,
+        answered for or written. They are compared inside the candidates' clusters (same
+        centroids, same --border_margin); see README "Dedup against other sets".
+      reference_eps: the reference threshold's eps; None = eps.
+      reference_exact: compare every candidate with every reference row instead (small
+        references: an evaluation set; at most REFERENCE_EXACT_MAX_ROWS rows).
+      target: globs of embeddings of a target set (DataComp's image-based filter): a
+        candidate whose nearest centroid is no target row's nearest centroid is
+        `filtered_target` and takes no further part.
 
     Example::
 
@@ -173,7 +216,9 @@ class Deduplicate(beam.PTransform):
                  pairwise_block_size: int = DEFAULT_BLOCK_ROWS,
                  border_margin: Optional[float] = None, vector_transport: str = SHUFFLE,
                  device: str = "auto", embeddings_written: Optional[beam.PCollection] = None,
-                 min_clip_score: Optional[beam.PCollection] = None):
+                 min_clip_score: Optional[beam.PCollection] = None,
+                 reference: Optional[str] = None, reference_eps: Optional[float] = None,
+                 reference_exact: bool = False, target: Optional[str] = None):
         """`min_clip_score`: a singleton PCollection (a float, or None): only the embeddings
         rows whose clip_score is at least this are candidates (the keep-top-fraction
         threshold, known once the whole pool is scored)."""
@@ -183,7 +228,9 @@ class Deduplicate(beam.PTransform):
             centroids=centroids, kmeans_iterations=kmeans_iterations, kmeans_seed=kmeans_seed,
             kmeans_sample_size=kmeans_sample_size, pairwise_block_size=pairwise_block_size,
             border_margin=border_margin, vector_transport=vector_transport,
-            device=device).checked()
+            device=device, reference_eps=reference_eps,
+            reference_exact=reference_exact).checked()
+        self._others = OtherSets(self._config, reference, target)
         self._embeddings_written = embeddings_written
         self._min_clip_score = min_clip_score
 
@@ -202,7 +249,7 @@ class Deduplicate(beam.PTransform):
             chunks = written | "RowGroups" >> beam.FlatMap(
                 lambda path, t: row_group_chunks(path, chunk_names([path])[path], 0, config, t),
                 beam.pvalue.AsSingleton(self._min_clip_score))
-        core = chunks | "SemDeDup" >> SemanticDedup(config, has_hash=True)
+        core = chunks | "SemDeDup" >> self._others.dedup(config, has_hash=True)
         decisions = _decisions(core)
         results = ({"info": candidates | "InfoByShard" >> beam.Map(
                         lambda info: (info.shard, info)),
@@ -239,7 +286,8 @@ class DeduplicateEmbeddings(beam.PTransform):
       with_rows: False leaves `results` empty: the answers are still written under dedup/
         and counted in `counts`, without a Python object per embedding (the `dedup` command
         needs no more, and a Python object per row is what a large dedup costs most).
-      The other keywords: as for `Deduplicate`.
+      The other keywords (reference, reference_eps, reference_exact, target too): as for
+        `Deduplicate`.
 
     Example::
 
@@ -260,7 +308,9 @@ class DeduplicateEmbeddings(beam.PTransform):
                  border_margin: Optional[float] = None, vector_transport: str = SHUFFLE,
                  device: str = "auto", with_rows: bool = True,
                  resolved: Optional[Tuple[Sequence[str], Sequence[Tuple[str, str]]]] = None,
-                 min_clip_score: Optional[float] = None):
+                 min_clip_score: Optional[float] = None, reference: Optional[str] = None,
+                 reference_eps: Optional[float] = None, reference_exact: bool = False,
+                 target: Optional[str] = None):
         """`resolved`: (parquet files, (npy, metadata) pairs) already resolved from
         `file_pattern` (the command line resolves them before it claims the output).
         `min_clip_score`: only rows whose clip_score column is at least this are candidates
@@ -272,7 +322,9 @@ class DeduplicateEmbeddings(beam.PTransform):
             centroids=centroids, kmeans_iterations=kmeans_iterations, kmeans_seed=kmeans_seed,
             kmeans_sample_size=kmeans_sample_size, pairwise_block_size=pairwise_block_size,
             border_margin=border_margin, vector_transport=vector_transport, device=device,
-            id_column=id_column, embedding_column=embedding_column).checked()
+            id_column=id_column, embedding_column=embedding_column, reference_eps=reference_eps,
+            reference_exact=reference_exact).checked()
+        self._others = OtherSets(self._config, reference, target)
         paths, pairs = resolved if resolved is not None else resolve_embeddings(file_pattern)
         if not paths and not pairs:
             raise ValueError(f"{file_pattern!r} matches no embeddings file")
@@ -288,24 +340,107 @@ class DeduplicateEmbeddings(beam.PTransform):
         dim, has_hash = check_embedding_sources(self._paths, self._npy_pairs, config)
         if config.vector_transport == SHUFFLE:
             _LOG.info("dedup: vectors travel through the shuffle as float32 bytes")
-        names = chunk_names(self._paths + [npy for npy, _ in self._npy_pairs])
-        files = [EmbeddingsFile(p, names[p]) for p in self._paths]
+        files = embeddings_files(self._paths, self._npy_pairs, config)
         if self._npy_pairs:
-            id_column = npy_id_column(self._npy_pairs[0][1], config.id_column)
             _LOG.info("dedup: clip-retrieval layout, %d img_emb files, ids from column %r",
-                      len(self._npy_pairs), id_column)
-            files += [EmbeddingsFile(npy, names[npy], meta, id_column)
-                      for npy, meta in self._npy_pairs]
+                      len(self._npy_pairs), files[-1].id_column)
         chunks = (pbegin
                   | "Files" >> beam.Create(files)
                   | "OneFilePerWorkItem" >> beam.Reshuffle()
                   | "Chunks" >> beam.FlatMap(lambda f, *a: f.chunks(*a), dim, config,
                                              self._min_clip_score))
-        core = chunks | "SemDeDup" >> SemanticDedup(config, has_hash, check_ids=True)
+        self._others.check_dim(dim)
+        core = chunks | "SemDeDup" >> self._others.dedup(config, has_hash, check_ids=True)
         results = (_decisions(core) if self._with_rows
                    else pbegin | "NoRows" >> beam.Create([]))
         return DedupResult(results=results, written=core.written, info=core.info,
                            counts=_status_counts(core))
+
+
+# --reference_exact loads the whole reference on every worker: at most this many rows
+# (1.5 GB of float32 at 768-d); a larger reference is compared inside the clusters instead.
+REFERENCE_EXACT_MAX_ROWS = 500_000
+
+
+class OtherSets:
+    """--reference and --target of one dedup: resolved and checked when the graph is built,
+    read as chunks of their own role in it."""
+
+    def __init__(self, config: DedupConfig, reference: Optional[str], target: Optional[str]):
+        self._config = config
+        self._files = {}
+        for role, pattern, flag in ((REFERENCE, reference, "--reference"),
+                                    (TARGET, target, "--target")):
+            if not pattern:
+                continue
+            paths, pairs = resolve_embeddings(pattern)
+            if not paths and not pairs:
+                raise OptionError(f"{flag} {pattern!r} matches no embeddings file: point it at "
+                                  "embeddings parquet files or their directory, or a "
+                                  "clip-retrieval output directory.")
+            self._files[role] = (embeddings_files(paths, pairs, config, role), paths, pairs)
+        if config.reference_exact and REFERENCE not in self._files:
+            raise OptionError("--reference_exact compares with a --reference: give one, or "
+                              "leave --reference_exact out.")
+        if config.reference_exact:
+            n = reference_rows(*self._files[REFERENCE][1:])
+            if n > REFERENCE_EXACT_MAX_ROWS:
+                raise OptionError(
+                    f"--reference_exact loads the whole --reference on every worker, and it "
+                    f"has {n:,} rows (at most {REFERENCE_EXACT_MAX_ROWS:,}): leave "
+                    "--reference_exact out to compare inside the clusters.")
+
+    def check_dim(self, dim: int) -> None:
+        """Each set's embeddings have the candidates' dimension."""
+        for role, (_, paths, pairs) in self._files.items():
+            other, _ = check_embedding_sources(paths, pairs, self._config)
+            if other != dim:
+                raise OptionError(f"--{role} holds {other}-d embeddings, the candidates are "
+                                  f"{dim}-d: dedup compares embeddings of one model.")
+
+    def _chunks(self, p, role: str):
+        files = self._files[role][0]
+        config = self._config
+        return (p
+                | f"{role.title()}Files" >> beam.Create(files)
+                | f"One{role.title()}FilePerWorkItem" >> beam.Reshuffle()
+                | f"{role.title()}Chunks" >> beam.FlatMap(lambda f: f.chunks(0, config)))
+
+    def dedup(self, config: DedupConfig, has_hash: bool, check_ids: bool = False
+              ) -> SemanticDedup:
+        """The SemanticDedup of the candidates with these sets (built in `expand`)."""
+        return _WithOtherSets(self, config, has_hash, check_ids)
+
+
+class _WithOtherSets(beam.PTransform):
+    def __init__(self, others: OtherSets, config, has_hash, check_ids):
+        super().__init__()
+        self._others, self._config = others, config
+        self._has_hash, self._check_ids = has_hash, check_ids
+
+    def expand(self, chunks):
+        others, p = self._others, chunks.pipeline
+        references = targets = reference_set = None
+        if REFERENCE in others._files:
+            references = others._chunks(p, REFERENCE)
+            if self._config.reference_exact:
+                reference_set = ReferenceSet(others._files[REFERENCE][0], self._config)
+        if TARGET in others._files:
+            targets = others._chunks(p, TARGET)
+        return chunks | "Core" >> SemanticDedup(self._config, self._has_hash, self._check_ids,
+                                                references, targets, reference_set)
+
+
+def reference_rows(paths: Sequence[str], pairs: Sequence[Tuple[str, str]]) -> int:
+    """Rows of the resolved files, from parquet footers and .npy headers (no data read)."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    n = sum(npy_shape(npy)[0] for npy, _ in pairs)
+    for path in paths:
+        with FileSystems.open(path) as handle:
+            n += pq.ParquetFile(handle).metadata.num_rows
+    return n
 
 
 def dedup_summary(counts, info) -> beam.PCollection:
@@ -319,8 +454,13 @@ def _counts_summary(info: dict, counts: dict) -> dict:
     dedup.input_checks) every candidate row read is accounted for."""
     n = sum(counts.values())
     exact = counts.get(EXACT_DUPLICATE, 0)
-    return {"n_embeddings": n, "n_duplicates": n - counts.get(KEPT, 0),
-            "n_exact_duplicates": exact, "n_clusters": info["n_clusters"],
-            "n_invalid_rows": info["input_checks"]["invalid_rows"]["count"],
-            "n_normalized_rows": info["input_checks"]["normalized_rows"], "dedup": info}
+    summary = {"n_embeddings": n, "n_duplicates": n - counts.get(KEPT, 0),
+               "n_exact_duplicates": exact, "n_clusters": info["n_clusters"],
+               "n_invalid_rows": info["input_checks"]["invalid_rows"]["count"],
+               "n_normalized_rows": info["input_checks"]["normalized_rows"], "dedup": info}
+    if "reference" in info:
+        summary["n_reference_duplicates"] = counts.get(REFERENCE_DUPLICATE, 0)
+    if "target" in info:
+        summary["n_filtered_target"] = counts.get(FILTERED_TARGET, 0)
+    return summary
 

@@ -23,18 +23,22 @@ The pure algorithms are in `beam_curator.dedup`; the public transforms around th
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
 
-from beam_curator.transforms.semdedup.assign import Assign
+from beam_curator.transforms.semdedup.assign import Assign, TargetClusters
 from beam_curator.transforms.semdedup.border import OneAnswerPerMember
 from beam_curator.transforms.semdedup.centroids import Centroids
 from beam_curator.transforms.semdedup.config import DedupConfig
 from beam_curator.transforms.semdedup.exact import ExactCopies
-from beam_curator.transforms.semdedup.info import dedup_info
-from beam_curator.transforms.semdedup.outputs import WriteClusterOutputsFn, discard_scratch_after
-from beam_curator.transforms.semdedup.pairwise import Pairwise
+from beam_curator.transforms.semdedup.info import dedup_info, reference_info, target_info
+from beam_curator.transforms.semdedup.outputs import (
+    WriteClusterOutputsFn,
+    discard_scratch_after,
+    write_target_filtered,
+)
+from beam_curator.transforms.semdedup.pairwise import Pairwise, ReferenceSet
 from beam_curator.transforms.semdedup.route import Route
 from beam_curator.transforms.semdedup.rows import CheckRows
 from beam_curator.transforms.semdedup.vectors import vector_store
@@ -48,35 +52,73 @@ class SemanticDedupOutputs(NamedTuple):
     written: beam.PCollection    # one element: dedup/ is written and the scratch files gone
     info: beam.PCollection       # one dict: the plan, the cluster sizes, the input checks
     invalid: beam.PCollection    # InvalidRow: rows left out (no answer in `decisions`)
+    filtered: beam.PCollection   # (chunk name, ids, home clusters) outside --target
 
 
 class SemanticDedup(beam.PTransform):
     """Chunks of embeddings -> SemanticDedupOutputs, writing OUTPUT/dedup/.
 
     `has_hash`: the chunks carry a content_hash column (the exact pre-pass runs);
-    `check_ids`: refuse an id read twice (see rows.CheckRows)."""
+    `check_ids`: refuse an id read twice (see rows.CheckRows); `references`, `targets`:
+    chunks of --reference and --target rows (role REFERENCE / TARGET), or None;
+    `reference_set`: with --reference_exact, the reference loaded whole on each worker (its
+    chunks are then not routed)."""
 
-    def __init__(self, config: DedupConfig, has_hash: bool, check_ids: bool = False):
+    def __init__(self, config: DedupConfig, has_hash: bool, check_ids: bool = False,
+                 references=None, targets=None, reference_set: Optional[ReferenceSet] = None):
         super().__init__()
         self._config, self._has_hash, self._check_ids = config, has_hash, check_ids
+        self._references, self._targets = references, targets
+        self._reference_set = reference_set
 
     def expand(self, chunks):
         config, store = self._config, vector_store(self._config)
         rows = chunks | "CheckRows" >> CheckRows(config, store, self._check_ids)
         exact = rows.chunks | "ExactCopies" >> ExactCopies(config, self._has_hash)
         centroids = exact.chunks | "Centroids" >> Centroids(config, store)
-        assigned = exact.chunks | "Assign" >> Assign(config, store, centroids.centroids)
-        decisions = (assigned.assigned
-                     | "Route" >> Route(config, store, assigned.sizes)
-                     | "Pairwise" >> Pairwise(config, store))
+        to_assign, others = exact.chunks, {}
+        if self._references is not None:
+            references = self._references | "CheckReferenceRows" >> CheckRows(
+                config, store, check_ids=False)
+            if self._reference_set is None:   # compared inside the clusters they fall in
+                to_assign = ((exact.chunks, references.chunks)
+                             | "CandidatesAndReferences" >> beam.Flatten())
+        target_clusters = None
+        if self._targets is not None:
+            targets = self._targets | "CheckTargetRows" >> CheckRows(config, store, False)
+            target_clusters = targets.chunks | "TargetClusters" >> TargetClusters(
+                config, store, centroids.centroids)
+        assigned = to_assign | "Assign" >> Assign(config, store, centroids.centroids)
+        routed = assigned.assigned | "Route" >> Route(config, store, assigned.sizes,
+                                                      target_clusters)
+        decisions = routed.groups | "Pairwise" >> Pairwise(
+            config, store, self._references is not None, self._reference_set)
         if config.border_margin is not None:
             decisions = decisions | "OneAnswerPerMember" >> OneAnswerPerMember(
                 assigned.sizes, config.pairwise_block_size)
         written = decisions | "WriteClusterOutputs" >> beam.ParDo(
             WriteClusterOutputsFn(config.dedup_dir))
-        done = discard_scratch_after(store, [centroids.written, written, exact.written])
+        all_written = [centroids.written, written, exact.written]
+        if self._targets is not None:
+            all_written.append(routed.filtered | "WriteTargetFiltered" >> beam.FlatMap(
+                write_target_filtered, config.dedup_dir))
+            others["target"] = target_info(target_clusters, routed.filtered,
+                                           _checks(targets, "Target"), centroids.plan)
+        if self._references is not None:
+            others["reference"] = reference_info(
+                decisions | "ReferenceDecisions" >> beam.Values(),
+                _checks(references, "Reference"), float(1.0 - config.reference_threshold_eps),
+                config.reference_exact, config.reference_threshold_eps)
+        done = discard_scratch_after(store, all_written)
         info = dedup_info(centroids.plan, centroids.centroids, assigned.sizes,
-                          rows.input_checks, config.pairwise_block_size)
+                          rows.input_checks, config.pairwise_block_size, others)
         return SemanticDedupOutputs(decisions=decisions | "Decisions" >> beam.Values(),
                                     exact=exact.exact, written=done, info=info,
-                                    invalid=rows.invalid)
+                                    invalid=rows.invalid, filtered=routed.filtered)
+
+
+def _checks(checked, label: str) -> beam.PCollection:
+    """{rows, input_checks} of a CheckedRows (of the reference or target rows)."""
+    return checked.rows | f"{label}Checks" >> beam.Map(
+        lambda n, checks: {"rows": n, "input_checks": checks},
+        beam.pvalue.AsSingleton(checked.input_checks))

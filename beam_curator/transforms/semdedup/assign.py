@@ -84,3 +84,32 @@ class Assign(beam.PTransform):
                  | "ClusterCounts" >> beam.FlatMap(lambda a: a.cluster_counts())
                  | "ClusterSizes" >> beam.CombinePerKey(sum))
         return AssignOutputs(assigned=assigned, sizes=sizes)
+
+
+class TargetClustersFn(beam.DoFn):
+    """--target: a target chunk -> the clusters its rows are nearest to (each once)."""
+
+    def __init__(self, config: DedupConfig, store: VectorStore):
+        self._config = config
+        self._store = store
+
+    def process(self, chunk: Chunk, centroids: np.ndarray):
+        _, vectors = self._store.load(chunk)
+        if not len(vectors) or centroids.size == 0:
+            return
+        labels, _, _ = assign_to_centroids(vectors, centroids, device=self._config.device)
+        yield from np.unique(labels).tolist()
+
+
+class TargetClusters(beam.PTransform):
+    """Target chunks -> the distinct clusters they touch (at most k elements)."""
+
+    def __init__(self, config: DedupConfig, store: VectorStore, centroids: beam.PCollection):
+        super().__init__()
+        self._config, self._store, self._centroids = config, store, centroids
+
+    def expand(self, chunks):
+        return (chunks
+                | "TargetLabels" >> beam.ParDo(TargetClustersFn(self._config, self._store),
+                                               beam.pvalue.AsSingleton(self._centroids))
+                | "DistinctTargetClusters" >> beam.Distinct())

@@ -8,13 +8,18 @@ so) goes back to the file of its home cluster (or block), where the decisions ar
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
 
 from beam_curator.dedup import blocks
-from beam_curator.transforms.semdedup.records import Decisions, Members, cluster_file
+from beam_curator.transforms.semdedup.records import (
+    Decisions,
+    Members,
+    ReferenceMatches,
+    cluster_file,
+)
 
 
 class Membership(NamedTuple):
@@ -28,22 +33,33 @@ class Membership(NamedTuple):
     max_id: str
     sim: float
     duplicate: bool
+    reference_id: Optional[str] = None     # with --reference: the best reference row met
+    reference_sim: float = float("-inf")
+    reference_duplicate: bool = False
 
 
 def merge_memberships(rows) -> Membership:
-    """A border point's memberships -> one: a duplicate if either membership says so."""
+    """A border point's memberships -> one: a duplicate if either membership says so (and a
+    reference duplicate if either met its reference row)."""
     rows = sorted(rows, key=lambda r: (r.border, r.cluster))   # the home membership first
     home, dups = rows[0], [r for r in rows if r.duplicate]
     best = max(dups or rows, key=lambda r: r.sim)
-    return home._replace(max_id=best.max_id, sim=best.sim, duplicate=bool(dups))
+    # the best reference row: highest similarity, ties to the smallest reference id
+    top = max(r.reference_sim for r in rows)
+    ref = min((r for r in rows if r.reference_sim == top), key=lambda r: r.reference_id or "")
+    return home._replace(max_id=best.max_id, sim=best.sim, duplicate=bool(dups),
+                         reference_id=ref.reference_id, reference_sim=ref.reference_sim,
+                         reference_duplicate=any(r.reference_duplicate for r in rows))
 
 
 def _memberships(element):
     _, decisions = element
-    m = decisions.members
+    m, ref = decisions.members, decisions.reference
     for k, (id_, max_id, sim, dup) in enumerate(decisions.rows()):
+        extra = () if ref is None else (ref.ids[k], float(ref.sim[k]),
+                                         bool(decisions.is_reference_duplicate[k]))
         yield id_, Membership(decisions.cluster, bool(m.border[k]), id_, float(m.cos_dist[k]),
-                              float(m.l2_dist[k]), max_id, sim, dup)
+                              float(m.l2_dist[k]), max_id, sim, dup, *extra)
 
 
 def _home_file(row: Membership, sizes: dict, block_rows: int) -> tuple:
@@ -59,9 +75,15 @@ def _decisions_from_memberships(element):
                       cos_dist=np.array([r.cos_dist for r in rows], np.float32),
                       l2_dist=np.array([r.l2_dist for r in rows], np.float32),
                       border=np.zeros(len(rows), bool))
+    reference = ref_dup = None
+    if rows[0].reference_id is not None:
+        reference = ReferenceMatches(np.array([r.reference_sim for r in rows], np.float32),
+                                     np.array([r.reference_id for r in rows], dtype=object))
+        ref_dup = np.array([r.reference_duplicate for r in rows], bool)
     return key, Decisions(
         rows[0].cluster, members, tuple(r.max_id for r in rows),
-        np.array([r.sim for r in rows], np.float32), np.array([r.duplicate for r in rows], bool))
+        np.array([r.sim for r in rows], np.float32), np.array([r.duplicate for r in rows], bool),
+        reference, ref_dup)
 
 
 class OneAnswerPerMember(beam.PTransform):

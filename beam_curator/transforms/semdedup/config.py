@@ -46,6 +46,12 @@ class DedupConfig:
     device: Optional[str] = "auto"            # where the dense math runs (dedup.backend)
     id_column: str = "id"
     embedding_column: str = "embedding"
+    reference_eps: Optional[float] = None     # --reference's eps; None: eps
+    reference_exact: bool = False             # every candidate against every reference row
+
+    @property
+    def reference_threshold_eps(self) -> float:
+        return self.eps if self.reference_eps is None else self.reference_eps
 
     def checked(self) -> "DedupConfig":
         """This config, or an OptionError naming the setting and a value that works."""
@@ -75,6 +81,12 @@ class DedupConfig:
         if self.border_margin is not None and not (0.0 <= self.border_margin <= 2.0):
             raise OptionError(f"--border_margin {self.border_margin} must be a cosine "
                               "distance in [0, 2] (try 0.02), or left out.")
+        if self.reference_eps is not None and not (
+                math.isfinite(self.reference_eps) and 0.0 <= self.reference_eps < 1.0):
+            raise OptionError(f"--reference_eps {self.reference_eps} must be in [0, 1): a "
+                              "candidate is a reference duplicate at cosine >= 1 - "
+                              "reference_eps (DataComp's decontamination: about 0.4 for its "
+                              "copy detector; for CLIP embeddings try 0.05).")
         if self.vector_transport not in VECTOR_TRANSPORTS:
             raise OptionError(f"--dedup_vector_transport {self.vector_transport!r}: use "
                               f"{' or '.join(VECTOR_TRANSPORTS)}.")

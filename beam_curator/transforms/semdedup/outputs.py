@@ -9,7 +9,13 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from beam_curator.schema import DUPLICATES_SCHEMA, KMEANS_SCHEMA, PAIRWISE_SCHEMA
+from beam_curator.schema import (
+    DUPLICATES_SCHEMA,
+    KMEANS_SCHEMA,
+    PAIRWISE_SCHEMA,
+    REFERENCE_DUPLICATES_SCHEMA,
+    TARGET_FILTERED_SCHEMA,
+)
 from beam_curator.transforms.semdedup.vectors import VectorStore
 from beam_curator.transforms.write import write_parquet
 
@@ -33,14 +39,41 @@ class WriteClusterOutputsFn(beam.DoFn):
             "id": ids, "max_id": [decisions.max_ids[i] for i in order],
             "cosine_sim_score": pa.array(decisions.cosine_sim[order], pa.float32())},
             schema=PAIRWISE_SCHEMA)
-        dups = pa.table({"id": [ids[k] for k, i in enumerate(order)
-                                if decisions.is_duplicate[i]]}, schema=DUPLICATES_SCHEMA)
+        removed = decisions.is_duplicate
+        tables = [("kmeans", kmeans), ("pairwise_results", pairs)]
+        if decisions.reference is not None:   # --reference: the candidates too close to it
+            matched = decisions.is_reference_duplicate[order]
+            removed = removed | decisions.is_reference_duplicate
+            tables.append(("reference_duplicates", pa.table({
+                "id": [i for i, hit in zip(ids, matched.tolist()) if hit],
+                "reference_id": [r for r, hit in zip(decisions.reference.ids[order].tolist(),
+                                                     matched.tolist()) if hit],
+                "cosine_sim_score": pa.array(decisions.reference.sim[order][matched],
+                                             pa.float32())},
+                schema=REFERENCE_DUPLICATES_SCHEMA)))
+        tables.append(("duplicates", pa.table(
+            {"id": [ids[k] for k, i in enumerate(order) if removed[i]]},
+            schema=DUPLICATES_SCHEMA)))
         name = f"{key}.parquet"
         # ids are unique: no dictionary pages (k files of each kind; 3,000 at 1M rows)
-        for kind, table in (("kmeans", kmeans), ("pairwise_results", pairs),
-                            ("duplicates", dups)):
+        for kind, table in tables:
             yield write_parquet(FileSystems.join(self._dir, kind, name), table,
                                 use_dictionary=False)
+
+
+def write_target_filtered(element, dedup_dir: str):
+    """(chunk name, ids, home clusters) of candidates outside --target's clusters ->
+    target_filtered/ (id, centroid) and their removal ids in duplicates/, one file per
+    chunk."""
+    chunk, ids, clusters = element
+    order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
+    ids = [ids[i] for i in order.tolist()]
+    name = f"target-{chunk}.parquet"
+    yield write_parquet(FileSystems.join(dedup_dir, "target_filtered", name), pa.table({
+        "id": ids, "centroid": pa.array(np.asarray(clusters)[order], pa.int32())},
+        schema=TARGET_FILTERED_SCHEMA))
+    yield write_parquet(FileSystems.join(dedup_dir, "duplicates", name),
+                        pa.table({"id": ids}, schema=DUPLICATES_SCHEMA))
 
 
 def _count_done(pcoll, label: str):

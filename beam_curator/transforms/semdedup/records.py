@@ -53,6 +53,27 @@ def cluster_file(cluster: int, n_blocks: int = 1, block: int = 0) -> str:
             else f"cluster-{cluster:06d}-block-{block:04d}")
 
 
+class Part(NamedTuple):
+    """What Route sends to a pairwise key: some members of one chunk, all of them in
+    `block` (0 for a bin), and whether they are --reference rows (compared with, never
+    answered for)."""
+
+    block: int
+    members: "Members"
+    reference: bool = False
+
+
+class ReferenceMatches(NamedTuple):
+    """Per member (aligned with its Decisions' members): the most similar --reference row
+    it met, and that similarity (-inf and "" where it met none)."""
+
+    sim: np.ndarray                       # float32
+    ids: np.ndarray                       # object array of str
+
+    def take(self, index) -> "ReferenceMatches":
+        return ReferenceMatches(self.sim[index], self.ids[index])
+
+
 class ExactDuplicate(NamedTuple):
     """A copy found by the exact pre-pass (same content hash as a smaller id)."""
 
@@ -161,7 +182,9 @@ class Decisions:
     members: Members                      # vectors dropped
     max_ids: Tuple[str, ...]
     cosine_sim: np.ndarray                # float32
-    is_duplicate: np.ndarray              # bool
+    is_duplicate: np.ndarray              # bool: a semantic duplicate (of a candidate)
+    reference: Optional[ReferenceMatches] = None   # with --reference
+    is_reference_duplicate: Optional[np.ndarray] = None   # bool, with --reference
 
     def __len__(self) -> int:
         return len(self.members)
@@ -216,13 +239,18 @@ class BlockPartial:
     sim: np.ndarray                       # float32, -inf = no earlier member seen
     source_primary: np.ndarray            # the best member's primary rank key
     source_id: np.ndarray                 # object array of str
+    reference: Optional[ReferenceMatches] = None   # the best --reference row seen there
 
     def merged(self, other: "BlockPartial") -> "BlockPartial":
         from beam_curator.dedup.blocks import merge_partials
+        from beam_curator.dedup.reference import merge_best
 
         sim, primary, source = merge_partials(
             (self.sim, self.source_primary, self.source_id),
             (other.sim, other.source_primary, other.source_id))
+        reference = self.reference if other.reference is None else other.reference
+        if self.reference is not None and other.reference is not None:
+            reference = ReferenceMatches(*merge_best(self.reference, other.reference))
         return BlockPartial(self.members if self.members is not None else other.members,
-                            sim, primary, source)
+                            sim, primary, source, reference)
 

@@ -178,6 +178,7 @@ class CheckedRows(NamedTuple):
     chunks: beam.PCollection      # Chunk, `dropped` set (and, with check_ids, ids unique)
     invalid: beam.PCollection     # InvalidRow: left out, counted
     input_checks: beam.PCollection  # one dict for summary.json (input_checks())
+    rows: beam.PCollection        # one int: the valid rows
 
 
 class CheckRows(beam.PTransform):
@@ -212,4 +213,5 @@ class CheckRows(beam.PTransform):
                        input_checks, beam.pvalue.AsSingleton(
                            checked[CheckRowsFn.NORMALIZED]
                            | "CountNormalized" >> beam.CombineGlobally(sum))))
-        return CheckedRows(chunks=chunks, invalid=invalid, input_checks=summary)
+        n_rows = checked[CheckRowsFn.ROWS] | "CountValidRows" >> beam.CombineGlobally(sum)
+        return CheckedRows(chunks=chunks, invalid=invalid, input_checks=summary, rows=n_rows)

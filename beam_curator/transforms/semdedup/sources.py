@@ -189,9 +189,16 @@ class NpyRows:
         return self.stop - self.start
 
 
+# What a chunk's rows are to the dedup: the candidates it answers for, the rows of --reference
+# (compared with, never answered for, never removed), or of --target (only their clusters
+# count).
+CANDIDATE, REFERENCE, TARGET = "candidate", "reference", "target"
+
+
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """A batch of embeddings: `source` says where (a ParquetRowGroup or NpyRows).
+    """A batch of embeddings: `source` says where (a ParquetRowGroup or NpyRows), `role`
+    what they are to the dedup (CANDIDATE, REFERENCE or TARGET).
     `excluded`: its exact duplicates (not candidates of the semantic pass); `dropped`: the
     positions of its invalid rows among its candidates (set by the row check, the first step
     that reads the vectors; every later read leaves them out). `name` is unique in the run
@@ -202,10 +209,15 @@ class Chunk:
     dim: int = 0
     excluded: FrozenSet[str] = frozenset()
     dropped: Tuple[int, ...] = ()
+    role: str = CANDIDATE
 
     @property
     def file(self) -> str:
         return self.source.file
+
+    @property
+    def is_candidate(self) -> bool:
+        return self.role == CANDIDATE
 
     def ids(self, config: DedupConfig, with_hash: bool):
         """(id, content_hash or None) of the candidate rows, without the vectors."""
@@ -375,7 +387,8 @@ def chunk_names(paths: Sequence[str]) -> dict:
 
 
 def row_group_chunks(path: str, name: str, dim: int, config: DedupConfig,
-                     min_clip_score: Optional[float] = None) -> List[Chunk]:
+                     min_clip_score: Optional[float] = None, role: str = CANDIDATE
+                     ) -> List[Chunk]:
     """One Chunk per row group of one file. Only the footer is read (and the first row, when
     `dim` is 0: not known when the graph was built); its columns are checked there, so a file
     dedup cannot read fails before any vector is. `min_clip_score`: see ParquetRowGroup."""
@@ -390,7 +403,7 @@ def row_group_chunks(path: str, name: str, dim: int, config: DedupConfig,
                 "dedup compares embeddings of one model. Leave it out of --embeddings.")
         n_groups = parquet.metadata.num_row_groups
     return [Chunk(name=f"{name}-{rg:05d}", source=ParquetRowGroup(path, rg, min_clip_score),
-                  dim=dim or file_dim)
+                  dim=dim or file_dim, role=role)
             for rg in range(n_groups)]
 
 
@@ -497,7 +510,8 @@ def npy_id_column(metadata: str, id_column: str) -> str:
                       "--id_column to the one that holds your sample ids.")
 
 
-def npy_chunks(npy: str, metadata: str, name: str, id_column: str) -> List[Chunk]:
+def npy_chunks(npy: str, metadata: str, name: str, id_column: str, role: str = CANDIDATE
+               ) -> List[Chunk]:
     """One Chunk per NPY_CHUNK_ROWS rows of a clip-retrieval embeddings file."""
     n, dim = npy_shape(npy)
     with FileSystems.open(metadata) as handle:
@@ -505,7 +519,7 @@ def npy_chunks(npy: str, metadata: str, name: str, id_column: str) -> List[Chunk
     if rows != n:
         raise ValueError(f"{npy} has {n} rows but {metadata} has {rows}: they must match "
                          "row for row")
-    return [Chunk(name=f"{name}-{start:09d}", dim=dim,
+    return [Chunk(name=f"{name}-{start:09d}", dim=dim, role=role,
                   source=NpyRows(npy, metadata, start, min(n, start + NPY_CHUNK_ROWS), id_column))
             for start in range(0, n, NPY_CHUNK_ROWS)]
 
@@ -590,14 +604,35 @@ class EmbeddingsFile(NamedTuple):
     chunk_prefix: str              # chunk_names(): unique in the run
     metadata: Optional[str] = None
     id_column: Optional[str] = None
+    role: str = CANDIDATE
 
     def chunks(self, dim: int, config: DedupConfig,
                min_clip_score: Optional[float] = None) -> List[Chunk]:
+        """Its chunks; `min_clip_score` holds candidates to a CLIP score (never references
+        or targets: they are other sets)."""
+        if self.role != CANDIDATE:
+            min_clip_score = None
         if self.metadata is None:
-            return row_group_chunks(self.path, self.chunk_prefix, dim, config, min_clip_score)
-        chunks = npy_chunks(self.path, self.metadata, self.chunk_prefix, self.id_column)
+            return row_group_chunks(self.path, self.chunk_prefix, dim, config, min_clip_score,
+                                    self.role)
+        chunks = npy_chunks(self.path, self.metadata, self.chunk_prefix, self.id_column,
+                            self.role)
         if chunks and chunks[0].dim != dim:
             raise OptionError(f"{self.path} holds {chunks[0].dim}-d embeddings, the others "
                               f"{dim}-d: dedup compares embeddings of one model. Leave it out "
                               "of --embeddings.")
         return chunks
+
+
+def embeddings_files(paths: Sequence[str], npy_pairs: Sequence[Tuple[str, str]],
+                     config: DedupConfig, role: str = CANDIDATE) -> List[EmbeddingsFile]:
+    """Resolved files -> EmbeddingsFile each, with chunk names unique in the run (those of
+    other roles prefixed by theirs)."""
+    names = chunk_names(list(paths) + [npy for npy, _ in npy_pairs])
+    prefix = "" if role == CANDIDATE else f"{role}-"
+    files = [EmbeddingsFile(p, prefix + names[p], role=role) for p in paths]
+    if npy_pairs:
+        id_column = npy_id_column(npy_pairs[0][1], config.id_column)
+        files += [EmbeddingsFile(npy, prefix + names[npy], meta, id_column, role)
+                  for npy, meta in npy_pairs]
+    return files
