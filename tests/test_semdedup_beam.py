@@ -207,7 +207,7 @@ def test_a_chunk_sends_one_element_per_bin_of_whole_clusters_read_in_one_run(tmp
     from beam_curator.dedup import blocks
     from beam_curator.transforms.semdedup.assign import AssignFn
     from beam_curator.transforms.semdedup.config import DedupConfig
-    from beam_curator.transforms.semdedup.records import BinKey
+    from beam_curator.transforms.semdedup.records import BinKey, pairwise_key
     from beam_curator.transforms.semdedup.route import RouteFn
     from beam_curator.transforms.semdedup.rows import CheckRowsFn
     from beam_curator.transforms.semdedup.sources import row_group_chunks
@@ -239,6 +239,7 @@ def test_a_chunk_sends_one_element_per_bin_of_whole_clusters_read_in_one_run(tmp
     assert len(sizes) > 3 and max(sizes.values()) <= 70
     routed = list(RouteFn(config, store).process(assigned, sizes))
     bins = blocks.pack_clusters(sizes, 70)
+    routed = [(pairwise_key(key), part) for key, part in routed]
     assert all(isinstance(key, BinKey) for key, _ in routed)
     assert sorted(key.first_cluster for key, _ in routed) == sorted(set(bins.values()))
     assert len(routed) < len(sizes)                        # fewer elements than clusters
@@ -276,7 +277,7 @@ def test_members_survive_beam_coding_with_every_column():
     """Members pickle their per-member columns as one bytes (Members.__reduce__)."""
     from apache_beam.coders.typecoders import registry
 
-    from beam_curator.transforms.semdedup.records import BinKey, Members
+    from beam_curator.transforms.semdedup.records import Members
 
     coder = registry.get_coder(object)
     rng = np.random.default_rng(0)
@@ -288,7 +289,7 @@ def test_members_survive_beam_coding_with_every_column():
     empty = Members(ids=(), cos_dist=np.zeros(0, np.float32), l2_dist=np.zeros(0, np.float32),
                     border=np.zeros(0, bool))
     for members in (full, empty, full.take([2]), dataclasses.replace(full, vectors=None)):
-        back = coder.decode(coder.encode((BinKey(1), (0, members))))[1][1]
+        back = coder.decode(coder.encode(((1,), (0, members))))[1][1]
         assert back.ids == members.ids and back.dim == members.dim
         assert back.paths == members.paths
         for name in ("cos_dist", "l2_dist", "border", "vectors", "path_index", "rows",

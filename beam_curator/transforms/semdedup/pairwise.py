@@ -36,6 +36,8 @@ from beam_curator.transforms.semdedup.records import (
     Members,
     ReferenceMatches,
     cluster_file,
+    pairwise_key,
+    wire_key,
     without_vectors,
 )
 from beam_curator.transforms.semdedup.vectors import VectorStore
@@ -97,6 +99,7 @@ class PairwiseFn(beam.DoFn):
 
     def process(self, element):
         key, parts = element
+        key = pairwise_key(key)
         candidates = [p for p in parts if not p.reference]
         references = [p for p in parts if p.reference]
         if not candidates:
@@ -168,7 +171,7 @@ class PairwiseFn(beam.DoFn):
             reference = self._best_reference(vectors, refs.get(key.lo)) if (
                 exact or key.lo in refs) else None
             yield beam.pvalue.TaggedOutput(self.PARTIALS, (
-                BlockKey(key.cluster, key.n_blocks, key.lo),
+                wire_key(BlockKey(key.cluster, key.n_blocks, key.lo)),
                 BlockPartial(without_vectors(members), sim, source_primary, source_id,
                              reference)))
             return
@@ -191,7 +194,7 @@ class PairwiseFn(beam.DoFn):
             else:
                 continue   # an empty block: nothing to compare
             yield beam.pvalue.TaggedOutput(self.PARTIALS, (
-                BlockKey(key.cluster, key.n_blocks, target),
+                wire_key(BlockKey(key.cluster, key.n_blocks, target)),
                 BlockPartial(None, sim, source_primary, source_id, reference)))
 
 
@@ -224,7 +227,8 @@ class CombineBlockPartialsFn(beam.CombineFn):
 
 
 def _block_decisions(element, config: DedupConfig, with_reference: bool):
-    key, partial = element
+    wire, partial = element
+    key = BlockKey(*wire)
     has = partial.sim > -np.inf
     reference = partial.reference
     if with_reference and reference is None:   # no reference row met in any block pair

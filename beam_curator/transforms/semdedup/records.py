@@ -46,6 +46,18 @@ class BlockKey(NamedTuple):
     block: int
 
 
+def wire_key(key: tuple) -> tuple:
+    """A key as the shuffle carries it: a plain tuple of ints, which Beam encodes
+    deterministically itself (a NamedTuple key would take its fallback coder, with a warning
+    in every run's log). `pairwise_key` / `BlockKey(*wire)` name it again on the other side."""
+    return tuple(int(v) for v in key)
+
+
+def pairwise_key(wire: tuple):
+    """The pairwise GroupByKey's key from the wire: a BinKey (one int) or a BlockPairKey."""
+    return BinKey(*wire) if len(wire) == 1 else BlockPairKey(*wire)
+
+
 def cluster_file(cluster: int, n_blocks: int = 1, block: int = 0) -> str:
     """The name (no extension) of a cluster's, or a block's, kmeans/ pairwise_results/ and
     duplicates/ files."""

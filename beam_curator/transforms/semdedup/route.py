@@ -7,7 +7,7 @@ into nb hash blocks and every unordered block pair is a `BlockPairKey`; each mem
 the nb pairs of its block. What crosses the shuffle (vectors inline or references) is the
 vector store's choice (`VectorStore.routed`).
 
-    Assigned + AsDict(sizes) -> RouteFn -> (BinKey | BlockPairKey, (block, Members))
+    Assigned + AsDict(sizes) -> RouteFn -> (BinKey | BlockPairKey as a plain tuple, Part)
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from beam_curator.transforms.semdedup.records import (
     Members,
     Part,
     Placement,
+    wire_key,
 )
 from beam_curator.transforms.semdedup.sources import REFERENCE
 from beam_curator.transforms.semdedup.vectors import VectorStore
@@ -81,7 +82,7 @@ class RouteFn(beam.DoFn):
                     part = group.take(np.flatnonzero(block == b))
                     for lo, hi in blocks.pair_keys(b, nb):
                         self._count(part)
-                        yield BlockPairKey(cluster, nb, lo, hi), Part(b, part, reference)
+                        yield wire_key(BlockPairKey(cluster, nb, lo, hi)), Part(b, part, reference)
             for first, parts in binned.items():
                 rows = np.concatenate([r for _, r in parts])
                 group = dataclasses.replace(
@@ -89,7 +90,7 @@ class RouteFn(beam.DoFn):
                     cluster=np.repeat(np.array([c for c, _ in parts], dtype=np.int64),
                                       [r.size for _, r in parts]))
                 self._count(group)
-                yield BinKey(first), Part(0, group, reference)
+                yield wire_key(BinKey(first)), Part(0, group, reference)
 
     def _in_target(self, assigned: Assigned, target_clusters):
         """The placements of the candidates whose home cluster is a target cluster; the
