@@ -307,13 +307,14 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
         raise OptionError("--clip_score_threshold holds dedup's candidates to the clip_score "
                           "column of embeddings parquet files; clip-retrieval's img_emb/ has "
                           "none: leave the threshold out.")
+    min_clip_score = _embed_keep_fraction_threshold(files, opts.clip_score_threshold)
     inputs = files + [path for pair in npy_pairs for path in pair]
     claim = claim_output(opts, "dedup", inputs_of("--embeddings", inputs)
                          + _centroids_input(opts) + _other_sets(opts, dim))
     dedup = p | "Dedup" >> DeduplicateEmbeddings(
         opts.embeddings, opts.output, id_column=opts.id_column,
         embedding_column=opts.embedding_column, resolved=(files, npy_pairs), with_rows=False,
-        min_clip_score=opts.clip_score_threshold, **dedup_kwargs(options))
+        min_clip_score=min_clip_score, **dedup_kwargs(options))
     counts = dedup_summary(dedup.counts, dedup.info)
     out, token = opts.output, claim.token
     summary = {"command": "dedup", "options": outputs.recorded_options(opts), "eps": opts.eps,
@@ -323,6 +324,43 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
          lambda c, _: finish_output(out, dict(summary, **c), token),
          beam.pvalue.AsSingleton(dedup.written)))
     return claim
+
+
+def _embed_keep_fraction_threshold(files: List[str], given: Optional[float]) -> Optional[float]:
+    """The CLIP-score threshold dedup holds its candidates to: --clip_score_threshold when
+    given; else the keep-top-fraction threshold of the `embed` run(s) whose embeddings/ these
+    files are (their summary.json), so that the three-step flow dedups the pool `run` would.
+    Two embed runs with different thresholds are refused: say which one holds."""
+    import json
+    import posixpath
+
+    found = {}
+    for run_dir in sorted({posixpath.dirname(posixpath.dirname(f)) for f in files}):
+        path = outputs.summary_file(run_dir)
+        try:
+            with FileSystems.open(path) as handle:
+                summary = json.loads(handle.read())
+        except (IOError, OSError, ValueError):
+            continue
+        threshold = (summary.get("clip_score") or {}).get("threshold")
+        if summary.get("command") == "embed" and (summary.get("clip_score") or {}).get(
+                "keep_fraction") is not None:
+            found[run_dir] = float("inf") if threshold is None else float(threshold)
+    if given is not None:
+        if found and set(found.values()) != {given}:
+            _LOG.warning("--clip_score_threshold %s differs from the keep-fraction threshold "
+                         "of the embed run(s) %s: dedup uses %s", given, found, given)
+        return given
+    if len(set(found.values())) > 1:
+        raise OptionError(
+            f"the embed runs of --embeddings kept different top fractions by CLIP score "
+            f"(thresholds {found}): pass --clip_score_threshold to say which one holds.")
+    if found:
+        threshold = next(iter(found.values()))
+        _LOG.info("dedup: candidates are the rows with clip_score >= %s, the keep-fraction "
+                  "threshold of embed run %s", threshold, next(iter(found)))
+        return threshold
+    return None
 
 
 def _removal_files(opts: CuratorOptions) -> List[str]:

@@ -347,8 +347,9 @@ def test_run_keeps_the_top_fraction_of_the_whole_pool(keep_top_run):
 
 @pytest.mark.slow
 def test_the_three_steps_keep_the_same_top_fraction_as_run(keep_top_run, tmp_path):
-    """embed (its summary names the threshold) -> dedup --clip_score_threshold T -> remove
-    gives run's curated samples."""
+    """embed (its summary names the threshold) -> dedup (which reads that threshold from the
+    embed run's summary.json, with no option) -> remove gives run's curated samples; and an
+    explicit --clip_score_threshold T decides the same."""
     from beam_curator import cli
 
     out, args, summary = keep_top_run
@@ -356,10 +357,14 @@ def test_the_three_steps_keep_the_same_top_fraction_as_run(keep_top_run, tmp_pat
     embedded = cli.run_pipeline("embed", with_option(args, "output", str(e)))
     threshold = embedded["clip_score"]["threshold"]
     assert threshold == summary["clip_score"]["threshold"]
-    cli.run_pipeline("dedup", ["--embeddings", str(e / "embeddings"), "--output", str(d),
-                               "--n_clusters", "2", "--eps", "0.5", "--runner", "FnApiRunner",
-                               "--clip_score_threshold", repr(threshold),
-                               "--progress_interval", "0"])
+    dedup_args = ["--embeddings", str(e / "embeddings"), "--n_clusters", "2", "--eps", "0.5",
+                  "--runner", "FnApiRunner", "--progress_interval", "0"]
+    cli.run_pipeline("dedup", dedup_args + ["--output", str(d)])
+    explicit = tmp_path / "D2"
+    cli.run_pipeline("dedup", dedup_args + ["--output", str(explicit),
+                                            "--clip_score_threshold", repr(threshold)])
+    assert sorted(parquet_rows(d / "dedup" / "kmeans"), key=lambda r: r["id"]) == sorted(
+        parquet_rows(explicit / "dedup" / "kmeans"), key=lambda r: r["id"])
     cli.run_pipeline("remove", ["--input", args[args.index("--input") + 1], "--output", str(r),
                                 "--removal_ids", f"{e / 'rejected'},{d / 'dedup' / 'duplicates'}",
                                 "--runner", "FnApiRunner", "--progress_interval", "0"])
