@@ -247,3 +247,20 @@ def test_run_against_its_own_earlier_output_removes_every_sample(small_dataset,
                for i, s in before.items() if s == "exact_duplicate")
     assert summary["counts"]["reference_duplicate"] == len(semantic)
     assert summary["accounting"]["ok"] and summary["counts"]["kept"] == 0
+
+
+def test_best_reference_presorted_gives_the_same_answer_and_ties_go_to_the_smallest_id():
+    from beam_curator.dedup.reference import best_reference, sorted_by_id
+
+    rng = np.random.default_rng(5)
+    refs = _unit(rng.normal(size=(50, 8)))
+    refs[7] = refs[3]                                     # two rows tie for every candidate
+    ids = [f"r{(i * 13) % 50:02d}" for i in range(50)]   # not in id order
+    cands = np.concatenate([refs[[3, 10]], _unit(rng.normal(size=(5, 8)))])
+    sim, got = best_reference(cands, refs, ids)
+    sorted_refs, sorted_ids = sorted_by_id(refs, ids)
+    sim2, got2 = best_reference(cands, sorted_refs, sorted_ids, presorted=True)
+    assert np.array_equal(sim, sim2) and list(got) == list(got2)
+    assert got[0] == min(ids[3], ids[7]) and sim[0] == pytest.approx(1.0, abs=1e-6)
+    brute = (cands.astype(np.float64) @ refs.astype(np.float64).T).astype(np.float32).max(axis=1)
+    assert np.array_equal(sim, brute)

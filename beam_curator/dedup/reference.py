@@ -20,19 +20,32 @@ from beam_curator.dedup.pairwise import STRIP_ROWS, TILE_ROWS, block_similaritie
 NO_MATCH = np.float32(-np.inf)
 
 
+def sorted_by_id(references: np.ndarray, reference_ids: Sequence[str]
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """(float32 C-ordered rows, object ids) sorted by id: what `best_reference` compares
+    with (ties then go to the smallest id by position). A caller that reuses one reference
+    for many calls sorts it once and passes `presorted=True`."""
+    order = np.argsort(np.asarray(list(reference_ids), dtype=str), kind="stable")
+    return (np.ascontiguousarray(references[order], dtype=np.float32),
+            np.asarray(list(reference_ids), dtype=object)[order])
+
+
 def best_reference(candidates: np.ndarray, references: np.ndarray, reference_ids: Sequence[str],
-                   device: Optional[str] = None, backend: Optional[str] = None
-                   ) -> Tuple[np.ndarray, np.ndarray]:
+                   device: Optional[str] = None, backend: Optional[str] = None,
+                   presorted: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """(sim float32 (n,), reference id object (n,)): each candidate's most similar reference
-    row (-inf and "" where there is none). `reference_ids` must be unique."""
+    row (-inf and "" where there is none); ties go to the smallest reference id (a repeated
+    id is harmless: its rows tie under one name). `presorted`: references and ids come from
+    `sorted_by_id` already."""
     n = candidates.shape[0]
     sim = np.full(n, NO_MATCH, np.float32)
     ids = np.full(n, "", dtype=object)
     if not n or not len(reference_ids):
         return sim, ids
-    order = np.argsort(np.asarray(list(reference_ids), dtype=str), kind="stable")
-    references = np.ascontiguousarray(references[order], dtype=np.float32)
-    sorted_ids = np.asarray(list(reference_ids), dtype=object)[order]
+    if presorted:
+        sorted_ids = np.asarray(reference_ids, dtype=object)
+    else:
+        references, sorted_ids = sorted_by_id(references, reference_ids)
     arg = np.full(n, -1, np.int64)
     choice = resolve(device, backend)
     if choice.name != NUMPY:

@@ -41,7 +41,7 @@ from beam_curator.transforms.semdedup.outputs import (
 from beam_curator.transforms.semdedup.pairwise import Pairwise, ReferenceSet
 from beam_curator.transforms.semdedup.route import Route
 from beam_curator.transforms.semdedup.rows import CheckRows
-from beam_curator.transforms.semdedup.vectors import vector_store
+from beam_curator.transforms.semdedup.vectors import ShuffledVectors, vector_store
 
 __all__ = ["SemanticDedup", "SemanticDedupOutputs", "DedupConfig"]
 
@@ -78,8 +78,10 @@ class SemanticDedup(beam.PTransform):
         centroids = exact.chunks | "Centroids" >> Centroids(config, store)
         to_assign, others = exact.chunks, {}
         if self._references is not None:
+            # --reference_exact reads the reference itself (ReferenceSet): nothing to stage
+            checked_in = store if self._reference_set is None else ShuffledVectors(config)
             references = self._references | "CheckReferenceRows" >> CheckRows(
-                config, store, check_ids=False)
+                config, checked_in, check_ids=False)
             if self._reference_set is None:   # compared inside the clusters they fall in
                 to_assign = ((exact.chunks, references.chunks)
                              | "CandidatesAndReferences" >> beam.Flatten())

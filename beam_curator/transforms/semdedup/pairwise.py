@@ -26,7 +26,7 @@ import numpy as np
 from beam_curator.dedup import blocks
 from beam_curator.dedup.pairwise import is_duplicate, max_sim_to_earlier
 from beam_curator.dedup.ranking import rank_order, rank_primary
-from beam_curator.dedup.reference import NO_MATCH, best_reference
+from beam_curator.dedup.reference import NO_MATCH, best_reference, sorted_by_id
 from beam_curator.transforms.semdedup.config import DedupConfig
 from beam_curator.transforms.semdedup.records import (
     BinKey,
@@ -68,7 +68,8 @@ class ReferenceSet:
         self._loaded = None
 
     def rows(self, dim: int):
-        """(ids, float32 (n, dim) unit vectors) of its valid rows."""
+        """(ids, float32 (n, dim) unit vectors) of its valid rows, sorted by id once here
+        (`dedup.reference.sorted_by_id`), not again for every key compared with them."""
         if self._loaded is None:
             ids, parts = [], []
             for file in self._files:
@@ -78,7 +79,8 @@ class ReferenceSet:
                     ids += [decoded.ids[r] for r in valid.tolist()]
                     parts.append(decoded.vectors[valid])
             vectors = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
-            self._loaded = (ids, vectors)
+            vectors, sorted_ids = sorted_by_id(vectors, ids)
+            self._loaded = (sorted_ids, vectors)
         return self._loaded
 
 
@@ -121,7 +123,8 @@ class PairwiseFn(beam.DoFn):
                         ) -> Optional[ReferenceMatches]:
         """The members' best reference rows: among `references` (the same cluster or
         block), or with --reference_exact among all of them; None without --reference."""
-        if self._reference_set is not None:
+        presorted = self._reference_set is not None
+        if presorted:
             ids, reference_vectors = self._reference_set.rows(vectors.shape[1])
         elif references is not None:
             ids, reference_vectors = references.ids, self._store.read(references)
@@ -129,7 +132,8 @@ class PairwiseFn(beam.DoFn):
             return None
         self.similarities.inc(len(vectors) * len(ids))
         return ReferenceMatches(*best_reference(vectors, reference_vectors, ids,
-                                                device=self._config.device))
+                                                device=self._config.device,
+                                                presorted=presorted))
 
     def _whole_clusters(self, candidates, references):
         """A bin: each of its clusters in one pass, as `max_sim_to_earlier` defines it."""
