@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from typing import Optional
 
@@ -272,6 +273,34 @@ FORWARDING_RUNNERS = ("flinkrunner", "sparkrunner", "portablerunner", "prismrunn
 # exchanges also make each stage its own failover region. An explicit mode wins.
 FLINK_BATCH_MODE = "--execution_mode_for_batch=BATCH_FORCED"
 
+# Beam's Flink runner stops a job's SDK workers on a TaskManager as soon as no task of the job
+# runs there, unless --environment_cache_millis defers that; between two batch stages (one
+# after the other with blocking exchanges) none runs, so without it every stage of every
+# TaskManager starts a fresh Python worker (seconds each: Beam, numpy, faiss, the model).
+# Deferred, the next stage's tasks find the worker alive and reuse it. It takes effect only
+# where Beam's runner jars are in the cluster's lib/ and loaded parent-first (README, Run on
+# Flink; scripts/flink_cluster.sh does that): else Beam releases synchronously whatever this
+# says. 10 s spans the gap between stages; it also bounds how long a TaskManager keeps
+# handing a dead worker (its pool killed with it) to the tasks Flink restarts there, as Beam
+# keeps no health check on a cached worker: the restart backoff outgrows it by the
+# fourth attempt (1, 2, 4, 8 s, ... in flink_cluster.sh's config). An explicit value wins.
+FLINK_ENVIRONMENT_CACHE = "--environment_cache_millis=10000"
+FLINK_DEFAULTS = (FLINK_BATCH_MODE, FLINK_ENVIRONMENT_CACHE)
+
+# The Flink job settings this package ships (beam_curator/flink_job_conf/config.yaml: the
+# large-record handler, without which a GroupByKey whose values in one task pass one sort
+# buffer fails). Passed as --flink_conf_dir unless one is given or FLINK_CONF_DIR is set:
+# Beam loads one of them, and a user's own must then carry the setting (README).
+FLINK_JOB_CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flink_job_conf")
+
+
+def _flink_defaults(given: set) -> list:
+    """The FLINK_DEFAULTS (and --flink_conf_dir) whose flags `given` does not name."""
+    missing = [d for d in FLINK_DEFAULTS if d.split("=")[0] not in given]
+    if "--flink_conf_dir" not in given and not os.environ.get("FLINK_CONF_DIR"):
+        missing.append(f"--flink_conf_dir={FLINK_JOB_CONF_DIR}")
+    return missing
+
 
 def curator_options(argv=None, **overrides) -> PipelineOptions:
     """PipelineOptions from argv, with a runner that works offline when none is named.
@@ -289,10 +318,11 @@ def curator_options(argv=None, **overrides) -> PipelineOptions:
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = DEFAULT_LOCAL_RUNNER
-    if (runner_name(options).lower().split(".")[-1] == "flinkrunner"
-            and not any(a.split("=", 1)[0] == FLINK_BATCH_MODE.split("=")[0] for a in argv)):
-        argv.append(FLINK_BATCH_MODE)
-        options = PipelineOptions(argv, **overrides)
+    if runner_name(options).lower().split(".")[-1] == "flinkrunner":
+        missing = _flink_defaults({a.split("=", 1)[0] for a in argv})
+        if missing:
+            argv += missing
+            options = PipelineOptions(argv, **overrides)
     _check_runner(options)
     _check_flags(argv, options)
     return options
@@ -522,47 +552,6 @@ def resolve_vector_transport(options: PipelineOptions) -> str:
     if opts.dedup_vector_transport != "auto":
         return opts.dedup_vector_transport
     return STAGED if _one_machine(options, opts.output) else SHUFFLE
-
-
-# Beam's Flink batch runner (2.62 here) hands each task's whole partition to the SDK worker as
-# ONE bundle and reads that bundle's output only once the bundle has finished
-# (SdkHarnessClient.ActiveBundle.close). Until then the output waits in 100 gRPC messages
-# (~10 MB each) on the TaskManager's heap and ~200 MB of the SDK worker's send queues; a task
-# whose output passes ~1.2 GB stalls the job, with no error. dedup's route step emits its
-# share of the vectors (more where clusters are split into blocks), so each task's share of
-# the embedding files is kept to half that. Measured: 1M x 768 (3.1 GB) on 4 tasks ran, 2.5M
-# on 4 tasks and 1M with 1,000-row blocks (3x the route output) on 4 tasks stalled.
-FLINK_MAX_INPUT_BYTES_PER_TASK = 512 << 20
-
-
-def flink_parallelism_for(options: PipelineOptions, input_bytes: int, flag: str) -> None:
-    """On FlinkRunner: at least ceil(input_bytes / 512 MiB) tasks per step. Without
-    --parallelism it is set to that (when above 1); a smaller --parallelism fails fast."""
-    if runner_name(options).lower().split(".")[-1] != "flinkrunner":
-        return
-    import logging
-
-    from apache_beam.options.pipeline_options import FlinkRunnerOptions
-
-    flink = options.view_as(FlinkRunnerOptions)
-    need = max(1, math.ceil(input_bytes / FLINK_MAX_INPUT_BYTES_PER_TASK))
-    given = flink.parallelism if flink.parallelism and flink.parallelism > 0 else None
-    gib = input_bytes / 2**30
-    if given is None:
-        if need > 1:
-            flink.parallelism = need
-            logging.getLogger(__name__).warning(
-                "--parallelism not given: set to %d for %.1f GiB of %s (at most 512 MiB per "
-                "Flink task; tasks beyond the free slots run in waves). Pass --parallelism to "
-                "choose more.", need, gib, flag)
-        return
-    if given < need:
-        raise OptionError(
-            f"--parallelism {given} gives each Flink task ~{input_bytes / given / 2**20:,.0f} "
-            f"MiB of the {gib:.1f} GiB of {flag}; Beam's Flink batch runner stalls, without "
-            "an error, when one task's output passes ~1 GB (it reads a task's output only "
-            f"after the whole task has run). Pass --parallelism {need} or more: tasks "
-            "beyond the free slots run in waves.")
 
 
 def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":

@@ -17,9 +17,15 @@ from apache_beam.io.filesystems import FileSystems
 from beam_curator import outputs
 from beam_curator.captions import parse_languages
 from beam_curator.errors import OptionError
+from beam_curator.flink_tasks import (
+    GuardTaskOutput,
+    is_flink_batch,
+    output_bytes_per_sample,
+    require_tasks_for_embeddings,
+    require_tasks_for_shards,
+)
 from beam_curator.options import (
     CuratorOptions,
-    flink_parallelism_for,
     resolve_vector_transport,
     validate_options,
 )
@@ -123,8 +129,25 @@ def sample_checks(opts: CuratorOptions) -> SampleChecks:
                         caption_field=opts.caption_field)
 
 
-def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list) -> Front:
-    """read -> decode -> RunInference -> scores -> thresholds, and write embeddings/."""
+def _flink_tasks_for_shards(options, opts: CuratorOptions, manifest, shard_list
+                            ) -> Optional[GuardTaskOutput]:
+    """On Flink's batch runner: tasks sized for the shards (before anything is claimed),
+    and the guard that fails a task the estimate did not foresee (flink_tasks). `options`:
+    the pipeline's own (Beam's Pipeline holds a copy of the options it was made with)."""
+    if not is_flink_batch(options):
+        return None
+    require_tasks_for_shards(options, shard_list, manifest.embed_dim, opts.text_embeddings)
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    parallelism = options.view_as(FlinkRunnerOptions).parallelism
+    return GuardTaskOutput(output_bytes_per_sample(manifest.embed_dim, opts.text_embeddings),
+                           parallelism=parallelism if parallelism and parallelism > 0 else None)
+
+
+def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list,
+                task_guard: Optional[GuardTaskOutput] = None) -> Front:
+    """read -> decode -> RunInference -> scores -> thresholds, and write embeddings/.
+    `task_guard`: a GuardTaskOutput on the embedded samples (Flink's batch runner)."""
     # Imported here: apache_beam.ml (RunInference) costs seconds of imports that the `dedup`
     # and `remove` commands do not need.
     from beam_curator.transforms.embed import EmbedImages
@@ -150,6 +173,9 @@ def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list) -> Front:
         text_info = embedded.text | "WriteTextEmbeddings" >> WriteTextEmbeddings(opts.output)
         embedded = embedded.embedded
     scored = embedded | "Score" >> ScoreImages(opts.model_dir)
+    if task_guard is not None:
+        # every output of the embedding stage fans out from here
+        scored = scored | "GuardTaskOutput" >> task_guard
     split = scored | "Filter" >> FilterByScores(
         aesthetic_threshold=opts.aesthetic_threshold, nsfw_threshold=opts.nsfw_threshold,
         clip_score_threshold=opts.clip_score_threshold)
@@ -240,8 +266,9 @@ def build_embed(p: beam.Pipeline, options) -> OutputClaim:
     opts = validate_options(options, needs=("input", "output", "model_dir"))
     manifest = _check_model_dir(opts)
     shard_list = list_shards(opts.input, opts.output)
+    task_guard = _flink_tasks_for_shards(p.options, opts, manifest, shard_list)
     claim = _claim_for_shards(opts, "embed", shard_list)
-    front = build_front(p, opts, shard_list)
+    front = build_front(p, opts, shard_list, task_guard)
     passed = front.passed | "Candidates" >> beam.MapTuple(
         lambda info, _: SampleResult(info=info, status=KEPT))
     results = (front.rejected, passed) | "AllResults" >> beam.Flatten()
@@ -261,8 +288,9 @@ def build_run(p: beam.Pipeline, options) -> OutputClaim:
     manifest = _check_model_dir(opts)
     shard_list = list_shards(opts.input, opts.output)
     others = _other_sets(opts, manifest.embed_dim) if opts.dedup else []
+    task_guard = _flink_tasks_for_shards(p.options, opts, manifest, shard_list)
     claim = _claim_for_shards(opts, "run", shard_list, others)
-    front = build_front(p, opts, shard_list)
+    front = build_front(p, opts, shard_list, task_guard)
     more_written, dedup_info = [], None
     if opts.dedup:
         from beam_curator.transforms.dedup import Deduplicate
@@ -298,7 +326,8 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
             f"--embeddings {opts.embeddings!r} matches no file. Point it at embeddings "
             "parquet files (e.g. 'OUTPUT/embeddings/*.parquet' of an `embed` run, or their "
             "directory) or at a clip-retrieval output directory (img_emb/ + metadata/).")
-    flink_parallelism_for(options, input_bytes, "--embeddings")
+    # p.options: Beam's Pipeline holds a copy of the options it was made with
+    require_tasks_for_embeddings(p.options, input_bytes, "--embeddings")
     # Columns, types, the dim and --centroids: refused before --output is touched.
     dim, _ = check_embedding_sources(files, npy_pairs, DedupConfig(
         output=opts.output, id_column=opts.id_column, embedding_column=opts.embedding_column,

@@ -202,14 +202,79 @@ def serve(host: str, port: int, worker_env: Dict[str, str]) -> None:
         server.stop(grace=2)
 
 
+# Imported by every worker before it connects, in one thread. A worker serves all the stages
+# of its job on its TaskManager (--environment_cache_millis, README: Run on Flink), several
+# bundles at once (one per task slot), and each bundle unpickles its DoFns in its own thread:
+# two threads importing beam_curator.transforms.semdedup's package and one of its modules
+# at the same time failed a task with "ImportError: cannot import name ... from partially
+# initialized module" (Python's import deadlock avoidance; seen on the cluster, the task
+# retried). Imported first, they are only looked up. These import neither torch nor faiss
+# (~1 s); the embedding stage imports torch when it needs it.
+WORKER_PRELOAD = ("beam_curator.pipelines", "beam_curator.transforms.dedup",
+                  "beam_curator.transforms.semdedup")
+
+
+def preload_modules(names=WORKER_PRELOAD) -> None:
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:   # noqa: BLE001 - the bundle that needs it reports the error
+            _LOGGER.warning("worker: could not preload %s", name, exc_info=True)
+
+
+# A worker that serves a whole job keeps what each task left behind. Beam's Flink runner
+# registers a new ProcessBundleDescriptor for every task (DefaultJobBundleFactory.prepare),
+# and on batch runs one bundle with it; the Python SDK keeps every descriptor for good and
+# each finished BundleProcessor, with its DoFns and whatever they hold, for 60-120 s
+# (BundleProcessorCache, DEFAULT_BUNDLE_PROCESSOR_CACHE_SHUTDOWN_THRESHOLD_S). At 1M rows
+# on 40 tasks a step that is thousands of tasks per worker, and the largest worker grew
+# 675 -> 1,111 MB from 100k to 1M (BENCHMARKS.md, Flink, issue 30). Here a processor idle
+# for WORKER_IDLE_PROCESSOR_S is shut down, and then its descriptor forgotten (the SDK asks
+# the runner for it again should a bundle come back for it: streaming reuses them).
+WORKER_IDLE_PROCESSOR_S = 5.0
+
+
+def _forget_idle_descriptors(cache, idle_s: float) -> None:
+    """Every idle_s: drop the descriptors whose processors the cache has shut down."""
+    import time
+
+    while True:
+        time.sleep(idle_s)
+        try:
+            cutoff = time.time() - idle_s
+            with cache._lock:
+                busy = {d for d, _ in cache.active_bundle_processors.values()}
+                busy |= {d for d, *_ in cache.processors_being_created.values()}
+                for d, last in list(cache.last_access_times.items()):
+                    if last < cutoff and d not in busy \
+                            and not cache.cached_bundle_processors.get(d):
+                        cache.last_access_times.pop(d, None)
+                        cache.cached_bundle_processors.pop(d, None)
+                        cache.fns.pop(d, None)
+        except Exception:   # noqa: BLE001 - another Beam's internals: stop trimming
+            _LOGGER.warning("worker: cannot trim Beam's bundle processor cache", exc_info=True)
+            return
+
+
 def run_worker(control_endpoint: str, worker_id: str) -> None:
     """One SDK worker: serves the TaskManager's control endpoint until it closes."""
+    from apache_beam.runners.worker import sdk_worker
     from apache_beam.runners.worker.sdk_worker import SdkHarness
+
+    preload_modules()
+    # read by the cache's periodic shutdown thread, which SdkHarness() starts
+    sdk_worker.DEFAULT_BUNDLE_PROCESSOR_CACHE_SHUTDOWN_THRESHOLD_S = WORKER_IDLE_PROCESSOR_S
 
     # Same settings as Beam's worker_pool_main: no state cache, default data buffering.
     # The constructor returns once the control channel is connected: tell the pool.
     harness = SdkHarness(control_endpoint, worker_id=worker_id, state_cache_size=0,
                          data_buffer_time_limit_ms=-1)
+    cache = getattr(harness, "_bundle_processor_cache", None)
+    if cache is not None:
+        threading.Thread(target=_forget_idle_descriptors, args=(cache, WORKER_IDLE_PROCESSOR_S),
+                         name="forget-idle-descriptors", daemon=True).start()
     ready_fd = os.environ.pop(READY_FD_ENV, None)
     if ready_fd is not None:
         try:

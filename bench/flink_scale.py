@@ -10,6 +10,9 @@ prints, N beside scale x N:
 * wall time of the Flink job (goal: <= 1.1 x scale),
 * peak RSS (VmHWM from /proc, sampled every 0.2 s) of every Python SDK worker process and of
   each TaskManager JVM (goal: flat, <= 1.3x),
+* Flink's time over FnApiRunner's on the same data, and how many SDK workers the pools
+  started (their "started worker" log lines: one per TaskManager when workers are reused
+  across stages, one per stage per TaskManager when not; issue 30),
 * whether the Flink duplicates equal FnApiRunner's,
 * each TaskManager's peak heap (used, committed), managed, direct and non-heap memory, from
   Flink's metrics: what its RSS is made of,
@@ -18,6 +21,8 @@ prints, N beside scale x N:
 
     python bench/flink_scale.py --n 100000 --scale 10
     python bench/flink_scale.py --n 1000000 --single     # one size: attribute its memory
+    BEAM_CURATOR_FLINK_BEAM_LIB=0 python bench/flink_scale.py ...   # a stock cluster: Beam's
+                                   # classes shipped with each job, workers not reused
 """
 from __future__ import annotations
 
@@ -194,6 +199,15 @@ def _dedup(data: str, out: str, k: int, extra: list) -> float:
     return time.perf_counter() - started
 
 
+def _worker_starts(run_dir: str) -> int:
+    """SDK workers the pools have started so far ("started worker" lines of their logs)."""
+    count = 0
+    for path in glob.glob(os.path.join(run_dir, "log", "pool*.out")):
+        with open(path, errors="replace") as handle:
+            count += sum("started worker" in line for line in handle)
+    return count
+
+
 def measure(n: int, args, cluster: dict, work: str) -> dict:
     from bench.dedup import write_parquet
     from bench.synthetic import make_planted_embeddings
@@ -210,9 +224,12 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
     local_s = _dedup(data, os.path.join(work, f"local-{n}"), k,
                      ["--runner", "FnApiRunner", *extra])
     flink_out = os.path.join(work, f"flink-{n}")
+    starts_before = _worker_starts(cluster["run_dir"])
     with PeakRss(cluster["run_dir"], master=cluster["master"]) as rss:
         flink_s = _dedup(data, flink_out, k,
-                         cluster["args"] + [f"--parallelism={tasks}"] + extra)
+                         cluster["args"] + [f"--parallelism={tasks}"] + extra
+                         + list(args.flink_arg))
+    starts = _worker_starts(cluster["run_dir"]) - starts_before
     try:
         peaks = _where_peaks_were(rss, _job_vertices(cluster["master"]))
     except OSError as exc:   # the numbers above stand without it
@@ -223,7 +240,9 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
     shutil.rmtree(data, ignore_errors=True)
     return {"n": n, "k": k, "flink_parallelism": tasks,
             "flink_s": round(flink_s, 1), "fnapi_s": round(local_s, 1),
-            "sdk_workers": len(rss.workers),
+            "flink_over_fnapi": round(flink_s / local_s, 2),
+            "sdk_worker_starts": starts,   # the pools' "started worker" log lines
+            "sdk_workers": len(rss.workers),   # processes seen under the pools
             "peak_rss_sdk_worker_mb": round(max(rss.workers.values(), default=0) / 2**20),
             "peak_rss_taskmanagers_mb": sorted(round(v / 2**20) for v in rss.tm.values()),
             "same_duplicates_as_fnapi": same, "n_duplicates": len(_duplicates(flink_out)),
@@ -234,6 +253,21 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
                 {key: round(v / 2**20) for key, v in peaks_of_tm.items()}
                 for _, peaks_of_tm in sorted(rss.tm_metrics.items())],
             "largest_sdk_workers": peaks}
+
+
+def warm_up(cluster: dict, work: str, n: int = 20_000) -> None:
+    """One small untimed dedup first: a session cluster runs job after job, and only the
+    first after it starts pays the JVMs' class loading and JIT and the first worker starts
+    (71 s against 39 s for the same 100k job, BENCHMARKS.md)."""
+    from bench.dedup import write_parquet
+    from bench.synthetic import make_planted_embeddings
+
+    data = os.path.join(work, "emb-warm-up")
+    ids, vectors, _ = make_planted_embeddings(n, 768, n // 100, 1, n_centers=n // 2000)
+    write_parquet(data, ids, vectors, rows_per_file=10_000)
+    _dedup(data, os.path.join(work, "flink-warm-up"), n // 2000,
+           cluster["args"] + ["--parallelism=4"])
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def start_cluster(work: str) -> dict:
@@ -254,6 +288,11 @@ def start_cluster(work: str) -> dict:
             "--environment_type=EXTERNAL",
             f"--environment_config=beam-worker-pool:{env['BEAM_CURATOR_FLINK_POOL_PORT']}",
             "--dedup_vector_transport", "shuffle"]
+    if facts.get("BEAM_FLINK_NO_JAR_STAGING") and \
+            env.get("BEAM_CURATOR_FLINK_BEAM_LIB", "1") == "1":
+        # the cluster has Beam's runner in its lib/: submit without the job server's jars
+        args.append("--pipeline_resources_detector_factory_class="
+                    + facts["BEAM_FLINK_NO_JAR_STAGING"])
     return {"run_dir": run_dir, "env": env, "args": args, "master": master}
 
 
@@ -274,12 +313,19 @@ def main() -> None:
                     help="--pairwise_block_size for both runs (default: the product's); "
                          "below the largest cluster of both sizes, every key is bounded "
                          "by it at N and 10N alike")
+    ap.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                    help="measure the first job after the cluster starts (JVMs cold)")
+    ap.add_argument("--flink-arg", action="append", default=[],
+                    help="one more pipeline option for the Flink runs only (repeatable), "
+                         "e.g. --flink-arg=--environment_cache_millis=0")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench-flink-scale-")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # still stop the cluster
     cluster = None
     try:
         cluster = start_cluster(work)
+        if args.warm_up:
+            warm_up(cluster, work)
         small = measure(args.n, args, cluster, work)
         print(json.dumps({"small": small}, indent=1), flush=True)   # kept if the big run fails
         if args.single:
@@ -287,6 +333,8 @@ def main() -> None:
         big = measure(args.n * args.scale, args, cluster, work)
         report = {"benchmark": "flink_scale", "small": small, "big": big,
                   "time_ratio": round(big["flink_s"] / small["flink_s"], 2),
+                  "cluster_beam_lib": cluster["env"].get("BEAM_CURATOR_FLINK_BEAM_LIB", "1"),
+                  "warmed_up": args.warm_up,
                   "sdk_worker_rss_ratio": round(big["peak_rss_sdk_worker_mb"]
                                                 / max(1, small["peak_rss_sdk_worker_mb"]), 2),
                   "taskmanager_rss_ratio": round(max(big["peak_rss_taskmanagers_mb"])

@@ -8,6 +8,11 @@
 #     $CACHE/job-server/<name>/lib/*.jar plus a launcher jar <name>.jar whose
 #     manifest has Main-Class FlinkJobServerDriver and a relative Class-Path on lib/,
 #     so `java -jar <name>.jar` and Beam's --flink_job_server_jar both work.
+#   * $CACHE/job-server/<name>/lib/beam-curator-flink-staging.jar (javac): lets a job be
+#     submitted without the job server's jars, to a cluster that has them in its lib/.
+#   * $CACHE/job-server/<name>/flink-lib/*.jar: the subset of those jars that a session
+#     cluster puts in its lib/ so that SDK workers are reused across stages
+#     (scripts/flink_cluster.sh; README, Run on Flink).
 #   * $CACHE/flink.env: shell-sourceable facts (paths, versions) for the other scripts
 #     and for tests/flink_support.py.
 #
@@ -182,6 +187,37 @@ PY
 }
 
 # ---------------------------------------------------------------- job server
+# The launcher jar $1/$JS_NAME.jar: a manifest with Main-Class FlinkJobServerDriver and a
+# relative Class-Path on every jar of $1/lib.
+write_launcher() {
+  "$PYTHON" - "$1" "$JS_NAME.jar" <<'PY'
+import os, sys, zipfile
+root, name = sys.argv[1], sys.argv[2]
+jars = sorted(j for j in os.listdir(os.path.join(root, "lib")) if j.endswith(".jar"))
+def header(line):  # manifest lines are at most 72 bytes; continuation lines start with a space
+    b = line.encode(); out = [b[:72]]; b = b[72:]
+    while b:
+        out.append(b" " + b[:71]); b = b[71:]
+    return b"\r\n".join(out) + b"\r\n"
+# Java 17: the embedded Flink (and Kryo in --streaming mode) needs the same module
+# openings Flink's conf adds to env.java.opts.all; `java -jar` honours these attributes.
+opens = ("java.base/java.lang java.base/java.net java.base/java.io java.base/java.nio "
+         "java.base/sun.nio.ch java.base/java.lang.reflect java.base/java.text "
+         "java.base/java.time java.base/java.util java.base/java.util.concurrent "
+         "java.base/java.util.concurrent.atomic java.base/java.util.concurrent.locks")
+exports = "java.base/sun.net.util java.rmi/sun.rmi.registry java.security.jgss/sun.security.krb5"
+mf = (b"Manifest-Version: 1.0\r\n"
+      + header("Main-Class: org.apache.beam.runners.flink.FlinkJobServerDriver")
+      + header("Add-Opens: " + opens)
+      + header("Add-Exports: " + exports)
+      + header("Class-Path: " + " ".join("lib/" + j for j in jars))
+      + b"\r\n")
+with zipfile.ZipFile(os.path.join(root, name + ".tmp"), "w") as z:
+    z.writestr("META-INF/MANIFEST.MF", mf)
+os.replace(os.path.join(root, name + ".tmp"), os.path.join(root, name))   # JVMs may run it
+PY
+}
+
 build_job_server() {
   if [ "$FORCE" = 0 ] && [ -f "$JS_DIR/.complete" ] && [ -f "$JS_JAR" ]; then return; fi
   command -v "$MVN" >/dev/null || { log "maven ($MVN) not found"; exit 1; }
@@ -218,39 +254,131 @@ EOF
   # shellcheck disable=SC2086
   (cd "$tmp" && "$MVN" -B -q -Dstyle.color=never ${MVN_ARGS:-} dependency:copy-dependencies \
       -DoutputDirectory="$tmp/lib" -DincludeScope=runtime >&2)
-  "$PYTHON" - "$tmp" "$JS_NAME.jar" <<'PY'
-import os, sys, zipfile
-root, name = sys.argv[1], sys.argv[2]
-jars = sorted(j for j in os.listdir(os.path.join(root, "lib")) if j.endswith(".jar"))
-def header(line):  # manifest lines are at most 72 bytes; continuation lines start with a space
-    b = line.encode(); out = [b[:72]]; b = b[72:]
-    while b:
-        out.append(b" " + b[:71]); b = b[71:]
-    return b"\r\n".join(out) + b"\r\n"
-# Java 17: the embedded Flink (and Kryo in --streaming mode) needs the same module
-# openings Flink's conf adds to env.java.opts.all; `java -jar` honours these attributes.
-opens = ("java.base/java.lang java.base/java.net java.base/java.io java.base/java.nio "
-         "java.base/sun.nio.ch java.base/java.lang.reflect java.base/java.text "
-         "java.base/java.time java.base/java.util java.base/java.util.concurrent "
-         "java.base/java.util.concurrent.atomic java.base/java.util.concurrent.locks")
-exports = "java.base/sun.net.util java.rmi/sun.rmi.registry java.security.jgss/sun.security.krb5"
-mf = (b"Manifest-Version: 1.0\r\n"
-      + header("Main-Class: org.apache.beam.runners.flink.FlinkJobServerDriver")
-      + header("Add-Opens: " + opens)
-      + header("Add-Exports: " + exports)
-      + header("Class-Path: " + " ".join("lib/" + j for j in jars))
-      + b"\r\n")
-with zipfile.ZipFile(os.path.join(root, name), "w") as z:
-    z.writestr("META-INF/MANIFEST.MF", mf)
-PY
+  write_launcher "$tmp"
   touch "$tmp/.complete"
   rm -rf "$JS_DIR"
   mkdir -p "$(dirname "$JS_DIR")"
   mv "$tmp" "$JS_DIR"
 }
 
+# ---------------------------------------------------------------- no jar staging
+# $JS_DIR/lib/beam-curator-flink-staging.jar (javac, two classes), on the launcher's
+# Class-Path: a PipelineResourcesDetector that finds nothing to stage, and an options
+# registrar so that the job server describes --pipeline_resources_detector_factory_class
+# to the Python SDK (which drops options its job server does not describe). With
+#   --pipeline_resources_detector_factory_class=beam_curator.flink.NoJarsToStage
+# the job server submits a job without its 152 MB of jars; ~13 s per job here, most of it
+# the JobManager putting ~120 jars one by one into its blob store, plus every TaskManager
+# fetching them. Only for a cluster that has Beam's runner in its lib/
+# (scripts/flink_cluster.sh), as the job's classes then come from there.
+STAGING_JAR_NAME=beam-curator-flink-staging.jar
+build_staging_jar() {
+  if [ "$FORCE" = 0 ] && [ -f "$JS_DIR/.staging-complete" ]; then return; fi
+  if ! command -v javac >/dev/null; then
+    log "javac not found: no $STAGING_JAR_NAME (jobs will ship the job server's jars)"
+    return
+  fi
+  log "compiling $STAGING_JAR_NAME"
+  local tmp; tmp="$(mktemp -d "$CACHE/.staging.XXXXXX")"
+  mkdir -p "$tmp/src/beam_curator/flink" "$tmp/classes/META-INF/services"
+  cat >"$tmp/src/beam_curator/flink/NoJarsToStage.java" <<'JAVA'
+package beam_curator.flink;
+
+import java.util.Collections;
+import org.apache.beam.sdk.util.construction.resources.PipelineResourcesDetector;
+
+/** Stage no jars with a job: the cluster's lib/ holds Beam's runner (scripts/fetch_flink.sh). */
+public class NoJarsToStage implements PipelineResourcesDetector.Factory {
+  public static NoJarsToStage create() {
+    return new NoJarsToStage();
+  }
+
+  @Override
+  public PipelineResourcesDetector getPipelineResourcesDetector() {
+    return classLoader -> Collections.emptyList();
+  }
+}
+JAVA
+  cat >"$tmp/src/beam_curator/flink/StagingOptionsRegistrar.java" <<'JAVA'
+package beam_curator.flink;
+
+import java.util.Collections;
+import org.apache.beam.sdk.options.PipelineOptions;
+import org.apache.beam.sdk.options.PipelineOptionsRegistrar;
+import org.apache.beam.sdk.util.construction.resources.PipelineResourcesOptions;
+
+/** Lets the job server accept --pipeline_resources_detector_factory_class from Python. */
+public class StagingOptionsRegistrar implements PipelineOptionsRegistrar {
+  @Override
+  public Iterable<Class<? extends PipelineOptions>> getPipelineOptions() {
+    return Collections.singletonList(PipelineResourcesOptions.class);
+  }
+}
+JAVA
+  echo beam_curator.flink.StagingOptionsRegistrar \
+    >"$tmp/classes/META-INF/services/org.apache.beam.sdk.options.PipelineOptionsRegistrar"
+  javac -nowarn -d "$tmp/classes" -cp "$JS_DIR/lib/beam-sdks-java-core-$BEAM_JAVA_VERSION.jar" \
+    "$tmp"/src/beam_curator/flink/*.java >&2
+  "$PYTHON" - "$tmp/classes" "$tmp/$STAGING_JAR_NAME" <<'PY'
+import os, sys, zipfile
+root, out = sys.argv[1:3]
+with zipfile.ZipFile(out, "w") as z:
+    for d, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            z.write(os.path.join(d, f), os.path.relpath(os.path.join(d, f), root))
+PY
+  mv "$tmp/$STAGING_JAR_NAME" "$JS_DIR/lib/$STAGING_JAR_NAME"
+  write_launcher "$JS_DIR"
+  rm -rf "$tmp"
+  touch "$JS_DIR/.staging-complete"
+}
+
+# ---------------------------------------------------------------- cluster lib/
+# The Beam runner classes for the session cluster's lib/ (parent classloader):
+# $JS_DIR/flink-lib/*.jar, links to the job server's jars less those Flink's lib/ already
+# holds (flink-*, kryo, commons-*, ...: a jar any of whose classes Flink's lib/ has) and
+# the slf4j jars (Flink binds slf4j to log4j). Why: Beam's Flink runner releases a job's
+# SDK workers as soon as no task of the job runs on the TaskManager, whatever
+# --environment_cache_millis says, when its classes were loaded by the job's classloader
+# (FlinkExecutableStageContextFactory: release is synchronous unless the runner's class
+# loader is Flink's own). Between two batch stages no task runs, so every stage started
+# fresh workers. scripts/flink_cluster.sh puts these jars on the cluster's classpath.
+build_cluster_lib() {
+  local out="$JS_DIR/flink-lib"
+  if [ "$FORCE" = 0 ] && [ -f "$out/.complete" ]; then return; fi
+  log "selecting the Beam jars for the cluster's lib/ ($out)"
+  local tmp; tmp="$(mktemp -d "$JS_DIR/.flink-lib.XXXXXX")"
+  "$PYTHON" - "$FLINK_HOME_DIR/lib" "$JS_DIR/lib" "$tmp" <<'PY'
+import glob, os, sys, zipfile
+flink_lib, js_lib, out = sys.argv[1:4]
+def classes(jar):
+    with zipfile.ZipFile(jar) as z:   # module-info.class of multi-release jars: not a class
+        return {n for n in z.namelist() if n.endswith(".class") and not n.startswith("META-INF/")}
+flink = set()
+for jar in glob.glob(os.path.join(flink_lib, "*.jar")):
+    flink |= classes(jar)
+kept = []
+for jar in sorted(glob.glob(os.path.join(js_lib, "*.jar"))):
+    name = os.path.basename(jar)
+    if name.startswith(("slf4j-", "flink-", "beam-curator-")) or classes(jar) & flink:
+        continue
+    os.symlink(os.path.join("..", "lib", name), os.path.join(out, name))
+    kept.append(name)
+if not any(n.startswith("beam-runners-flink-") for n in kept):
+    sys.exit("no beam-runners-flink jar selected")
+print(f"{len(kept)} jars", file=sys.stderr)
+PY
+  touch "$tmp/.complete"
+  rm -rf "$out"
+  mv "$tmp" "$out"
+}
+
 build_flink_tree
 build_job_server
+build_staging_jar
+build_cluster_lib
+NO_JAR_STAGING=""
+if [ -f "$JS_DIR/lib/$STAGING_JAR_NAME" ]; then NO_JAR_STAGING=beam_curator.flink.NoJarsToStage; fi
 
 cat >"$ENV_FILE.tmp" <<EOF
 # Written by scripts/fetch_flink.sh
@@ -260,6 +388,8 @@ FLINK_VERSION=$FLINK_VERSION
 BEAM_FLINK_VERSION=$FLINK_MINOR
 BEAM_FLINK_JOB_SERVER_JAR=$JS_JAR
 BEAM_FLINK_JOB_SERVER_BEAM_VERSION=$BEAM_JAVA_VERSION
+BEAM_FLINK_CLUSTER_LIB=$JS_DIR/flink-lib
+BEAM_FLINK_NO_JAR_STAGING=$NO_JAR_STAGING
 EOF
 mv "$ENV_FILE.tmp" "$ENV_FILE"
 

@@ -19,7 +19,8 @@
 # `localhost:50000` does on a real cluster where every TaskManager host has its own pool.
 #
 # Everything of one cluster instance lives in its run dir: conf/ (this instance's config),
-# hosts-tm<i>, log/, pids/, master, cluster.env. Several instances can run at once with
+# lib/ (its classpath: links to Flink's lib/ and Beam's runner jars), hosts-tm<i>, log/,
+# pids/, master, cluster.env. Several instances can run at once with
 # different run dirs and ports. pids/: tm<i>.pid and pool<i>.pid are the supervised
 # processes (the TaskManager JVM, the pool's python), *.supervisor.pid their supervisors.
 #
@@ -36,6 +37,11 @@
 #   BEAM_CURATOR_FLINK_WORKER_DEVICE the pools' --device: auto (default), cpu or cuda
 #   BEAM_CURATOR_FLINK_TIMEOUT   seconds to wait for the cluster (default 180)
 #   BEAM_CURATOR_FLINK_TM_MEMORY / BEAM_CURATOR_FLINK_JM_MEMORY  process sizes (6144m / 1024m)
+#   BEAM_CURATOR_FLINK_BEAM_LIB  1 (default): Beam's runner jars in the cluster's lib/ and
+#                                parent-first class loading, so that a job's SDK workers are
+#                                reused from stage to stage (README, Run on Flink); 0: as
+#                                a stock Flink, Beam's classes come with each job (for
+#                                comparison: every stage then starts fresh workers)
 #   LOG_LINES                    lines per file for `logs` (default 200; 0 = whole files)
 set -euo pipefail
 
@@ -56,6 +62,7 @@ TM_MEM="${BEAM_CURATOR_FLINK_TM_MEMORY:-6144m}"
 JM_MEM="${BEAM_CURATOR_FLINK_JM_MEMORY:-1024m}"
 WORKER_PYTHON="${BEAM_CURATOR_FLINK_WORKER_PYTHON:-$REPO_ROOT/.venv/bin/python}"
 WORKER_DEVICE="${BEAM_CURATOR_FLINK_WORKER_DEVICE:-auto}"
+BEAM_LIB="${BEAM_CURATOR_FLINK_BEAM_LIB:-1}"
 POOL_NAME=beam-worker-pool
 PYTHON="${PYTHON:-python3}"   # only for urllib/json/socket: any python3 works
 IDENT=beam-curator   # JobManager pid/log file names: flink-beam-curator-<daemon>.pid
@@ -292,6 +299,18 @@ cluster.evenly-spread-out-slots: true
 # The REST API (tests watch a running job through it) refreshes task metrics every second.
 metrics.fetcher.update-interval: 1000
 EOF
+  if [ "$BEAM_LIB" = 1 ]; then
+    cat >>"$ours" <<EOF
+# SDK workers reused across stages. Beam's runner jars are in this cluster's lib/
+# (FLINK_LIB_DIR=\$RUN_DIR/lib: Flink's lib/ + the job server's Beam jars, see
+# fetch_flink.sh) and loaded parent-first, so the copies each job ships are not used.
+# Beam's Flink runner (2.62, FlinkExecutableStageContextFactory) keeps a job's SDK worker
+# for --environment_cache_millis after the last task on a TaskManager closes only when its
+# own classes come from Flink's classloader; loaded with the job, it stops the worker at
+# once, and every batch stage of every TaskManager started a fresh one (issue 30).
+classloader.resolve-order: parent-first
+EOF
+  fi
   # config.yaml from fetch_flink.sh has flat keys, one per line: drop the keys we set (a
   # key twice is an error), then append ours.
   keys="$(grep -oE '^[a-z][a-zA-Z0-9._-]*:' "$ours" | sed 's/[.]/\\./g' | paste -sd'|')"
@@ -299,6 +318,20 @@ EOF
   { cat "$c.tmp"; echo "# ---- scripts/flink_cluster.sh (this run dir)"; grep -v '^#' "$ours"; } >"$c"
   rm -f "$c.tmp" "$ours"
   grep -q "^rest.port: $REST_PORT\$" "$c" || { log "could not set rest.port in $c"; exit 1; }
+  # The cluster's classpath: Flink's lib/, plus (BEAM_LIB=1) Beam's runner jars.
+  rm -rf "$RUN_DIR/lib"
+  mkdir -p "$RUN_DIR/lib"
+  ln -s "$FLINK_HOME"/lib/*.jar "$RUN_DIR/lib/"
+  if [ "$BEAM_LIB" = 1 ]; then
+    if [ -z "${BEAM_FLINK_CLUSTER_LIB:-}" ] || [ ! -f "$BEAM_FLINK_CLUSTER_LIB/.complete" ]; then
+      log "no Beam jars for lib/ (BEAM_FLINK_CLUSTER_LIB in flink.env): run scripts/fetch_flink.sh"
+      exit 1
+    fi
+    local jar
+    for jar in "$BEAM_FLINK_CLUSTER_LIB"/*.jar; do
+      ln -s "$(readlink -f "$jar")" "$RUN_DIR/lib/"
+    done
+  fi
   local i
   for i in $(seq 1 "$N_TM"); do
     # Replaces all name lookups of TaskManager i's JVM: list every name it resolves.
@@ -359,7 +392,8 @@ cmd_up() {
   write_conf
   rm -f "$RUN_DIR"/log/* "$RUN_DIR/stopping"
   export FLINK_CONF_DIR="$RUN_DIR/conf" FLINK_LOG_DIR="$RUN_DIR/log" \
-         FLINK_PID_DIR="$RUN_DIR/pids" FLINK_IDENT_STRING="$IDENT"
+         FLINK_PID_DIR="$RUN_DIR/pids" FLINK_IDENT_STRING="$IDENT" \
+         FLINK_LIB_DIR="$RUN_DIR/lib"
   local t0; t0=$(date +%s)
   log "starting JobManager (rest port $REST_PORT, rpc port $RPC_PORT) from $FLINK_HOME"
   if ! "$FLINK_HOME/bin/jobmanager.sh" start >&2; then
@@ -393,9 +427,14 @@ FLINK_MASTER=localhost:$REST_PORT
 ENVIRONMENT_CONFIG=$POOL_NAME:$POOL_PORT
 TASKMANAGERS=$N_TM
 TASK_SLOTS=$SLOTS
+BEAM_LIB=$BEAM_LIB
 EOF
   log "up in $(( $(date +%s) - t0 ))s: $ov"
-  log "submit with --flink_master localhost:$REST_PORT --environment_type EXTERNAL --environment_config $POOL_NAME:$POOL_PORT"
+  local extra=""
+  if [ "$BEAM_LIB" = 1 ] && [ -n "${BEAM_FLINK_NO_JAR_STAGING:-}" ]; then
+    extra=" [--pipeline_resources_detector_factory_class=$BEAM_FLINK_NO_JAR_STAGING: Beam's jars are in lib/, jobs need not ship them]"
+  fi
+  log "submit with --flink_master localhost:$REST_PORT --environment_type EXTERNAL --environment_config $POOL_NAME:$POOL_PORT$extra"
   echo "localhost:$REST_PORT"
 }
 

@@ -143,7 +143,8 @@ def flink_pipeline_args(mode: str, master: str | None = None, jar: str | None = 
                         max_bundle_size: int = 1000, max_bundle_time_ms: int = 1000,
                         environment_type: str = "LOOPBACK",
                         environment_config: str | None = None,
-                        flink_version: str | None = None) -> list[str]:
+                        flink_version: str | None = None,
+                        no_jar_staging: bool = False) -> list[str]:
     """Beam pipeline args for ``mode`` in :data:`MODES`.
 
     ``portable``: ``master`` is the job endpoint of :func:`python_job_service`.
@@ -152,6 +153,8 @@ def flink_pipeline_args(mode: str, master: str | None = None, jar: str | None = 
     ``jar`` defaults to the cached job server jar (fetched if needed).
     ``streaming=True`` switches to Flink's streaming translation, the only one where
     ``max_bundle_size`` / ``max_bundle_time_ms`` bound the bundles (see module doc).
+    ``no_jar_staging=True`` (``session`` only: a cluster with Beam's runner in its lib/)
+    submits the job without the job server's jars (scripts/fetch_flink.sh's NoJarsToStage).
     """
     mode = _MODE_ALIASES.get(mode, mode)
     if mode not in MODES:
@@ -166,10 +169,9 @@ def flink_pipeline_args(mode: str, master: str | None = None, jar: str | None = 
 
     if mode == "session" and not master:
         raise ValueError("session mode needs master=<host:rest port>")
-    if jar is None or flink_version is None:
-        facts = fetch_flink()
-        jar = jar or facts["BEAM_FLINK_JOB_SERVER_JAR"]
-        flink_version = flink_version or facts["BEAM_FLINK_VERSION"]
+    facts = fetch_flink() if (jar is None or flink_version is None or no_jar_staging) else {}
+    jar = jar or facts["BEAM_FLINK_JOB_SERVER_JAR"]
+    flink_version = flink_version or facts["BEAM_FLINK_VERSION"]
     args = [
         "--runner=FlinkRunner",
         f"--flink_master={'[local]' if mode == 'embedded' else master}",
@@ -181,6 +183,9 @@ def flink_pipeline_args(mode: str, master: str | None = None, jar: str | None = 
         # would be 1/4 of the machine's RAM
         f"--job_server_jvm_properties=-Xmx{JOB_SERVER_XMX}",
     ]
+    if no_jar_staging and mode == "session" and facts.get("BEAM_FLINK_NO_JAR_STAGING"):
+        args.append("--pipeline_resources_detector_factory_class="
+                    + facts["BEAM_FLINK_NO_JAR_STAGING"])
     if streaming:
         args += ["--streaming", f"--max_bundle_size={max_bundle_size}",
                  f"--max_bundle_time_mills={max_bundle_time_ms}"]
@@ -255,11 +260,24 @@ class FlinkCluster:
         self.environment_config = env["ENVIRONMENT_CONFIG"]
         self.taskmanagers = int(env["TASKMANAGERS"])
         self.task_slots = int(env["TASK_SLOTS"])
+        # Beam's runner jars in the cluster's lib/ (parent-first): SDK workers are reused
+        # across stages, and jobs need not ship the job server's jars (issue 30)
+        self.beam_lib = env.get("BEAM_LIB", "0") == "1"
 
     def pipeline_args(self, parallelism: int = 2) -> list[str]:
         return flink_pipeline_args("session", self.master, parallelism=parallelism,
                                    environment_type="EXTERNAL",
-                                   environment_config=self.environment_config)
+                                   environment_config=self.environment_config,
+                                   no_jar_staging=self.beam_lib)
+
+    def worker_starts(self) -> list[int]:
+        """SDK workers each pool has started so far (its "started worker" log lines)."""
+        counts = []
+        for i in range(1, self.taskmanagers + 1):
+            log = self.run_dir / "log" / f"pool{i}.out"
+            text = log.read_text(errors="replace") if log.exists() else ""
+            counts.append(text.count("started worker"))
+        return counts
 
     def rest(self, path: str):
         import json

@@ -102,16 +102,17 @@ def test_flink_tasks_get_at_most_512_mib_of_embeddings_each(tmp_path, capsys, ca
     on FlinkRunner takes at least one task per 512 MiB of embedding files."""
     from apache_beam.options.pipeline_options import FlinkRunnerOptions
 
-    from beam_curator.options import flink_parallelism_for
+    from beam_curator.flink_tasks import require_tasks_for_embeddings
 
     def parallelism(argv, size):
         options = curator_options(argv)
-        flink_parallelism_for(options, size, "--embeddings")
+        require_tasks_for_embeddings(options, size, "--embeddings")
         return options.view_as(FlinkRunnerOptions).parallelism
 
     gib = 2**30
     assert parallelism(["--runner", "FlinkRunner"], 3 * gib // 2) == 3     # set when absent
-    assert "set to 3 for 1.5 GiB" in caplog.text
+    assert "set to 3, so that each Flink task gets at most 512 MiB of the 1.5 GiB" \
+        in caplog.text
     assert parallelism(["--runner", "FlinkRunner"], gib // 4) == -1        # small: untouched
     assert parallelism(["--runner", "FlinkRunner", "--parallelism", "8"], 3 * gib) == 8
     assert parallelism(["--runner", "FnApiRunner"], 100 * gib) == -1      # one process

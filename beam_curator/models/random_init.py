@@ -67,10 +67,17 @@ RANDOM_NSFW_LOGIT_MEAN = -2.0
 RANDOM_NSFW_LOGIT_STD = 1.6
 
 
-def clip_model_cfg(arch: str = TINY_ARCH) -> dict:
-    """The open_clip ``model_cfg`` for ``arch`` ("tiny" or a built-in open_clip name)."""
+def clip_model_cfg(arch: str = TINY_ARCH, embed_dim: Optional[int] = None) -> dict:
+    """The open_clip ``model_cfg`` for ``arch`` ("tiny" or a built-in open_clip name).
+    ``embed_dim`` (tiny only) widens its embeddings: tests of what large vectors do to a
+    pipeline (Flink's task output limit) without a large model's compute."""
+    if embed_dim is not None and arch != TINY_ARCH:
+        raise ValueError(f"embed_dim is only for the tiny architecture, not {arch!r}")
     if arch == TINY_ARCH:
-        return copy.deepcopy(TINY_MODEL_CFG)
+        cfg = copy.deepcopy(TINY_MODEL_CFG)
+        if embed_dim is not None:
+            cfg["embed_dim"] = int(embed_dim)
+        return cfg
     import open_clip
 
     cfg = open_clip.get_model_config(arch)
@@ -90,11 +97,12 @@ def arch_name(arch: str) -> str:
     return TINY_ARCH_NAME if arch == TINY_ARCH else arch
 
 
-def build_random_clip(arch: str = TINY_ARCH, seed: int = 0) -> Tuple[nn.Module, dict]:
+def build_random_clip(arch: str = TINY_ARCH, seed: int = 0, embed_dim: Optional[int] = None
+                      ) -> Tuple[nn.Module, dict]:
     """The random-weight CLIP model (eval mode) and its ``open_clip_config.json`` content."""
     from open_clip.model import CLIP
 
-    model_cfg = clip_model_cfg(arch)
+    model_cfg = clip_model_cfg(arch, embed_dim)
     # fork_rng: seed deterministically without disturbing the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -179,9 +187,11 @@ def write_safetensors(module: nn.Module, path: str) -> None:
                      pass_path=True)
 
 
-def init_random(model_dir: str, arch: str = TINY_ARCH, seed: int = 0, overwrite: bool = False) -> Manifest:
+def init_random(model_dir: str, arch: str = TINY_ARCH, seed: int = 0, overwrite: bool = False,
+                embed_dim: Optional[int] = None) -> Manifest:
     """Write a complete random-weight model dir and return its manifest.
 
+    ``embed_dim`` (tiny only) sets the embedding width (default 64).
     Refuses a dir that already holds model files unless ``overwrite`` (then every layout file
     is replaced, including the other weight formats, so nothing stale is left to load).
     """
@@ -195,7 +205,7 @@ def init_random(model_dir: str, arch: str = TINY_ARCH, seed: int = 0, overwrite:
     for rel in existing:
         os.unlink(os.path.join(model_dir, rel))
 
-    model, open_clip_config = build_random_clip(arch, seed)
+    model, open_clip_config = build_random_clip(arch, seed, embed_dim)
     model_cfg = open_clip_config["model_cfg"]
     embed_dim = int(model_cfg["embed_dim"])
     # Distinct seeds per part so the heads do not depend on the CLIP's parameter count.

@@ -1,0 +1,238 @@
+"""How much one Flink task may emit, and the checks that keep every task under it.
+
+Beam's Flink batch runner (2.62 here) hands each task's whole partition to the SDK worker as
+ONE bundle and reads that bundle's output only once the bundle has finished
+(SdkHarnessClient.ActiveBundle.close). Until then the output waits in 100 gRPC messages
+(~10 MB each) on the TaskManager's heap and ~200 MB of the SDK worker's send queues: a task
+whose output passes ~1.2 GB stalls the job with idle CPUs and no error. Measured: dedup of
+1M x 768 (3.1 GB) on 4 tasks ran; 2.5M on 4 tasks, and 1M with 1,000-row blocks (3x the
+route output) on 4 tasks, stalled.
+
+Two checks, both only on FlinkRunner in batch mode:
+
+* before the run, the number of tasks is sized from what can be known then: the embedding
+  files' bytes for `dedup` (:func:`require_tasks_for_embeddings`), the shards' bytes and a
+  peek at the first shard for `run` / `embed` (:func:`require_tasks_for_shards`). Without
+  --parallelism it is set; a smaller --parallelism fails before anything runs;
+* during the run, what an estimate cannot promise: a task whose output passes
+  :data:`TASK_OUTPUT_LIMIT` fails with the fix (:class:`GuardTaskOutput`), long before the
+  stall, instead of hanging.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import tarfile
+from typing import List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_curator.errors import OptionError
+
+_LOG = logging.getLogger(__name__)
+
+# dedup: each task's share of the embedding files stays at half the stall (its route step
+# emits its share of the vectors, more where clusters are split into blocks).
+MAX_EMBEDDING_BYTES_PER_TASK = 512 << 20
+
+# run / embed: a task's expected output. A quarter of the stall, because the shards reach the
+# tasks through a hash partition (Reshuffle), so the fullest task holds up to ~3x the mean
+# share when there are about as many shards as tasks, and the estimate is a peek.
+SHARD_OUTPUT_BYTES_PER_TASK = 256 << 20
+
+# A task that has emitted this much (as counted by GuardTaskOutput) fails: well under the
+# ~1.2 GB stall, as the count is an estimate of the encoded bytes.
+TASK_OUTPUT_LIMIT = 768 << 20
+
+# What leaves the embedding stage per sample besides its vectors: its SampleInfo (~460 bytes
+# encoded) in the embeddings row, the candidates, the results and the counts.
+SAMPLE_OVERHEAD_BYTES = 1536
+
+# The peek at the first shard reads this much of it (or all of a smaller shard).
+PEEK_BYTES = 4 << 20
+
+
+def is_flink_batch(options: PipelineOptions) -> bool:
+    """FlinkRunner in batch mode: the runner whose tasks are one bundle each."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    from beam_curator.options import runner_name
+
+    return (runner_name(options).lower().split(".")[-1] == "flinkrunner"
+            and not options.view_as(StandardOptions).streaming)
+
+
+def _given_parallelism(options: PipelineOptions) -> Optional[int]:
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    given = options.view_as(FlinkRunnerOptions).parallelism
+    return given if given and given > 0 else None
+
+
+def require_tasks(options: PipelineOptions, need: int, why: str) -> None:
+    """At least `need` tasks per step: without --parallelism it is set to that (when above
+    1, with a warning); a smaller --parallelism fails now. `why` ends the sentence
+    "each task gets ..." in both messages."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    given = _given_parallelism(options)
+    if given is None:
+        if need > 1:
+            options.view_as(FlinkRunnerOptions).parallelism = need
+            _LOG.warning("--parallelism not given: set to %d, so that each Flink task gets %s "
+                         "(tasks beyond the free slots run in waves). Pass --parallelism to "
+                         "choose more.", need, why)
+        return
+    if given < need:
+        raise OptionError(
+            f"--parallelism {given} is too small: Beam's Flink batch runner stalls, without "
+            "an error, when one task's output passes ~1 GB (it reads a task's output only "
+            f"after the whole task has run). Pass --parallelism {need} or more, so that each "
+            f"task gets {why}: tasks beyond the free slots run in waves.")
+
+
+def require_tasks_for_embeddings(options: PipelineOptions, input_bytes: int,
+                                 flag: str) -> None:
+    """dedup: at least ceil(input_bytes / 512 MiB) tasks."""
+    if not is_flink_batch(options):
+        return
+    need = max(1, math.ceil(input_bytes / MAX_EMBEDDING_BYTES_PER_TASK))
+    require_tasks(options, need, f"at most 512 MiB of the {input_bytes / 2**30:.1f} GiB of "
+                                 f"{flag}")
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def output_bytes_per_sample(embed_dim: int, text_embeddings: bool) -> int:
+    """What one sample sends out of the embedding stage: float32 vectors and its records."""
+    return 4 * embed_dim * (2 if text_embeddings else 1) + SAMPLE_OVERHEAD_BYTES
+
+
+class _CountingReader:
+    """A file object that counts the bytes read through it (the on-disk bytes of a
+    compressed shard)."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self.bytes_read = 0
+
+    def read(self, size=-1):
+        data = self._raw.read(size)
+        self.bytes_read += len(data)
+        return data
+
+
+def peek_bytes_per_sample(url: str, limit: int = PEEK_BYTES) -> Optional[float]:
+    """On-disk bytes per sample in the first `limit` bytes of a shard (None: no sample seen,
+    or the shard does not read as a tar: the run reports that shard itself)."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    keys, counted = set(), None
+    try:
+        with FileSystems.open(url, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+            counted = _CountingReader(raw)
+            with tarfile.open(fileobj=counted, mode="r|*") as tar:
+                for member in tar:
+                    if member.isfile():
+                        base = member.name.rsplit("/", 1)[-1]
+                        keys.add(member.name[: len(member.name) - len(base)]
+                                 + base.split(".", 1)[0])
+                    if counted.bytes_read >= limit:
+                        break
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        _LOG.info("could not peek at %s to size the Flink tasks: %s", url, exc)
+    if not keys or counted is None:
+        return None
+    # the last sample may be cut by the limit: count it as half
+    return counted.bytes_read / max(1.0, len(keys) - 0.5)
+
+
+def require_tasks_for_shards(options: PipelineOptions, shards: Sequence[Tuple[str, str]],
+                             embed_dim: int, text_embeddings: bool) -> Optional[int]:
+    """run / embed: enough tasks that each task's expected output (the samples its shards
+    hold, estimated from the shards' bytes and a peek at the first one, times what a sample
+    emits) stays under 256 MiB. Returns the estimated sample count (None off Flink)."""
+    if not is_flink_batch(options) or not shards:
+        return None
+    from apache_beam.io.filesystems import FileSystems
+
+    urls = [url for _, url in shards]
+    sizes: List[int] = [m.size_in_bytes for r in FileSystems.match(urls) for m in r.metadata_list]
+    total = sum(sizes)
+    per_sample = peek_bytes_per_sample(urls[0])
+    if per_sample is None:
+        return None
+    samples = math.ceil(total / per_sample)
+    per_output = output_bytes_per_sample(embed_dim, text_embeddings)
+    need = max(1, math.ceil(samples * per_output / SHARD_OUTPUT_BYTES_PER_TASK))
+    biggest = max(sizes) / per_sample * per_output
+    if biggest > TASK_OUTPUT_LIMIT:
+        # one shard is one task's work in the read step: more tasks cannot split it
+        _LOG.warning("the largest shard (%.0f MiB) holds ~%.0f MiB of output for one Flink "
+                     "task, above the %d MiB a task may emit: that task will fail. Split the "
+                     "shards (e.g. 10,000 samples each, webdataset's usual size).",
+                     max(sizes) / 2**20, biggest / 2**20, TASK_OUTPUT_LIMIT >> 20)
+    require_tasks(options, need,
+                  f"~{SHARD_OUTPUT_BYTES_PER_TASK >> 20} MiB of output of the ~{samples:,} "
+                  f"samples estimated in {_size(total)} of shards "
+                  f"({per_output:,} bytes each, {embed_dim}-d vectors)")
+    return samples
+
+
+class TaskOutputTooLarge(RuntimeError):
+    """A Flink task emitted more than a task may: the job would stall (module doc)."""
+
+
+class _GuardTaskOutputFn(beam.DoFn):
+    """Counts a bundle's elements; fails the bundle once they pass the limit. On Flink's
+    batch runner a bundle is a task's whole partition."""
+
+    def __init__(self, bytes_per_element: int, limit: int, parallelism: Optional[int]):
+        self._bytes_per_element = bytes_per_element
+        self._limit = limit
+        self._parallelism = parallelism
+        self._count = 0
+
+    def start_bundle(self):
+        self._count = 0
+
+    def process(self, element):
+        self._count += 1
+        if self._count * self._bytes_per_element > self._limit:
+            tasks = f"--parallelism {self._parallelism}" if self._parallelism else \
+                "the cluster's default parallelism"
+            more = 4 * self._parallelism if self._parallelism else "a larger number"
+            raise TaskOutputTooLarge(
+                f"this Flink task has emitted {self._count:,} samples (~"
+                f"{self._count * self._bytes_per_element / 2**20:,.0f} MiB, "
+                f"{self._bytes_per_element:,} bytes each) in one bundle, more than the "
+                f"{self._limit / 2**20:,.0f} MiB a task may: Beam's Flink batch runner stalls, "
+                "without an error, when one task's output passes ~1 GB, so the job is "
+                f"stopped instead. It ran with {tasks}; the tasks were sized from a peek at "
+                "the first shard, which this data does not match. Rerun with "
+                f"--parallelism {more} (tasks beyond the free slots run in waves), or make "
+                "the shards alike in size.")
+        yield element
+
+
+class GuardTaskOutput(beam.PTransform):
+    """Passes elements through; fails a bundle that passes `limit` bytes of output, counted
+    as `bytes_per_element` per element.
+
+    Args:
+      bytes_per_element: what each element sends on downstream (vectors and records).
+      limit: the most one bundle may send (default TASK_OUTPUT_LIMIT).
+      parallelism: the job's --parallelism, for the message.
+    """
+
+    def __init__(self, bytes_per_element: int, *, limit: int = TASK_OUTPUT_LIMIT,
+                 parallelism: Optional[int] = None):
+        super().__init__()
+        self._fn = _GuardTaskOutputFn(bytes_per_element, limit, parallelism)
+
+    def expand(self, pcoll):
+        return pcoll | beam.ParDo(self._fn)

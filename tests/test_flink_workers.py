@@ -1,0 +1,88 @@
+"""SDK workers reused across a job's stages on the Flink session cluster (issue 30).
+
+Beam's Flink runner (2.62) stops a job's SDK worker on a TaskManager when the last task of the
+job there closes, unless --environment_cache_millis defers it AND Beam's runner classes come
+from Flink's own classloader (FlinkExecutableStageContextFactory: a release from the job's
+classloader is synchronous). Between two batch stages no task runs, so on a stock cluster every
+stage of every TaskManager started a fresh Python worker: 42 for a 100k dedup, 325 at 1M.
+scripts/flink_cluster.sh puts Beam's jars in the cluster's lib/ (parent-first), and FlinkRunner
+jobs of the CLI get --environment_cache_millis by default (beam_curator/options.py).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from beam_curator.options import FLINK_ENVIRONMENT_CACHE, curator_options
+
+
+def _cache_millis(argv):
+    return curator_options(argv).get_all_options(retain_unknown_options=True).get(
+        "environment_cache_millis")
+
+
+def test_flink_jobs_keep_their_workers_between_stages_unless_the_user_says_otherwise():
+    default = FLINK_ENVIRONMENT_CACHE.split("=")[1]
+    assert _cache_millis(["--runner", "FlinkRunner"]) == default
+    assert _cache_millis(["--runner", "FlinkRunner", "--environment_cache_millis", "0"]) == "0"
+    assert _cache_millis(["--runner", "FlinkRunner", "--environment_cache_millis=2500"]) \
+        == "2500"
+    # other runners: Beam's default (no caching; only portable runners read it)
+    assert _cache_millis(["--runner", "FnApiRunner"]) in (0, "0")
+    # below the restart strategy's largest backoff (15 s in flink_cluster.sh): a worker that
+    # died is then dropped by the time a restarted task comes back to its TaskManager
+    assert 0 < int(default) < 15_000
+
+
+def _write_embeddings(directory: Path, n=6000, dim=64, seed=5) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from beam_curator.transforms.write import embeddings_to_arrow
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    x[: n // 50] = x[n // 50: 2 * (n // 50)] + 1e-3   # planted near-duplicates
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    directory.mkdir(parents=True)
+    for part in range(2):
+        rows = range(part * n // 2, (part + 1) * n // 2)
+        pq.write_table(pa.table({"id": [f"p{part}/{i:05d}" for i in rows],
+                                 "embedding": embeddings_to_arrow(list(x[rows.start:rows.stop]))}),
+                       directory / f"part-{part}.parquet")
+    return str(directory / "*.parquet")
+
+
+@pytest.mark.flink
+@pytest.mark.timeout(900)
+def test_a_dedup_job_starts_one_worker_per_taskmanager(flink_cluster, reap_flink_job_servers,
+                                                       tmp_path):
+    """`dedup` runs ~100 Flink vertices one after the other (blocking exchanges); each
+    TaskManager's pool starts one SDK worker for the whole job (it was one per stage)."""
+    lib = flink_cluster.run_dir / "lib"
+    conf = (flink_cluster.run_dir / "conf" / "config.yaml").read_text()
+    if not flink_cluster.beam_lib:
+        pytest.skip("cluster started with BEAM_CURATOR_FLINK_BEAM_LIB=0")
+    assert "classloader.resolve-order: parent-first" in conf
+    assert any(p.name.startswith("beam-runners-flink-") for p in lib.iterdir())
+    assert not any(p.name.startswith("slf4j-") for p in lib.iterdir())
+    flink_cluster.wait_ready()
+    before = flink_cluster.worker_starts()
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "beam_curator", "dedup",
+         "--embeddings", _write_embeddings(tmp_path / "emb"), "--n_clusters", "4",
+         "--output", str(out), *flink_cluster.pipeline_args(parallelism=2)],
+        capture_output=True, text=True, timeout=800, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    started = [a - b for a, b in zip(flink_cluster.worker_starts(), before)]
+    jobs = sorted(flink_cluster.rest("/jobs/overview")["jobs"], key=lambda j: j["start-time"])
+    vertices = len(flink_cluster.rest(f"/jobs/{jobs[-1]['jid']}")["vertices"])
+    # one each, and a spare for a TaskManager left idle longer than the cache between two
+    # stages (a skewed stage elsewhere); before: one per stage the TaskManager ran
+    assert vertices > 40 and all(1 <= s <= 2 for s in started), (started, vertices)
+    assert (out / "summary.json").exists()
