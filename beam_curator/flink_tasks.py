@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import tarfile
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -63,7 +63,8 @@ def is_flink_batch(options: PipelineOptions) -> bool:
             and not options.view_as(StandardOptions).streaming)
 
 
-def _given_parallelism(options: PipelineOptions) -> Optional[int]:
+def given_parallelism(options: PipelineOptions) -> Optional[int]:
+    """--parallelism, or None where the cluster's default applies."""
     from apache_beam.options.pipeline_options import FlinkRunnerOptions
 
     given = options.view_as(FlinkRunnerOptions).parallelism
@@ -76,7 +77,7 @@ def require_tasks(options: PipelineOptions, need: int, why: str) -> None:
     "each task gets ..." in both messages."""
     from apache_beam.options.pipeline_options import FlinkRunnerOptions
 
-    given = _given_parallelism(options)
+    given = given_parallelism(options)
     if given is None:
         if need > 1:
             options.view_as(FlinkRunnerOptions).parallelism = need
@@ -131,7 +132,7 @@ def peek_bytes_per_sample(url: str, limit: int = PEEK_BYTES) -> Optional[float]:
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
-    keys, counted = set(), None
+    keys, counted, cut = set(), None, False
     try:
         with FileSystems.open(url, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
             counted = _CountingReader(raw)
@@ -142,28 +143,27 @@ def peek_bytes_per_sample(url: str, limit: int = PEEK_BYTES) -> Optional[float]:
                         keys.add(member.name[: len(member.name) - len(base)]
                                  + base.split(".", 1)[0])
                     if counted.bytes_read >= limit:
+                        cut = True
                         break
     except (OSError, tarfile.TarError, EOFError) as exc:
         _LOG.info("could not peek at %s to size the Flink tasks: %s", url, exc)
     if not keys or counted is None:
         return None
-    # the last sample may be cut by the limit: count it as half
-    return counted.bytes_read / max(1.0, len(keys) - 0.5)
+    # stopped at the limit: the last sample may be cut there, count it as half
+    return counted.bytes_read / max(1.0, len(keys) - (0.5 if cut else 0.0))
 
 
 def require_tasks_for_shards(options: PipelineOptions, shards: Sequence[Tuple[str, str]],
-                             embed_dim: int, text_embeddings: bool) -> Optional[int]:
+                             sizes: Sequence[int], embed_dim: int, text_embeddings: bool
+                             ) -> Optional[int]:
     """run / embed: enough tasks that each task's expected output (the samples its shards
-    hold, estimated from the shards' bytes and a peek at the first one, times what a sample
-    emits) stays under 256 MiB. Returns the estimated sample count (None off Flink)."""
+    hold, estimated from the shards' bytes (`sizes`, in the order of `shards`) and a peek at
+    the first one, times what a sample emits) stays under 256 MiB. Returns the estimated
+    sample count (None off Flink)."""
     if not is_flink_batch(options) or not shards:
         return None
-    from apache_beam.io.filesystems import FileSystems
-
-    urls = [url for _, url in shards]
-    sizes: List[int] = [m.size_in_bytes for r in FileSystems.match(urls) for m in r.metadata_list]
     total = sum(sizes)
-    per_sample = peek_bytes_per_sample(urls[0])
+    per_sample = peek_bytes_per_sample(shards[0][1])
     if per_sample is None:
         return None
     samples = math.ceil(total / per_sample)

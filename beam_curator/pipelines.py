@@ -19,6 +19,7 @@ from beam_curator.captions import parse_languages
 from beam_curator.errors import OptionError
 from beam_curator.flink_tasks import (
     GuardTaskOutput,
+    given_parallelism,
     is_flink_batch,
     output_bytes_per_sample,
     require_tasks_for_embeddings,
@@ -38,6 +39,7 @@ from beam_curator.transforms.read import (
     ReadWebDataset,
     list_shards,
     match_globs,
+    shard_sizes,
     split_globs,
 )
 from beam_curator.transforms.remove import RemoveSamples, WriteCuratedShards
@@ -136,12 +138,10 @@ def _flink_tasks_for_shards(options, opts: CuratorOptions, manifest, shard_list
     the pipeline's own (Beam's Pipeline holds a copy of the options it was made with)."""
     if not is_flink_batch(options):
         return None
-    require_tasks_for_shards(options, shard_list, manifest.embed_dim, opts.text_embeddings)
-    from apache_beam.options.pipeline_options import FlinkRunnerOptions
-
-    parallelism = options.view_as(FlinkRunnerOptions).parallelism
+    require_tasks_for_shards(options, shard_list, shard_sizes(opts.input, shard_list),
+                             manifest.embed_dim, opts.text_embeddings)
     return GuardTaskOutput(output_bytes_per_sample(manifest.embed_dim, opts.text_embeddings),
-                           parallelism=parallelism if parallelism and parallelism > 0 else None)
+                           parallelism=given_parallelism(options))
 
 
 def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list,

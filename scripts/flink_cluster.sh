@@ -52,6 +52,20 @@ export BEAM_CURATOR_FLINK_CACHE="$CACHE"
 RUN_DIR="${BEAM_CURATOR_FLINK_RUN_DIR:-$CACHE/run}"
 mkdir -p "$RUN_DIR" && RUN_DIR="$(cd "$RUN_DIR" && pwd)"   # absolute: matched in /proc
 export BEAM_CURATOR_FLINK_RUN_DIR="$RUN_DIR"                # inherited: marks our processes
+# The script replaces conf/ and lib/ of the run dir: only in a dir it made (its marker, or
+# empty), or one an earlier version made (its conf/ carries this script's section), never
+# in a user's directory named by mistake (BEAM_CURATOR_FLINK_RUN_DIR=$HOME).
+RUN_MARKER="$RUN_DIR/.beam-curator-flink-run"
+if [ ! -e "$RUN_MARKER" ]; then
+  if [ -z "$(ls -A "$RUN_DIR")" ] \
+      || grep -qs '^# ---- scripts/flink_cluster.sh' "$RUN_DIR/conf/config.yaml"; then
+    echo "run dir of scripts/flink_cluster.sh (conf/, lib/, log/, pids/ are replaced)" >"$RUN_MARKER"
+  else
+    echo "[flink_cluster] $RUN_DIR is not empty and not a run dir of this script: point" \
+      "BEAM_CURATOR_FLINK_RUN_DIR at a new or empty directory" >&2
+    exit 2
+  fi
+fi
 REST_PORT="${BEAM_CURATOR_FLINK_REST_PORT:-18081}"
 RPC_PORT="${BEAM_CURATOR_FLINK_RPC_PORT:-16123}"
 POOL_PORT="${BEAM_CURATOR_FLINK_POOL_PORT:-18099}"

@@ -47,6 +47,9 @@ def uniform_shards(tmp_path_factory):
 def test_the_peek_counts_samples_per_byte_of_plain_and_gzipped_shards(uniform_shards, tmp_path):
     shards = sorted(uniform_shards.glob("*.tar"))
     total = sum(p.stat().st_size for p in shards)
+    # a shard smaller than the peek is read whole: its exact bytes per sample
+    assert peek_bytes_per_sample(str(shards[0])) == pytest.approx(
+        shards[0].stat().st_size / 150, rel=0.01)
     estimate = total / peek_bytes_per_sample(str(shards[0]))
     assert 0.9 * 600 <= estimate <= 1.1 * 600, estimate
     # a shard larger than the peek: the rate from its first bytes only
@@ -62,9 +65,24 @@ def test_the_peek_counts_samples_per_byte_of_plain_and_gzipped_shards(uniform_sh
     assert peek_bytes_per_sample(str(bad)) is None
 
 
+def test_shard_sizes_come_from_the_listing_for_globs_and_directories(uniform_shards):
+    from beam_curator.transforms.read import shard_sizes
+
+    for pattern in (str(uniform_shards / "*.tar"), str(uniform_shards)):
+        shards = list_shards(pattern)
+        assert shard_sizes(pattern, shards) == [Path(u).stat().st_size for _, u in shards]
+    # a spelling the listing does not use is matched on its own
+    spelled = [(name, "/./".join(url.rsplit("/", 1)))
+               for name, url in list_shards(str(uniform_shards))]
+    assert "/./" in spelled[0][1]
+    assert shard_sizes(str(uniform_shards), spelled) == \
+        [Path(u).stat().st_size for _, u in spelled]
+
+
 def _tasks(argv, shards, dim):
     options = curator_options(argv)
-    samples = require_tasks_for_shards(options, shards, dim, text_embeddings=False)
+    sizes = [Path(url).stat().st_size for _, url in shards]
+    samples = require_tasks_for_shards(options, shards, sizes, dim, text_embeddings=False)
     return options.view_as(FlinkRunnerOptions).parallelism, samples
 
 

@@ -86,3 +86,23 @@ def test_a_dedup_job_starts_one_worker_per_taskmanager(flink_cluster, reap_flink
     # stages (a skewed stage elsewhere); before: one per stage the TaskManager ran
     assert vertices > 40 and all(1 <= s <= 2 for s in started), (started, vertices)
     assert (out / "summary.json").exists()
+
+
+def test_the_cluster_script_refuses_a_run_dir_it_did_not_make(tmp_path):
+    """It replaces conf/ and lib/ of its run dir: a user's directory named by mistake is
+    refused, untouched; a new one is marked as its own."""
+    from flink_support import REPO_ROOT
+
+    mine = tmp_path / "mine"
+    (mine / "lib").mkdir(parents=True)
+    (mine / "lib" / "precious.jar").write_bytes(b"the user's")
+    env = dict(__import__("os").environ, BEAM_CURATOR_FLINK_RUN_DIR=str(mine))
+    proc = subprocess.run(["bash", "scripts/flink_cluster.sh", "up"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "not a run dir of this script" in proc.stderr
+    assert sorted(p.name for p in mine.rglob("*")) == ["lib", "precious.jar"]
+    fresh = tmp_path / "fresh"
+    env["BEAM_CURATOR_FLINK_RUN_DIR"] = str(fresh)
+    subprocess.run(["bash", "scripts/flink_cluster.sh", "status"], cwd=REPO_ROOT, env=env,
+                   capture_output=True, text=True, timeout=60)
+    assert (fresh / ".beam-curator-flink-run").exists()
