@@ -11,22 +11,24 @@ route output) on 4 tasks, stalled.
 Two checks, both only on FlinkRunner in batch mode:
 
 * before the run, the number of tasks is sized from what can be known then: the embedding
-  files' bytes for `dedup` (:func:`require_tasks_for_embeddings`), the shards' bytes and a
-  peek at the first shard for `run` / `embed` (:func:`require_tasks_for_shards`). Without
-  --parallelism it is set; a smaller --parallelism fails before anything runs;
-* during the run, what an estimate cannot promise: a task whose output passes
-  :data:`TASK_OUTPUT_LIMIT` fails with the fix (:class:`GuardTaskOutput`), long before the
-  stall, instead of hanging.
+  files' bytes for `dedup` (:func:`tasks_for_embeddings`), the shards' bytes and a peek at
+  the first shard for `run` / `embed` (:func:`tasks_for_shards`). Without --parallelism it
+  is set; a smaller --parallelism fails before anything runs (:func:`checked_parallelism`;
+  options.size_flink_tasks applies it to the pipeline's options);
+* during the run, what an estimate cannot promise: a task whose output passes the limit
+  (--flink_task_output_limit_mib, default 768) fails with the fix (:class:`GuardTaskOutput`),
+  long before the stall, instead of hanging.
+
+Plain values in, plain values out: the options are read by beam_curator.options.
 """
 from __future__ import annotations
 
 import logging
 import math
 import tarfile
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_curator.errors import OptionError
 
@@ -36,14 +38,13 @@ _LOG = logging.getLogger(__name__)
 # emits its share of the vectors, more where clusters are split into blocks).
 MAX_EMBEDDING_BYTES_PER_TASK = 512 << 20
 
-# run / embed: a task's expected output. A quarter of the stall, because the shards reach the
-# tasks through a hash partition (Reshuffle), so the fullest task holds up to ~3x the mean
-# share when there are about as many shards as tasks, and the estimate is a peek.
-SHARD_OUTPUT_BYTES_PER_TASK = 256 << 20
-
 # A task that has emitted this much (as counted by GuardTaskOutput) fails: well under the
 # ~1.2 GB stall, as the count is an estimate of the encoded bytes.
-TASK_OUTPUT_LIMIT = 768 << 20
+TASK_OUTPUT_LIMIT_MIB = 768
+
+# run / embed: a task's expected output is a third of the limit (256 MiB by default): the
+# estimate is a peek at one shard, and shards of unlike sizes share tasks unevenly.
+EXPECTED_SHARE_OF_LIMIT = 3
 
 # What leaves the embedding stage per sample besides its vectors: its SampleInfo (~460 bytes
 # encoded) in the embeddings row, the candidates, the results and the counts.
@@ -53,54 +54,30 @@ SAMPLE_OVERHEAD_BYTES = 1536
 PEEK_BYTES = 4 << 20
 
 
-def is_flink_batch(options: PipelineOptions) -> bool:
-    """FlinkRunner in batch mode: the runner whose tasks are one bundle each."""
-    from apache_beam.options.pipeline_options import StandardOptions
-
-    from beam_curator.options import runner_name
-
-    return (runner_name(options).lower().split(".")[-1] == "flinkrunner"
-            and not options.view_as(StandardOptions).streaming)
-
-
-def given_parallelism(options: PipelineOptions) -> Optional[int]:
-    """--parallelism, or None where the cluster's default applies."""
-    from apache_beam.options.pipeline_options import FlinkRunnerOptions
-
-    given = options.view_as(FlinkRunnerOptions).parallelism
-    return given if given and given > 0 else None
-
-
-def require_tasks(options: PipelineOptions, need: int, why: str) -> None:
-    """At least `need` tasks per step: without --parallelism it is set to that (when above
-    1, with a warning); a smaller --parallelism fails now. `why` ends the sentence
-    "each task gets ..." in both messages."""
-    from apache_beam.options.pipeline_options import FlinkRunnerOptions
-
-    given = given_parallelism(options)
+def checked_parallelism(given: Optional[int], need: int, why: str) -> Optional[int]:
+    """The --parallelism a job should get for `need` tasks: None to leave `given` (or the
+    cluster's default, when 1 is enough) as it is, `need` when none was given (logged).
+    A `given` below `need` fails now. `why` ends the sentence "each task gets ..."."""
     if given is None:
-        if need > 1:
-            options.view_as(FlinkRunnerOptions).parallelism = need
-            _LOG.warning("--parallelism not given: set to %d, so that each Flink task gets %s "
-                         "(tasks beyond the free slots run in waves). Pass --parallelism to "
-                         "choose more.", need, why)
-        return
+        if need <= 1:
+            return None
+        _LOG.warning("--parallelism not given: set to %d, so that each Flink task gets %s "
+                     "(tasks beyond the free slots run in waves). Pass --parallelism to "
+                     "choose more.", need, why)
+        return need
     if given < need:
         raise OptionError(
             f"--parallelism {given} is too small: Beam's Flink batch runner stalls, without "
             "an error, when one task's output passes ~1 GB (it reads a task's output only "
             f"after the whole task has run). Pass --parallelism {need} or more, so that each "
             f"task gets {why}: tasks beyond the free slots run in waves.")
+    return None
 
 
-def require_tasks_for_embeddings(options: PipelineOptions, input_bytes: int,
-                                 flag: str) -> None:
-    """dedup: at least ceil(input_bytes / 512 MiB) tasks."""
-    if not is_flink_batch(options):
-        return
+def tasks_for_embeddings(input_bytes: int, flag: str) -> Tuple[int, str]:
+    """dedup: at least ceil(input_bytes / 512 MiB) tasks, and why."""
     need = max(1, math.ceil(input_bytes / MAX_EMBEDDING_BYTES_PER_TASK))
-    require_tasks(options, need, f"at most 512 MiB of the {input_bytes / 2**30:.1f} GiB of "
-                                 f"{flag}")
+    return need, f"at most 512 MiB of the {input_bytes / 2**30:.1f} GiB of {flag}"
 
 
 def _size(n: float) -> str:
@@ -153,34 +130,40 @@ def peek_bytes_per_sample(url: str, limit: int = PEEK_BYTES) -> Optional[float]:
     return counted.bytes_read / max(1.0, len(keys) - (0.5 if cut else 0.0))
 
 
-def require_tasks_for_shards(options: PipelineOptions, shards: Sequence[Tuple[str, str]],
-                             sizes: Sequence[int], embed_dim: int, text_embeddings: bool
-                             ) -> Optional[int]:
+class ShardTasks(NamedTuple):
+    """What run / embed need: `need` tasks, `why` (for the messages), `samples` estimated."""
+    need: int
+    why: str
+    samples: int
+
+
+def tasks_for_shards(shards: Sequence[Tuple[str, str]], sizes: Sequence[int],
+                     embed_dim: int, text_embeddings: bool,
+                     limit_mib: int = TASK_OUTPUT_LIMIT_MIB) -> Optional[ShardTasks]:
     """run / embed: enough tasks that each task's expected output (the samples its shards
     hold, estimated from the shards' bytes (`sizes`, in the order of `shards`) and a peek at
-    the first one, times what a sample emits) stays under 256 MiB. Returns the estimated
-    sample count (None off Flink)."""
-    if not is_flink_batch(options) or not shards:
+    the first one, times what a sample emits) stays under a third of `limit_mib`. None when
+    the first shard gives no estimate (the run reports that shard itself)."""
+    if not shards:
         return None
-    total = sum(sizes)
     per_sample = peek_bytes_per_sample(shards[0][1])
     if per_sample is None:
         return None
+    total = sum(sizes)
     samples = math.ceil(total / per_sample)
     per_output = output_bytes_per_sample(embed_dim, text_embeddings)
-    need = max(1, math.ceil(samples * per_output / SHARD_OUTPUT_BYTES_PER_TASK))
+    share = (limit_mib << 20) // EXPECTED_SHARE_OF_LIMIT
+    need = max(1, math.ceil(samples * per_output / share))
     biggest = max(sizes) / per_sample * per_output
-    if biggest > TASK_OUTPUT_LIMIT:
+    if biggest > limit_mib << 20:
         # one shard is one task's work in the read step: more tasks cannot split it
         _LOG.warning("the largest shard (%.0f MiB) holds ~%.0f MiB of output for one Flink "
                      "task, above the %d MiB a task may emit: that task will fail. Split the "
                      "shards (e.g. 10,000 samples each, webdataset's usual size).",
-                     max(sizes) / 2**20, biggest / 2**20, TASK_OUTPUT_LIMIT >> 20)
-    require_tasks(options, need,
-                  f"~{SHARD_OUTPUT_BYTES_PER_TASK >> 20} MiB of output of the ~{samples:,} "
-                  f"samples estimated in {_size(total)} of shards "
-                  f"({per_output:,} bytes each, {embed_dim}-d vectors)")
-    return samples
+                     max(sizes) / 2**20, biggest / 2**20, limit_mib)
+    return ShardTasks(need, f"~{share >> 20} MiB of output of the ~{samples:,} samples "
+                            f"estimated in {_size(total)} of shards ({per_output:,} bytes "
+                            f"each, {embed_dim}-d vectors)", samples)
 
 
 class TaskOutputTooLarge(RuntimeError):
@@ -225,11 +208,11 @@ class GuardTaskOutput(beam.PTransform):
 
     Args:
       bytes_per_element: what each element sends on downstream (vectors and records).
-      limit: the most one bundle may send (default TASK_OUTPUT_LIMIT).
+      limit: the most bytes one bundle may send (default TASK_OUTPUT_LIMIT_MIB).
       parallelism: the job's --parallelism, for the message.
     """
 
-    def __init__(self, bytes_per_element: int, *, limit: int = TASK_OUTPUT_LIMIT,
+    def __init__(self, bytes_per_element: int, *, limit: int = TASK_OUTPUT_LIMIT_MIB << 20,
                  parallelism: Optional[int] = None):
         super().__init__()
         self._fn = _GuardTaskOutputFn(bytes_per_element, limit, parallelism)

@@ -29,6 +29,7 @@ from beam_curator.defaults import (
     WHICH_TO_KEEP,
 )
 from beam_curator.errors import OptionError
+from beam_curator.flink_tasks import TASK_OUTPUT_LIMIT_MIB, checked_parallelism
 
 # Runners that execute in this process: they never download anything (Beam 2.77's plain
 # DirectRunner first tries to fetch the Prism binary from the web).
@@ -258,6 +259,12 @@ class CuratorOptions(PipelineOptions):
               help="Hash the model weights against the sha256 in model_dir/manifest.json "
                    "once, on the launching machine, before any work (seconds for "
                    "ViT-L/14).")
+        _flag(parser, "flink_task_output_limit_mib", type=int,
+              default=TASK_OUTPUT_LIMIT_MIB,
+              help="FlinkRunner (batch): a task of the embedding stage that emits more than "
+                   "this many MiB fails, naming --parallelism, before Beam's runner stalls "
+                   "silently at ~1.2 GB; run / embed size their tasks to a third of it "
+                   "(README, Run on Flink).")
         _flag(parser, "progress_interval", type=float, default=10.0,
               help="Seconds between progress lines on local runs (0 = off).")
 
@@ -546,6 +553,33 @@ def _one_machine(options: PipelineOptions, output: Optional[str]) -> bool:
     return is_local_runner(options) and local_output
 
 
+def is_flink_batch(options: PipelineOptions) -> bool:
+    """FlinkRunner in batch mode: the runner whose tasks are one bundle each (flink_tasks)."""
+    return (runner_name(options).lower().split(".")[-1] == "flinkrunner"
+            and not options.view_as(StandardOptions).streaming)
+
+
+def given_parallelism(options: PipelineOptions) -> Optional[int]:
+    """--parallelism, or None where the cluster's default applies."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    given = options.view_as(FlinkRunnerOptions).parallelism
+    return given if given and given > 0 else None
+
+
+def size_flink_tasks(options: PipelineOptions, need: int, why: str) -> None:
+    """At least `need` tasks on Flink's batch runner (flink_tasks.checked_parallelism): set
+    when --parallelism is absent, refused when it is smaller. `options` must be the
+    pipeline's own: Beam's Pipeline holds a copy of the options it was made with."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    if not is_flink_batch(options):
+        return
+    chosen = checked_parallelism(given_parallelism(options), need, why)
+    if chosen is not None:
+        options.view_as(FlinkRunnerOptions).parallelism = chosen
+
+
 def resolve_vector_transport(options: PipelineOptions) -> str:
     """--dedup_vector_transport with auto resolved: staged on one machine, else shuffle."""
     opts = options.view_as(CuratorOptions)
@@ -572,6 +606,10 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
             "[0, 1] (for example 0.5), or 'none' to switch the filter off.")
     _check_sample_filters(opts)
     _check_dedup_settings(opts)
+    if opts.flink_task_output_limit_mib < 1:
+        raise OptionError(
+            f"--flink_task_output_limit_mib {opts.flink_task_output_limit_mib} must be at least "
+            f"1 (default {TASK_OUTPUT_LIMIT_MIB}; Beam's Flink runner stalls at ~1,200).")
     if opts.inference_batch_size < 1 or (opts.min_inference_batch_size or 1) < 1:
         raise OptionError("--inference_batch_size and --min_inference_batch_size must be >= 1.")
     if (opts.min_inference_batch_size or 0) > opts.inference_batch_size:

@@ -19,15 +19,16 @@ from beam_curator.captions import parse_languages
 from beam_curator.errors import OptionError
 from beam_curator.flink_tasks import (
     GuardTaskOutput,
-    given_parallelism,
-    is_flink_batch,
     output_bytes_per_sample,
-    require_tasks_for_embeddings,
-    require_tasks_for_shards,
+    tasks_for_embeddings,
+    tasks_for_shards,
 )
 from beam_curator.options import (
     CuratorOptions,
+    given_parallelism,
+    is_flink_batch,
     resolve_vector_transport,
+    size_flink_tasks,
     validate_options,
 )
 from beam_curator.ownership import OutputClaim, claim_output, finish_output, inputs_of
@@ -138,10 +139,13 @@ def _flink_tasks_for_shards(options, opts: CuratorOptions, manifest, shard_list
     the pipeline's own (Beam's Pipeline holds a copy of the options it was made with)."""
     if not is_flink_batch(options):
         return None
-    require_tasks_for_shards(options, shard_list, shard_sizes(opts.input, shard_list),
-                             manifest.embed_dim, opts.text_embeddings)
+    limit_mib = opts.flink_task_output_limit_mib
+    sized = tasks_for_shards(shard_list, shard_sizes(opts.input, shard_list),
+                             manifest.embed_dim, opts.text_embeddings, limit_mib)
+    if sized is not None:
+        size_flink_tasks(options, sized.need, sized.why)
     return GuardTaskOutput(output_bytes_per_sample(manifest.embed_dim, opts.text_embeddings),
-                           parallelism=given_parallelism(options))
+                           limit=limit_mib << 20, parallelism=given_parallelism(options))
 
 
 def build_front(p: beam.Pipeline, opts: CuratorOptions, shard_list,
@@ -327,7 +331,7 @@ def build_dedup(p: beam.Pipeline, options) -> OutputClaim:
             "parquet files (e.g. 'OUTPUT/embeddings/*.parquet' of an `embed` run, or their "
             "directory) or at a clip-retrieval output directory (img_emb/ + metadata/).")
     # p.options: Beam's Pipeline holds a copy of the options it was made with
-    require_tasks_for_embeddings(p.options, input_bytes, "--embeddings")
+    size_flink_tasks(p.options, *tasks_for_embeddings(input_bytes, "--embeddings"))
     # Columns, types, the dim and --centroids: refused before --output is touched.
     dim, _ = check_embedding_sources(files, npy_pairs, DedupConfig(
         output=opts.output, id_column=opts.id_column, embedding_column=opts.embedding_column,

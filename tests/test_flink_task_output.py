@@ -22,13 +22,14 @@ from conftest import cli_fails
 
 from beam_curator.errors import OptionError
 from beam_curator.flink_tasks import (
-    SHARD_OUTPUT_BYTES_PER_TASK,
+    EXPECTED_SHARE_OF_LIMIT,
+    TASK_OUTPUT_LIMIT_MIB,
     GuardTaskOutput,
     output_bytes_per_sample,
     peek_bytes_per_sample,
-    require_tasks_for_shards,
+    tasks_for_shards,
 )
-from beam_curator.options import curator_options
+from beam_curator.options import curator_options, size_flink_tasks
 from beam_curator.transforms.read import list_shards
 
 WIDE_DIM = 32768
@@ -79,11 +80,12 @@ def test_shard_sizes_come_from_the_listing_for_globs_and_directories(uniform_sha
         [Path(u).stat().st_size for _, u in spelled]
 
 
-def _tasks(argv, shards, dim):
+def _tasks(argv, shards, dim, limit_mib=TASK_OUTPUT_LIMIT_MIB):
     options = curator_options(argv)
     sizes = [Path(url).stat().st_size for _, url in shards]
-    samples = require_tasks_for_shards(options, shards, sizes, dim, text_embeddings=False)
-    return options.view_as(FlinkRunnerOptions).parallelism, samples
+    sized = tasks_for_shards(shards, sizes, dim, text_embeddings=False, limit_mib=limit_mib)
+    size_flink_tasks(options, sized.need, sized.why)
+    return options.view_as(FlinkRunnerOptions).parallelism, sized.samples
 
 
 def test_run_and_embed_tasks_are_sized_from_the_shards(uniform_shards, caplog):
@@ -92,7 +94,8 @@ def test_run_and_embed_tasks_are_sized_from_the_shards(uniform_shards, caplog):
     per_sample = output_bytes_per_sample(dim, False)
     tasks, samples = _tasks(["--runner", "FlinkRunner"], shards, dim)
     assert 540 <= samples <= 660
-    assert tasks == -(-samples * per_sample // SHARD_OUTPUT_BYTES_PER_TASK) >= 3
+    share = (TASK_OUTPUT_LIMIT_MIB << 20) // EXPECTED_SHARE_OF_LIMIT   # 256 MiB
+    assert tasks == -(-samples * per_sample // share) >= 3
     assert f"--parallelism not given: set to {tasks}" in caplog.text
     # small vectors: one task is enough, the cluster's default is left alone
     assert _tasks(["--runner", "FlinkRunner"], shards, 768)[0] == -1
@@ -101,9 +104,12 @@ def test_run_and_embed_tasks_are_sized_from_the_shards(uniform_shards, caplog):
     # fewer: refused, naming the number
     with pytest.raises(OptionError, match=f"--parallelism {tasks} or more"):
         _tasks(["--runner", "FlinkRunner", "--parallelism=1"], shards, dim)
+    # a lower limit: proportionally more tasks
+    assert _tasks(["--runner", "FlinkRunner"], shards, dim, limit_mib=96)[0] == \
+        -(-samples * per_sample // (32 << 20))
     # not Flink's batch runner: nothing to size (one process; bounded bundles when streaming)
-    assert _tasks(["--runner", "FnApiRunner"], shards, dim) == (-1, None)
-    assert _tasks(["--runner", "FlinkRunner", "--streaming"], shards, dim) == (-1, None)
+    assert _tasks(["--runner", "FnApiRunner"], shards, dim)[0] == -1
+    assert _tasks(["--runner", "FlinkRunner", "--streaming"], shards, dim)[0] == -1
     # with text embeddings every sample sends two vectors
     assert output_bytes_per_sample(dim, True) - per_sample == 4 * dim
 
@@ -240,12 +246,16 @@ def test_a_task_the_estimate_misses_fails_loudly_within_minutes(
     assert os.path.getsize(data / "00000.tar") > 4 << 20
     flink_cluster.wait_ready()
     # the failure is the same on every attempt: the cluster's restart strategy retries the
-    # task 6 times (exponential backoff, 1 to 15 s), ~35 s each here, then fails the job
-    proc, elapsed = _embed(flink_cluster, data, wide_model_dir, tmp_path / "out", timeout=600)
+    # task 6 times (exponential backoff, 1 to 15 s), then fails the job
+    # a 48 MiB limit: each attempt fails after ~380 samples instead of ~6,000 (the default
+    # limit's path is the same code; the sizing test above runs it on the cluster)
+    proc, elapsed = _embed(flink_cluster, data, wide_model_dir, tmp_path / "out",
+                           "--flink_task_output_limit_mib", "48", timeout=600)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "TaskOutputTooLarge" in text and "Rerun with --parallelism" in text, text[-4000:]
-    assert elapsed < 480, elapsed   # 250-270 s measured
+    assert "more than the 48 MiB a task may" in text
+    assert elapsed < 300, elapsed
 
 
 def _noise_png(rng, size: int) -> bytes:

@@ -40,6 +40,8 @@ EXCLUDED_OPTIONS = {
     "id_column": "dedup command only (column of --embeddings)",
     "embedding_column": "dedup command only (column of --embeddings)",
     "removal_ids": "remove command only (input of step 3)",
+    "flink_task_output_limit_mib": "FlinkRunner's batch tasks only; Dataflow's bundles are "
+                                   "small and its shuffle reads them as they come",
     "progress_interval": "progress lines of in-process local runs; nothing to print on Dataflow",
 }
 REQUIRED = {"input", "output", "model_dir"}

@@ -102,11 +102,12 @@ def test_flink_tasks_get_at_most_512_mib_of_embeddings_each(tmp_path, capsys, ca
     on FlinkRunner takes at least one task per 512 MiB of embedding files."""
     from apache_beam.options.pipeline_options import FlinkRunnerOptions
 
-    from beam_curator.flink_tasks import require_tasks_for_embeddings
+    from beam_curator.flink_tasks import tasks_for_embeddings
+    from beam_curator.options import size_flink_tasks
 
     def parallelism(argv, size):
         options = curator_options(argv)
-        require_tasks_for_embeddings(options, size, "--embeddings")
+        size_flink_tasks(options, *tasks_for_embeddings(size, "--embeddings"))
         return options.view_as(FlinkRunnerOptions).parallelism
 
     gib = 2**30

@@ -445,7 +445,7 @@ def resolve_embeddings(pattern: str) -> Tuple[List[str], List[Tuple[str, str]]]:
 def resolve_embeddings_sized(pattern: str) -> Tuple[List[str], List[Tuple[str, str]], int]:
     """`resolve_embeddings`, and the bytes of the vectors: parquet files as they are, .npy
     arrays twice (clip-retrieval writes float16; they travel as float32). What a runner's
-    dedup tasks share between them (flink_tasks.require_tasks_for_embeddings).
+    dedup tasks share between them (flink_tasks.tasks_for_embeddings).
 
     Every file is named by one spelling (`canonical_path`): two spellings of one file, or
     overlapping globs, read it once (twice, every row would be the duplicate of itself)."""
