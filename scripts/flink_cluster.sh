@@ -310,8 +310,11 @@ heartbeat.timeout: 20000
 heartbeat.rpc-failure-threshold: 2
 # Spread a job's subtasks over the TaskManagers instead of filling the first one.
 cluster.evenly-spread-out-slots: true
-# The REST API (tests watch a running job through it) refreshes task metrics every second.
+# The REST API (tests watch a running job through it) refreshes task metrics every second
+# and its view of a job's task states every half second (Flink's default, 3 s, is longer
+# than a whole stage of a small job once SDK workers are reused).
 metrics.fetcher.update-interval: 1000
+web.refresh-interval: 500
 EOF
   if [ "$BEAM_LIB" = 1 ]; then
     cat >>"$ours" <<EOF

@@ -26,9 +26,10 @@ import pytest
 pytestmark = [pytest.mark.flink, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 # Where each command is killed: `run` while its fused read/decode/embed stage (named after its
-# top-level transforms, among them "Embed") runs; `dedup` while the stage fed by the
-# GroupByCluster shuffle (the pairwise step) runs.
-STAGES = {"run": dict(name_part="Embed"), "dedup": dict(after="GroupByCluster")}
+# top-level transforms, among them "Embed") runs; `dedup` while the stage fed by the reduce
+# side of the GroupByClusterBlocks shuffle (the pairwise step) runs, not the reduce itself.
+STAGES = {"run": dict(name_part="Embed"),
+          "dedup": dict(after="GroupReduce (GroupReduce at Dedup/SemDeDup/Core/Route/GroupByCluster")}
 
 
 def tree_digest(root: Path) -> dict:
@@ -37,9 +38,11 @@ def tree_digest(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def write_dedup_embeddings(directory: Path, n=36_000, dim=128, clusters=12, seed=3) -> str:
+def write_dedup_embeddings(directory: Path, n=72_000, dim=128, clusters=12, seed=3) -> str:
     """An embeddings parquet (id, embedding) big enough that the pairwise step runs for
-    seconds on each TaskManager: `clusters` blobs, 5 % planted near-duplicates."""
+    seconds on each TaskManager (about 6 s here with SDK workers reused; at 36,000 rows it was
+    2 s and the test's watcher, polling a REST view refreshed each second, could miss it):
+    `clusters` blobs, 5 % planted near-duplicates."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -120,7 +123,9 @@ def kill_during(cluster, proc, t0_ms: int, stage: dict, victim: str, timeout=600
     while proc.poll() is None and time.monotonic() - t_start < timeout:
         jid = cluster.job_after(t0_ms)
         subtasks = cluster.running_subtasks(jid, **stage) if jid else []
-        busy = [s for s in subtasks if s["metrics"].get("read-records", 0) > 0]
+        # fed its input, or running for a second (its metrics lag by up to a second)
+        busy = [s for s in subtasks
+                if s["metrics"].get("read-records", 0) > 0 or s.get("duration", 0) >= 1000]
         if busy:
             tm = busy[0]["taskmanager"]            # "tm1" / "tm2"
             name = tm if victim == "taskmanager" else "pool" + tm[2:]
