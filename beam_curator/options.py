@@ -336,13 +336,14 @@ def curator_options(argv=None, **overrides) -> PipelineOptions:
 
 
 def check_job_endpoint(options: PipelineOptions, timeout_s: float = 5.0) -> None:
-    """PortableRunner against --job_endpoint: refuse at once when nothing listens there
-    (Beam would wait, silently, for a job service that never answers)."""
+    """PortableRunner or FlinkRunner against --job_endpoint (a job server that is already
+    running): refuse at once when nothing listens there (Beam would wait, silently, for a
+    job service that never answers)."""
     import socket
 
     from apache_beam.options.pipeline_options import PortableOptions
 
-    if runner_name(options).lower().split(".")[-1] != "portablerunner":
+    if runner_name(options).lower().split(".")[-1] not in ("portablerunner", "flinkrunner"):
         return
     endpoint = options.view_as(PortableOptions).job_endpoint
     if not endpoint or endpoint == "embed" or ":" not in endpoint:
@@ -355,8 +356,8 @@ def check_job_endpoint(options: PipelineOptions, timeout_s: float = 5.0) -> None
         raise OptionError(
             f"--job_endpoint {endpoint}: no job service answers there ({exc}). Start one "
             "(e.g. `python -m apache_beam.runners.portability.local_job_service_main --port "
-            f"{port}`, or Beam's Flink job server), or use --runner FlinkRunner, which starts "
-            "its own.") from None
+            f"{port}`, or Beam's Flink job server: `make flink-up` starts one), or leave "
+            "--job_endpoint out with --runner FlinkRunner, which then starts its own.") from None
 
 
 def _known_flags_parser():

@@ -23,6 +23,10 @@ prints, N beside scale x N:
     python bench/flink_scale.py --n 1000000 --single     # one size: attribute its memory
     BEAM_CURATOR_FLINK_BEAM_LIB=0 python bench/flink_scale.py ...   # a stock cluster: Beam's
                                    # classes shipped with each job, workers not reused
+    python bench/flink_scale.py --job-server per-job ...   # no --job_endpoint: FlinkRunner
+                                   # starts a job server for every job
+
+Jobs go through the cluster's running job server (--job_endpoint) unless --job-server per-job.
 """
 from __future__ import annotations
 
@@ -158,13 +162,16 @@ def _rest(master: str, path: str):
         return json.loads(response.read())
 
 
-def _job_vertices(master: str) -> list:
-    """(name, start s, end s) of every vertex of the last job the JobManager ran."""
+def _last_job(master: str) -> dict:
     jobs = sorted(_rest(master, "/jobs/overview")["jobs"], key=lambda j: j["start-time"])
-    vertices = _rest(master, f"/jobs/{jobs[-1]['jid']}")["vertices"]
+    return _rest(master, f"/jobs/{jobs[-1]['jid']}")
+
+
+def _job_vertices(job: dict) -> list:
+    """(name, start s, end s) of every vertex of a job (REST /jobs/<id>)."""
     now = time.time()
     return [(v["name"], v["start-time"] / 1000,
-             v["end-time"] / 1000 if v["end-time"] > 0 else now) for v in vertices]
+             v["end-time"] / 1000 if v["end-time"] > 0 else now) for v in job["vertices"]]
 
 
 def _short(vertex_name: str) -> str:
@@ -231,9 +238,15 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
                          + list(args.flink_arg))
     starts = _worker_starts(cluster["run_dir"]) - starts_before
     try:
-        peaks = _where_peaks_were(rss, _job_vertices(cluster["master"]))
+        job = _last_job(cluster["master"])
+        peaks = _where_peaks_were(rss, _job_vertices(job))
+        # what the JobManager scheduled: vertices (fused stages, sources, shuffles) and
+        # their tasks (one per --parallelism each, run even when it gets no data)
+        shape = {"vertices": len(job["vertices"]),
+                 "tasks": sum(v["parallelism"] for v in job["vertices"]),
+                 "job_s": round((job["end-time"] - job["start-time"]) / 1000, 1)}
     except OSError as exc:   # the numbers above stand without it
-        peaks = f"REST API not reachable: {exc}"
+        peaks = shape = f"REST API not reachable: {exc}"
     same = _duplicates(flink_out) == _duplicates(os.path.join(work, f"local-{n}"))
     with open(os.path.join(flink_out, "summary.json")) as handle:
         info = json.load(handle)["dedup"]
@@ -242,6 +255,7 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
             "flink_s": round(flink_s, 1), "fnapi_s": round(local_s, 1),
             "flink_over_fnapi": round(flink_s / local_s, 2),
             "sdk_worker_starts": starts,   # the pools' "started worker" log lines
+            "flink_job": shape,
             "sdk_workers": len(rss.workers),   # processes seen under the pools
             "peak_rss_sdk_worker_mb": round(max(rss.workers.values(), default=0) / 2**20),
             "peak_rss_taskmanagers_mb": sorted(round(v / 2**20) for v in rss.tm.values()),
@@ -270,14 +284,15 @@ def warm_up(cluster: dict, work: str, n: int = 20_000) -> None:
     shutil.rmtree(data, ignore_errors=True)
 
 
-def start_cluster(work: str) -> dict:
-    from tests.flink_support import fetch_flink
+def start_cluster(work: str, job_server: str) -> dict:
+    from tests.flink_support import fetch_flink, free_port_pair
 
     run_dir = os.path.join(work, "flink-run")
     env = dict(os.environ, BEAM_CURATOR_FLINK_RUN_DIR=run_dir,
                BEAM_CURATOR_FLINK_REST_PORT=str(_free_port()),
                BEAM_CURATOR_FLINK_RPC_PORT=str(_free_port()),
-               BEAM_CURATOR_FLINK_POOL_PORT=str(_free_port()))
+               BEAM_CURATOR_FLINK_POOL_PORT=str(_free_port()),
+               BEAM_CURATOR_FLINK_JOB_PORT=str(free_port_pair()))
     up = subprocess.run(["bash", "scripts/flink_cluster.sh", "up"], cwd=REPO, env=env,
                         check=True, capture_output=True, text=True)
     master = up.stdout.strip().splitlines()[-1]
@@ -288,6 +303,8 @@ def start_cluster(work: str) -> dict:
             "--environment_type=EXTERNAL",
             f"--environment_config=beam-worker-pool:{env['BEAM_CURATOR_FLINK_POOL_PORT']}",
             "--dedup_vector_transport", "shuffle"]
+    if job_server == "cluster":
+        args.append(f"--job_endpoint=localhost:{env['BEAM_CURATOR_FLINK_JOB_PORT']}")
     if facts.get("BEAM_FLINK_NO_JAR_STAGING") and \
             env.get("BEAM_CURATOR_FLINK_BEAM_LIB", "1") == "1":
         # the cluster has Beam's runner in its lib/: submit without the job server's jars
@@ -315,6 +332,9 @@ def main() -> None:
                          "by it at N and 10N alike")
     ap.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                     help="measure the first job after the cluster starts (JVMs cold)")
+    ap.add_argument("--job-server", choices=["cluster", "per-job"], default="cluster",
+                    help="submit through the cluster's running job server (default), or let "
+                         "FlinkRunner start one for every job (no --job_endpoint)")
     ap.add_argument("--flink-arg", action="append", default=[],
                     help="one more pipeline option for the Flink runs only (repeatable), "
                          "e.g. --flink-arg=--environment_cache_millis=0")
@@ -323,7 +343,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # still stop the cluster
     cluster = None
     try:
-        cluster = start_cluster(work)
+        cluster = start_cluster(work, args.job_server)
         if args.warm_up:
             warm_up(cluster, work)
         small = measure(args.n, args, cluster, work)
@@ -334,7 +354,7 @@ def main() -> None:
         report = {"benchmark": "flink_scale", "small": small, "big": big,
                   "time_ratio": round(big["flink_s"] / small["flink_s"], 2),
                   "cluster_beam_lib": cluster["env"].get("BEAM_CURATOR_FLINK_BEAM_LIB", "1"),
-                  "warmed_up": args.warm_up,
+                  "warmed_up": args.warm_up, "job_server": args.job_server,
                   "sdk_worker_rss_ratio": round(big["peak_rss_sdk_worker_mb"]
                                                 / max(1, small["peak_rss_sdk_worker_mb"]), 2),
                   "taskmanager_rss_ratio": round(max(big["peak_rss_taskmanagers_mb"])

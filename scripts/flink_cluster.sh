@@ -6,8 +6,8 @@
 # systemd would; jobs get a restart strategy, so a job survives a lost TaskManager or pool.
 #
 #   scripts/flink_cluster.sh up       fetch if needed, start, wait until every TaskManager
-#                                     is registered and every pool listens; prints the
-#                                     master address (localhost:<rest port>) last
+#                                     is registered, every pool and the job server listen;
+#                                     prints the master address (localhost:<rest port>) last
 #   scripts/flink_cluster.sh down     stop what this script started (pid files only)
 #   scripts/flink_cluster.sh status   pids + /overview; exit 0 if up, 3 if not
 #   scripts/flink_cluster.sh logs     print the cluster logs (last $LOG_LINES lines each)
@@ -17,6 +17,11 @@
 # its own hosts file (-Djdk.net.hosts.file), TaskManager i to 127.0.0.<i+1>, where pool i
 # listens. So one pipeline option reaches a different pool from each TaskManager, as
 # `localhost:50000` does on a real cluster where every TaskManager host has its own pool.
+#
+# Beside the cluster, a long-running Beam Flink job server (supervised too) on
+# localhost:<job port>: jobs submitted with --job_endpoint localhost:<job port> skip the
+# job server that FlinkRunner otherwise starts for every job (a JVM start and a cold JIT of
+# the pipeline translation: ~8 s and ~10 CPU-seconds a job here, README, Run on Flink).
 #
 # Everything of one cluster instance lives in its run dir: conf/ (this instance's config),
 # lib/ (its classpath: links to Flink's lib/ and Beam's runner jars), hosts-tm<i>, log/,
@@ -30,6 +35,9 @@
 #   BEAM_CURATOR_FLINK_REST_PORT REST port = the --flink_master port (default 18081)
 #   BEAM_CURATOR_FLINK_RPC_PORT  JobManager RPC port (default 16123)
 #   BEAM_CURATOR_FLINK_POOL_PORT port of every TaskManager's worker pool (default 18099)
+#   BEAM_CURATOR_FLINK_JOB_PORT  port of the job server (default 18097; 0 = start none); its
+#                                artifact service listens on the next port up
+#   BEAM_CURATOR_FLINK_JOB_SERVER_MEMORY  the job server's heap (default 1024m)
 #   BEAM_CURATOR_FLINK_TASKMANAGERS  number of TaskManagers (default 2)
 #   BEAM_CURATOR_FLINK_TASK_SLOTS    slots per TaskManager (default 2)
 #   BEAM_CURATOR_FLINK_WORKER_PYTHON python of the pools (default <repo>/.venv/bin/python:
@@ -69,6 +77,8 @@ fi
 REST_PORT="${BEAM_CURATOR_FLINK_REST_PORT:-18081}"
 RPC_PORT="${BEAM_CURATOR_FLINK_RPC_PORT:-16123}"
 POOL_PORT="${BEAM_CURATOR_FLINK_POOL_PORT:-18099}"
+JOB_PORT="${BEAM_CURATOR_FLINK_JOB_PORT:-18097}"
+JOB_SERVER_MEM="${BEAM_CURATOR_FLINK_JOB_SERVER_MEMORY:-1024m}"
 N_TM="${BEAM_CURATOR_FLINK_TASKMANAGERS:-2}"
 TIMEOUT="${BEAM_CURATOR_FLINK_TIMEOUT:-180}"
 SLOTS="${BEAM_CURATOR_FLINK_TASK_SLOTS:-2}"
@@ -233,7 +243,9 @@ cmd_down() {
   touch "$RUN_DIR/stopping"
   # Supervisors first (so nothing restarts), then TaskManagers and pools, then the JobManager.
   for f in "$RUN_DIR"/pids/*.supervisor.pid; do stop_pidfile "$f"; done
-  for f in "$RUN_DIR"/pids/tm*.pid "$RUN_DIR"/pids/pool*.pid; do stop_pidfile "$f"; done
+  for f in "$RUN_DIR"/pids/tm*.pid "$RUN_DIR"/pids/pool*.pid "$RUN_DIR"/pids/jobserver.pid; do
+    stop_pidfile "$f"
+  done
   stop_pidfile "$RUN_DIR/pids/flink-$IDENT-standalonesession.pid"
   rm -f "$RUN_DIR/master" "$RUN_DIR/cluster.env" "$RUN_DIR"/pids/flink-*-taskexecutor.pid
   # blob caches / spill files of the stopped JVMs (up to a few hundred MB); logs are kept
@@ -369,6 +381,16 @@ start_taskmanager() {  # $1 = index
       "$FLINK_HOME/bin/taskmanager.sh" "tm$1"
 }
 
+start_job_server() {
+  # Artifacts (the job's Python package, if any) live in the run dir, one dir per job,
+  # removed when the job ends (--clean-artifacts-per-job).
+  mkdir -p "$RUN_DIR/artifacts"
+  supervise jobserver java "-Xmx$JOB_SERVER_MEM" -jar "$BEAM_FLINK_JOB_SERVER_JAR" \
+    --flink-master "localhost:$REST_PORT" --job-host localhost --job-port "$JOB_PORT" \
+    --artifact-port "$((JOB_PORT + 1))" --expansion-port 0 \
+    --artifacts-dir "$RUN_DIR/artifacts" --clean-artifacts-per-job true
+}
+
 start_pool() {  # $1 = index
   supervise "pool$1" "$WORKER_PYTHON" -m beam_curator.worker_pool \
     --host "$(pool_host "$1")" --port "$POOL_PORT" --device "$WORKER_DEVICE"
@@ -389,9 +411,11 @@ cmd_up() {
     cmd_down
   fi
   local p i
-  for p in "$REST_PORT" "$RPC_PORT"; do
+  local ports=("$REST_PORT" "$RPC_PORT")
+  [ "$JOB_PORT" != 0 ] && ports+=("$JOB_PORT" "$((JOB_PORT + 1))")
+  for p in "${ports[@]}"; do
     if port_in_use "$p"; then
-      log "port $p is already in use (another Flink? set BEAM_CURATOR_FLINK_REST_PORT / _RPC_PORT)"
+      log "port $p is already in use (another Flink? set BEAM_CURATOR_FLINK_REST_PORT / _RPC_PORT / _JOB_PORT)"
       exit 1
     fi
   done
@@ -421,6 +445,10 @@ cmd_up() {
     start_pool "$i"
     start_taskmanager "$i"
   done
+  if [ "$JOB_PORT" != 0 ]; then
+    log "starting the Beam Flink job server at localhost:$JOB_PORT"
+    start_job_server
+  fi
 
   local deadline=$((t0 + TIMEOUT)) ov pools_up
   while :; do
@@ -429,9 +457,10 @@ cmd_up() {
     for i in $(seq 1 "$N_TM"); do
       listening "$(pool_host "$i")" "$POOL_PORT" || pools_up=0
     done
+    if [ "$JOB_PORT" != 0 ] && ! listening 127.0.0.1 "$JOB_PORT"; then pools_up=0; fi
     if [ -n "$ov" ] && [ "$pools_up" = 1 ] && overview_ready "$N_TM" "$SLOTS" <<<"$ov"; then break; fi
     if [ "$(date +%s)" -ge "$deadline" ]; then
-      log "cluster did not come up in ${TIMEOUT}s (overview: ${ov:-unreachable}; pools up: $pools_up); logs:"
+      log "cluster did not come up in ${TIMEOUT}s (overview: ${ov:-unreachable}; pools and job server up: $pools_up); logs:"
       print_logs >&2
       cmd_down || true
       exit 1
@@ -445,12 +474,14 @@ ENVIRONMENT_CONFIG=$POOL_NAME:$POOL_PORT
 TASKMANAGERS=$N_TM
 TASK_SLOTS=$SLOTS
 BEAM_LIB=$BEAM_LIB
+JOB_ENDPOINT=$([ "$JOB_PORT" != 0 ] && echo "localhost:$JOB_PORT")
 EOF
   log "up in $(( $(date +%s) - t0 ))s: $ov"
   local extra=""
   if [ "$BEAM_LIB" = 1 ] && [ -n "${BEAM_FLINK_NO_JAR_STAGING:-}" ]; then
     extra=" [--pipeline_resources_detector_factory_class=$BEAM_FLINK_NO_JAR_STAGING: Beam's jars are in lib/, jobs need not ship them]"
   fi
+  [ "$JOB_PORT" != 0 ] && extra="$extra [--job_endpoint localhost:$JOB_PORT: the running job server, instead of one per job]"
   log "submit with --flink_master localhost:$REST_PORT --environment_type EXTERNAL --environment_config $POOL_NAME:$POOL_PORT$extra"
   echo "localhost:$REST_PORT"
 }

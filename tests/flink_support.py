@@ -144,7 +144,8 @@ def flink_pipeline_args(mode: str, master: str | None = None, jar: str | None = 
                         environment_type: str = "LOOPBACK",
                         environment_config: str | None = None,
                         flink_version: str | None = None,
-                        no_jar_staging: bool = False) -> list[str]:
+                        no_jar_staging: bool = False,
+                        job_endpoint: str | None = None) -> list[str]:
     """Beam pipeline args for ``mode`` in :data:`MODES`.
 
     ``portable``: ``master`` is the job endpoint of :func:`python_job_service`.
@@ -155,6 +156,8 @@ def flink_pipeline_args(mode: str, master: str | None = None, jar: str | None = 
     ``max_bundle_size`` / ``max_bundle_time_ms`` bound the bundles (see module doc).
     ``no_jar_staging=True`` (``session`` only: a cluster with Beam's runner in its lib/)
     submits the job without the job server's jars (scripts/fetch_flink.sh's NoJarsToStage).
+    ``job_endpoint`` (``session`` only): submit through that running job server (the one
+    flink_cluster.sh starts) instead of one FlinkRunner starts for the job.
     """
     mode = _MODE_ALIASES.get(mode, mode)
     if mode not in MODES:
@@ -186,6 +189,8 @@ def flink_pipeline_args(mode: str, master: str | None = None, jar: str | None = 
     if no_jar_staging and mode == "session" and facts.get("BEAM_FLINK_NO_JAR_STAGING"):
         args.append("--pipeline_resources_detector_factory_class="
                     + facts["BEAM_FLINK_NO_JAR_STAGING"])
+    if job_endpoint and mode == "session":
+        args.append(f"--job_endpoint={job_endpoint}")
     if streaming:
         args += ["--streaming", f"--max_bundle_size={max_bundle_size}",
                  f"--max_bundle_time_mills={max_bundle_time_ms}"]
@@ -263,12 +268,17 @@ class FlinkCluster:
         # Beam's runner jars in the cluster's lib/ (parent-first): SDK workers are reused
         # across stages, and jobs need not ship the job server's jars (issue 30)
         self.beam_lib = env.get("BEAM_LIB", "0") == "1"
+        # the cluster's long-running job server ("" when started without one)
+        self.job_endpoint = env.get("JOB_ENDPOINT", "")
 
-    def pipeline_args(self, parallelism: int = 2) -> list[str]:
+    def pipeline_args(self, parallelism: int = 2, own_job_server: bool = False) -> list[str]:
+        """Args to submit to this cluster, through its running job server unless
+        ``own_job_server`` (then FlinkRunner starts one for the job, as with no --job_endpoint)."""
         return flink_pipeline_args("session", self.master, parallelism=parallelism,
                                    environment_type="EXTERNAL",
                                    environment_config=self.environment_config,
-                                   no_jar_staging=self.beam_lib)
+                                   no_jar_staging=self.beam_lib,
+                                   job_endpoint=None if own_job_server else self.job_endpoint)
 
     def worker_starts(self) -> list[int]:
         """SDK workers each pool has started so far (its "started worker" log lines)."""
@@ -437,6 +447,21 @@ def _free_pool_port(hosts: list[str]) -> int:
     raise RuntimeError(f"no port free on all of {hosts}")
 
 
+def free_port_pair() -> int:
+    """A port p with p + 1 free too (the job server's job and artifact ports)."""
+    import socket
+
+    for _ in range(50):
+        port = find_free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two adjacent free ports")
+
+
 @pytest.fixture(scope="session")
 def flink_cluster(request, tmp_path_factory) -> Iterator[FlinkCluster]:
     """The production-shaped session cluster of scripts/flink_cluster.sh (JobManager, two
@@ -466,6 +491,7 @@ def flink_cluster(request, tmp_path_factory) -> Iterator[FlinkCluster]:
         "BEAM_CURATOR_FLINK_REST_PORT": str(rest_port),
         "BEAM_CURATOR_FLINK_RPC_PORT": str(rpc_port),
         "BEAM_CURATOR_FLINK_POOL_PORT": str(_free_pool_port(["127.0.0.2", "127.0.0.3"])),
+        "BEAM_CURATOR_FLINK_JOB_PORT": str(free_port_pair()),
         # the pools' SDK workers import this checkout's beam_curator
         "BEAM_CURATOR_FLINK_WORKER_PYTHON": sys.executable,
     })

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flink_support import REPO_ROOT, fetch_flink, find_free_port
+from flink_support import REPO_ROOT, fetch_flink, find_free_port, free_port_pair
 
 pytestmark = [pytest.mark.flink, pytest.mark.timeout(900)]
 
@@ -83,15 +83,16 @@ def test_readme_flink_commands_as_written(tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir, work / "demo-models")
     make_dataset(str(work / "demo-data"), n_shards=2, per_shard=12, seed=5, n_exact=1, n_near=1)
 
-    rest, rpc, pool = find_free_port(), find_free_port(), find_free_port()
+    rest, rpc, pool, job = find_free_port(), find_free_port(), find_free_port(), free_port_pair()
     script = (block.replace("localhost:18081", f"localhost:{rest}")
                    .replace("beam-worker-pool:18099", f"beam-worker-pool:{pool}")
+                   .replace("localhost:18097", f"localhost:{job}")
                    .replace("~/.cache/beam-curator/flink", facts["FLINK_CACHE_DIR"]))
     env = dict(os.environ,
                PATH=f"{venv / 'bin'}:{os.environ['PATH']}", VIRTUAL_ENV=str(venv),
                BEAM_CURATOR_FLINK_RUN_DIR=str(tmp_path / "run"),
                BEAM_CURATOR_FLINK_REST_PORT=str(rest), BEAM_CURATOR_FLINK_RPC_PORT=str(rpc),
-               BEAM_CURATOR_FLINK_POOL_PORT=str(pool))
+               BEAM_CURATOR_FLINK_POOL_PORT=str(pool), BEAM_CURATOR_FLINK_JOB_PORT=str(job))
     env.pop("BEAM_CURATOR_FLINK_MASTER", None)
     t0 = time.monotonic()
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env,

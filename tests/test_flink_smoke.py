@@ -62,9 +62,16 @@ def test_flink_embedded(flink_job_server_jar, reap_flink_job_servers, tmp_path):
     assert lines == EXPECTED
 
 
-def test_flink_session_cluster(flink_cluster, reap_flink_job_servers, tmp_path):
-    lines, secs = run_smoke_pipeline(flink_cluster.pipeline_args(parallelism=2), tmp_path)
-    print(f"flink session cluster {flink_cluster.master} (EXTERNAL): {secs:.1f}s")
+@pytest.mark.parametrize("own_job_server", [False, True],
+                         ids=["cluster-job-server", "job-server-per-job"])
+def test_flink_session_cluster(flink_cluster, reap_flink_job_servers, tmp_path, own_job_server):
+    """Through the cluster's running job server (--job_endpoint), and through one that
+    FlinkRunner starts for the job (no --job_endpoint)."""
+    args = flink_cluster.pipeline_args(parallelism=2, own_job_server=own_job_server)
+    assert ("--job_endpoint=" in " ".join(args)) is not own_job_server
+    lines, secs = run_smoke_pipeline(args, tmp_path)
+    print(f"flink session cluster {flink_cluster.master} (EXTERNAL, "
+          f"{'own' if own_job_server else 'cluster'} job server): {secs:.1f}s")
     assert lines == EXPECTED
 
 

@@ -32,7 +32,7 @@ BOUNDED_SIDE_INPUTS = [
     (r".*/ClusterSizes(/.*)?", "k cluster sizes"),
     (r"Summary/CountShardStatus(/.*)?", "shards x statuses counts"),
     (r".*/RefuseRepeatedIds", "one 0: the repeated-id check passed"),
-    (r".*/SummariseInvalid(/.*)?", "counts by reason and the first 20 rows (InvalidSummary)"),
+    (r".*/TallyRows(/.*)?", "two counts, counts by reason and the first 20 rows (RowTally)"),
     (r".*/InputChecks", "counts by reason and the first 20 rows (InvalidSummary)"),
     (r".*/(Reference|Target)Checks", "rows and input checks of --reference / --target"),
     (r".*/DistinctTargetClusters(/.*)?", "the clusters --target touches: at most k"),
@@ -46,7 +46,7 @@ BOUNDED_GLOBAL_LISTS = [
     (r"Total(/Total)?", "(shard, written) per shard"),
 ]
 CONSTANT_FNS = ("CountCombineFn", "TopCombineFn", "_SizeStats", "sum", "sum_pairs",
-                "RepeatsFn", "InvalidSummary", "ReferenceStats",
+                "RepeatsFn", "InvalidSummary", "RowTally", "ReferenceStats",
                 "ToListCombineFn", "ToDictCombineFn", "ToSetCombineFn")
 
 

@@ -337,7 +337,8 @@ def test_the_final_rate_on_other_runners_counts_the_run_time(tmp_path):
     assert rate <= 100 / 1.0 and rate == pytest.approx(100 / wall, rel=0.5), line
 
 
-def test_portable_runner_without_a_job_service_fails_fast(tmp_path, capsys):
+@pytest.mark.parametrize("runner", ["PortableRunner", "FlinkRunner"])
+def test_portable_runner_without_a_job_service_fails_fast(tmp_path, capsys, runner):
     import socket
 
     with socket.socket() as probe:   # a port nothing listens on
@@ -345,6 +346,6 @@ def test_portable_runner_without_a_job_service_fails_fast(tmp_path, capsys):
         port = probe.getsockname()[1]
     started = time.monotonic()
     assert cli.main(["dedup", "--embeddings", str(tmp_path), "--output", str(tmp_path / "o"),
-                     "--runner", "PortableRunner", "--job_endpoint", f"localhost:{port}"]) == 2
+                     "--runner", runner, "--job_endpoint", f"localhost:{port}"]) == 2
     assert time.monotonic() - started < 20
     assert "no job service answers there" in capsys.readouterr().err

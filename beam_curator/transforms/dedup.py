@@ -351,8 +351,10 @@ class DeduplicateEmbeddings(beam.PTransform):
                                              self._min_clip_score))
         self._others.check_dim(dim)
         core = chunks | "SemDeDup" >> self._others.dedup(config, has_hash, check_ids=True)
+        # with_rows=False: an empty PCollection cut from the one-element info, not a new
+        # source (on Flink each source is one more vertex with a task per slot, issue 30)
         results = (_decisions(core) if self._with_rows
-                   else pbegin | "NoRows" >> beam.Create([]))
+                   else core.info | "NoRows" >> beam.FlatMap(lambda _: ()))
         return DedupResult(results=results, written=core.written, info=core.info,
                            counts=_status_counts(core))
 

@@ -121,6 +121,6 @@ class SemanticDedup(beam.PTransform):
 
 def _checks(checked, label: str) -> beam.PCollection:
     """{rows, input_checks} of a CheckedRows (of the reference or target rows)."""
-    return checked.rows | f"{label}Checks" >> beam.Map(
-        lambda n, checks: {"rows": n, "input_checks": checks},
-        beam.pvalue.AsSingleton(checked.input_checks))
+    return checked.input_checks | f"{label}Checks" >> beam.Map(
+        lambda checks, n: {"rows": n, "input_checks": checks},
+        beam.pvalue.AsSingleton(checked.rows))

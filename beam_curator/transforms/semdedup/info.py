@@ -33,16 +33,18 @@ def dedup_info(plan, centroids, sizes, input_checks, block_rows: int,
     """One dict: the plan, k, pairwise_block_size, the size stats and `input_checks` (and
     `others`: {key: a one-dict PCollection}, e.g. reference / target, under their keys)."""
     k = centroids | "K" >> beam.Map(lambda c: int(c.shape[0]) if c.size else 0)
-    stats = (sizes
+    size_stats = _SizeStats(block_rows)
+    stats = (sizes   # no default stage (issue 30): no clusters reads as the empty stats
              | "SizeValues" >> beam.Values()
-             | "SizeStats" >> beam.CombineGlobally(_SizeStats(block_rows)))
+             | "SizeStats" >> beam.CombineGlobally(size_stats).without_defaults())
     others = others or {}
     names = sorted(others)
     return plan | "Info" >> beam.Map(
         lambda pl, k_, st, checks, *more: dict(pl.as_dict(), n_clusters=k_,
                                                pairwise_block_size=block_rows, **st,
                                                input_checks=checks, **dict(zip(names, more))),
-        beam.pvalue.AsSingleton(k), beam.pvalue.AsSingleton(stats),
+        beam.pvalue.AsSingleton(k), beam.pvalue.AsSingleton(
+            stats, default_value=size_stats.extract_output(size_stats.create_accumulator())),
         beam.pvalue.AsSingleton(input_checks),
         *[beam.pvalue.AsSingleton(others[name]) for name in names])
 

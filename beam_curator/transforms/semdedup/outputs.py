@@ -76,19 +76,20 @@ def write_target_filtered(element, dedup_dir: str):
                         pa.table({"id": ids}, schema=DUPLICATES_SCHEMA))
 
 
-def _count_done(pcoll, label: str):
-    return beam.pvalue.AsSingleton(pcoll | label >> beam.combiners.Count.Globally())
-
-
 def discard_scratch_after(store: VectorStore, written: list) -> beam.PCollection:
     """Delete the vector store's scratch files once every PCollection of `written` is
-    complete (side inputs order it); returns a one-element PCollection: all done."""
-    def cleanup(_, *done):
+    complete (a side input orders it); returns a one-element PCollection: all done."""
+    def cleanup(_, done):
         store.discard_all()
         return 1
 
-    p = written[0].pipeline
-    return (p
+    # One count over all of them, not one each: every global combine is ~5 more stages on
+    # Flink (issue 30); without defaults, so no extra stage injects a 0 (the side input's
+    # default does, for a run that wrote nothing).
+    done = ([w | f"Written{i}" >> beam.Map(lambda _: 1) for i, w in enumerate(written)]
+            | "AllWritten" >> beam.Flatten()
+            | "CountWritten" >> beam.CombineGlobally(sum).without_defaults())
+    return (written[0].pipeline
             | "CleanupOnce" >> beam.Create([None])
-            | "DeleteStaging" >> beam.Map(cleanup, *[_count_done(w, f"Written{i}")
-                                                     for i, w in enumerate(written)]))
+            | "DeleteStaging" >> beam.Map(cleanup,
+                                          beam.pvalue.AsSingleton(done, default_value=0)))

@@ -1,7 +1,8 @@
 """Stage 1, the rows: each chunk decoded once and checked; with `check_ids`, an id read twice
 fails the run before any other work.
 
-    Chunk -> CheckRowsFn -> Chunk (`dropped` set) + InvalidRow + normalised counts
+    Chunk -> CheckRowsFn -> Chunk (`dropped` set) + InvalidRow + a tally per chunk
+          -> RowTally (one global combine: valid rows, normalised rows, invalid summary)
           -> (check_ids) IdBucketsFn -> GroupByKey(hash bucket) -> repeats -> refuse
 """
 from __future__ import annotations
@@ -24,25 +25,28 @@ _LOG = logging.getLogger(__name__)
 
 
 class CheckRowsFn(WriteBehindDoFn):
-    """Chunk -> the chunk with its invalid rows `dropped`; each InvalidRow to INVALID, the
-    number of rows normalised to NORMALIZED and of valid rows to ROWS. The first step that
-    reads the vectors: it tells the vector store, which may keep them (written behind)."""
+    """Chunk -> the chunk with its invalid rows `dropped`; each InvalidRow to INVALID, and
+    to TALLY one (valid rows, rows normalised, InvalidSummary accumulator of its invalid
+    rows) for RowTally. The first step that reads the vectors: it tells the vector store,
+    which may keep them (written behind)."""
 
-    INVALID, NORMALIZED, ROWS = "invalid", "normalized", "rows"
+    INVALID, TALLY = "invalid", "tally"
 
     def __init__(self, config: DedupConfig, store: VectorStore):
         self._config = config
         self._store = store
+        self._invalid = InvalidSummary()
 
     def process(self, chunk: Chunk):
         decoded = chunk.decode(self._config)
+        invalid = self._invalid.create_accumulator()
         for row in decoded.invalid_rows():
+            invalid = self._invalid.add_input(invalid, row)
             yield beam.pvalue.TaggedOutput(self.INVALID, row)
-        if decoded.normalized:
-            yield beam.pvalue.TaggedOutput(self.NORMALIZED, decoded.normalized)
         chunk = dataclasses.replace(
             chunk, dropped=tuple(np.flatnonzero(decoded.reasons).tolist()))
-        yield beam.pvalue.TaggedOutput(self.ROWS, len(decoded.ids) - len(chunk.dropped))
+        yield beam.pvalue.TaggedOutput(
+            self.TALLY, (len(decoded.ids) - len(chunk.dropped), decoded.normalized, invalid))
         self._store.checked(chunk, decoded, self._writes.submit)
         yield chunk
 
@@ -76,6 +80,29 @@ class InvalidSummary(beam.CombineFn):
         counts, examples = acc
         return {"count": sum(counts.values()), "by_reason": dict(sorted(counts.items())),
                 "examples": [r._asdict() for r in examples]}
+
+
+class RowTally(beam.CombineFn):
+    """CheckRowsFn's tallies -> (valid rows, rows normalised, InvalidSummary's dict): the
+    three counts of the row check in one global combine (on Flink each global combine is
+    a few more stages with a task per slot each, issue 30)."""
+
+    def __init__(self):
+        self._invalid = InvalidSummary()
+
+    def create_accumulator(self):
+        return 0, 0, self._invalid.create_accumulator()
+
+    def add_input(self, acc, tally):
+        return self.merge_accumulators([acc, tally])
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        return (sum(a[0] for a in accs), sum(a[1] for a in accs),
+                self._invalid.merge_accumulators([a[2] for a in accs]))
+
+    def extract_output(self, acc):
+        return acc[0], acc[1], self._invalid.extract_output(acc[2])
 
 
 def input_checks(invalid: dict, normalized: int) -> dict:
@@ -192,26 +219,22 @@ class CheckRows(beam.PTransform):
     def expand(self, chunks):
         config = self._config
         checked = chunks | "CheckRows" >> beam.ParDo(CheckRowsFn(config, self._store)).with_outputs(
-            CheckRowsFn.INVALID, CheckRowsFn.NORMALIZED, CheckRowsFn.ROWS, main="chunks")
+            CheckRowsFn.INVALID, CheckRowsFn.TALLY, main="chunks")
         chunks = checked.chunks
+        tally = checked[CheckRowsFn.TALLY] | "TallyRows" >> beam.CombineGlobally(RowTally())
+        n_rows = tally | "CountValidRows" >> beam.Map(lambda t: t[0])
         if self._check_ids:
-            n_ids = (checked[CheckRowsFn.ROWS]
-                     | "CountRows" >> beam.CombineGlobally(sum).without_defaults())
             repeats = (chunks
                        | "IdBuckets" >> beam.ParDo(IdBucketsFn(config),
-                                                   beam.pvalue.AsSingleton(n_ids, default_value=0))
+                                                   beam.pvalue.AsSingleton(n_rows))
                        | "GroupByIdBucket" >> beam.GroupByKey()
                        | "RepeatedIds" >> beam.FlatMap(repeats_in_bucket)
-                       | "CountRepeats" >> beam.CombineGlobally(RepeatsFn())
+                       # no default stage (issue 30): no repeats reads as the side input's 0
+                       | "CountRepeats" >> beam.CombineGlobally(RepeatsFn()).without_defaults()
                        | "RefuseRepeatedIds" >> beam.Map(refuse_repeated_ids))
             # Every later step waits for the check: a failed one costs no k-means.
-            chunks = chunks | "AfterIdCheck" >> beam.Map(lambda c, _: c,
-                                                         beam.pvalue.AsSingleton(repeats))
-        invalid = checked[CheckRowsFn.INVALID]
-        summary = (invalid | "SummariseInvalid" >> beam.CombineGlobally(InvalidSummary())
-                   | "InputChecks" >> beam.Map(
-                       input_checks, beam.pvalue.AsSingleton(
-                           checked[CheckRowsFn.NORMALIZED]
-                           | "CountNormalized" >> beam.CombineGlobally(sum))))
-        n_rows = checked[CheckRowsFn.ROWS] | "CountValidRows" >> beam.CombineGlobally(sum)
-        return CheckedRows(chunks=chunks, invalid=invalid, input_checks=summary, rows=n_rows)
+            chunks = chunks | "AfterIdCheck" >> beam.Map(
+                lambda c, _: c, beam.pvalue.AsSingleton(repeats, default_value=0))
+        summary = tally | "InputChecks" >> beam.Map(lambda t: input_checks(t[2], t[1]))
+        return CheckedRows(chunks=chunks, invalid=checked[CheckRowsFn.INVALID],
+                           input_checks=summary, rows=n_rows)
