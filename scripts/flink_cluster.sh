@@ -241,7 +241,8 @@ cmd_down() {
   STOPPED=0
   [ -d "$RUN_DIR/pids" ] || { log "nothing to stop in $RUN_DIR"; return 0; }
   touch "$RUN_DIR/stopping"
-  # Supervisors first (so nothing restarts), then TaskManagers and pools, then the JobManager.
+  # Supervisors first (so nothing restarts), then TaskManagers, pools and the job server,
+  # then the JobManager.
   for f in "$RUN_DIR"/pids/*.supervisor.pid; do stop_pidfile "$f"; done
   for f in "$RUN_DIR"/pids/tm*.pid "$RUN_DIR"/pids/pool*.pid "$RUN_DIR"/pids/jobserver.pid; do
     stop_pidfile "$f"

@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.flink, pytest.mark.slow, pytest.mark.timeout(1200)]
 # Where each command is killed: `run` while its fused read/decode/embed stage (named after its
 # top-level transforms, among them "Embed") runs; `dedup` while the stage fed by the reduce
 # side of the GroupByClusterBlocks shuffle (the pairwise step) runs, not the reduce itself.
-STAGES = {"run": dict(name_part="Embed"),
-          "dedup": dict(after="GroupReduce (GroupReduce at Dedup/SemDeDup/Core/Route/GroupByCluster")}
+PAIRWISE_INPUT = "GroupReduce (GroupReduce at Dedup/SemDeDup/Core/Route/GroupByCluster"
+STAGES = {"run": dict(name_part="Embed"), "dedup": dict(after=PAIRWISE_INPUT)}
 
 
 def tree_digest(root: Path) -> dict:
