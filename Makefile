@@ -41,7 +41,8 @@ chromium:
 flink-fetch:
 	PYTHON=$(PY) bash scripts/fetch_flink.sh
 
-# JobManager + 2 TaskManagers, each with its own SDK worker pool (run by .venv: make venv first)
+# JobManager + 2 TaskManagers, each with its own SDK worker pool (run by .venv: make venv
+# first), and a Beam Flink job server for --job_endpoint localhost:18097
 flink-up: flink-fetch
 	bash scripts/flink_cluster.sh up
 
