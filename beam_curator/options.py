@@ -229,9 +229,10 @@ class CuratorOptions(PipelineOptions):
                    "same (candidates found in float32 are re-scored in float64).")
         _flag(parser, "dedup_vector_transport", default="auto", choices=VECTOR_TRANSPORTS,
               help="How each cluster's vectors reach the pairwise step: staged (random-access "
-                   "files under --output, one machine only: a local runner and a local "
-                   "--output), shuffle (float32 bytes through the GroupByKey, once; for "
-                   "distributed runners); auto picks staged where it can.")
+                   "files under a local --output: one machine, or a cluster whose workers "
+                   "share that path, e.g. an NFS mount; checked at the first step), shuffle "
+                   "(float32 bytes through the GroupByKey, once; anywhere); auto picks staged "
+                   "on a local runner with a local --output, else shuffle.")
         _flag(parser, "reference", default=None,
               help="Dedup AGAINST these embeddings too (comma-separated globs or "
                    "directories, read like --embeddings, same column options): a candidate "
@@ -548,10 +549,13 @@ def _check_dedup_settings(opts: "CuratorOptions") -> None:
 
 
 
+def _local_path(output: Optional[str]) -> bool:
+    return not output or output.startswith("file://") or "://" not in output
+
+
 def _one_machine(options: PipelineOptions, output: Optional[str]) -> bool:
     """A local runner writing a local --output: every worker sees the same files."""
-    local_output = not output or output.startswith("file://") or "://" not in output
-    return is_local_runner(options) and local_output
+    return is_local_runner(options) and _local_path(output)
 
 
 def is_flink_batch(options: PipelineOptions) -> bool:
@@ -623,13 +627,12 @@ def validate_options(options: PipelineOptions, *, needs=()) -> "CuratorOptions":
             f"--forward_batch_size {opts.forward_batch_size} must be between 1 and "
             f"--inference_batch_size ({opts.inference_batch_size}): a larger forward would "
             "only add padding rows. Lower it, or raise --inference_batch_size.")
-    if (opts.dedup_vector_transport == STAGED
-            and not _one_machine(options, opts.output)):
+    if opts.dedup_vector_transport == STAGED and not _local_path(opts.output):
         raise OptionError(
-            "--dedup_vector_transport staged reads each cluster's vectors from files under "
-            "--output/dedup/_staging that every worker must see and read at random: it needs "
-            f"a local runner and a local --output (here: {runner_name(options)}, "
-            f"{opts.output}). Use --dedup_vector_transport shuffle (or auto).")
+            "--dedup_vector_transport staged reads each cluster's vectors at random from files "
+            "under --output/dedup/_staging: it needs an --output on a file system path (one "
+            "machine, or a mount every worker shares at the same path), not "
+            f"{opts.output}. Use --dedup_vector_transport shuffle (or auto).")
     if opts.max_image_pixels < 1:
         raise OptionError(f"--max_image_pixels {opts.max_image_pixels} must be >= 1.")
     if opts.max_member_bytes < 1:

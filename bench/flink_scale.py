@@ -4,8 +4,8 @@ Starts the production-shaped session cluster of scripts/flink_cluster.sh (a JobM
 TaskManagers, each with its own Python SDK worker pool, EXTERNAL environment) on its own
 ports, then for N and scale x N synthetic 768-d embeddings (rows per cluster held constant,
 k = n / rows; rows per Flink task held constant, --parallelism = n / --rows-per-task) runs
-`python -m beam_curator dedup` on it (shuffle transport) and on the local FnApiRunner, and
-prints, N beside scale x N:
+`python -m beam_curator dedup` on it and on the local FnApiRunner, and prints, N beside
+scale x N:
 
 * wall time of the Flink job (goal: <= 1.1 x scale),
 * peak RSS (VmHWM from /proc, sampled every 0.2 s) of every Python SDK worker process and of
@@ -26,7 +26,12 @@ prints, N beside scale x N:
     python bench/flink_scale.py --job-server per-job ...   # no --job_endpoint: FlinkRunner
                                    # starts a job server for every job
 
+    python bench/flink_scale.py --transport shuffle ...   # vectors through Flink's shuffle
+
 Jobs go through the cluster's running job server (--job_endpoint) unless --job-server per-job.
+Vectors reach the pairwise step through dedup/_staging (--transport staged, the default: the
+TaskManagers share this machine's disk as a cluster's share an NFS mount) or through Flink's
+shuffle (--transport shuffle: what a cluster without a shared --output must use).
 """
 from __future__ import annotations
 
@@ -284,7 +289,7 @@ def warm_up(cluster: dict, work: str, n: int = 20_000) -> None:
     shutil.rmtree(data, ignore_errors=True)
 
 
-def start_cluster(work: str, job_server: str) -> dict:
+def start_cluster(work: str, job_server: str, transport: str) -> dict:
     from tests.flink_support import fetch_flink, free_port_pair
 
     run_dir = os.path.join(work, "flink-run")
@@ -302,7 +307,7 @@ def start_cluster(work: str, job_server: str) -> dict:
             f"--flink_job_server_jar={facts['BEAM_FLINK_JOB_SERVER_JAR']}",
             "--environment_type=EXTERNAL",
             f"--environment_config=beam-worker-pool:{env['BEAM_CURATOR_FLINK_POOL_PORT']}",
-            "--dedup_vector_transport", "shuffle"]
+            "--dedup_vector_transport", transport]
     if job_server == "cluster":
         args.append(f"--job_endpoint=localhost:{env['BEAM_CURATOR_FLINK_JOB_PORT']}")
     if facts.get("BEAM_FLINK_NO_JAR_STAGING") and \
@@ -335,6 +340,9 @@ def main() -> None:
     ap.add_argument("--job-server", choices=["cluster", "per-job"], default="cluster",
                     help="submit through the cluster's running job server (default), or let "
                          "FlinkRunner start one for every job (no --job_endpoint)")
+    ap.add_argument("--transport", choices=["staged", "shuffle"], default="staged",
+                    help="--dedup_vector_transport of the Flink runs (FnApiRunner's: auto, "
+                         "i.e. staged)")
     ap.add_argument("--flink-arg", action="append", default=[],
                     help="one more pipeline option for the Flink runs only (repeatable), "
                          "e.g. --flink-arg=--environment_cache_millis=0")
@@ -343,7 +351,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # still stop the cluster
     cluster = None
     try:
-        cluster = start_cluster(work, args.job_server)
+        cluster = start_cluster(work, args.job_server, args.transport)
         if args.warm_up:
             warm_up(cluster, work)
         small = measure(args.n, args, cluster, work)
@@ -355,6 +363,7 @@ def main() -> None:
                   "time_ratio": round(big["flink_s"] / small["flink_s"], 2),
                   "cluster_beam_lib": cluster["env"].get("BEAM_CURATOR_FLINK_BEAM_LIB", "1"),
                   "warmed_up": args.warm_up, "job_server": args.job_server,
+                  "transport": args.transport,
                   "sdk_worker_rss_ratio": round(big["peak_rss_sdk_worker_mb"]
                                                 / max(1, small["peak_rss_sdk_worker_mb"]), 2),
                   "taskmanager_rss_ratio": round(max(big["peak_rss_taskmanagers_mb"])

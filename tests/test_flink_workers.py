@@ -88,6 +88,38 @@ def test_a_dedup_job_starts_one_worker_per_taskmanager(flink_cluster, reap_flink
     assert (out / "summary.json").exists()
 
 
+@pytest.mark.flink
+@pytest.mark.timeout(900)
+def test_staged_vectors_on_the_cluster_give_the_local_runners_duplicates(
+        flink_cluster, reap_flink_job_servers, tmp_path):
+    """--dedup_vector_transport staged on the cluster (its TaskManagers share this machine's
+    disk, as a cluster shares an NFS mount): the workers find the launcher's marker, read the
+    vectors from dedup/_staging instead of the shuffle, and decide what FnApiRunner decides;
+    the staging directory is gone at the end."""
+    import pyarrow.parquet as pq
+
+    from beam_curator import cli
+
+    embeddings = _write_embeddings(tmp_path / "emb")
+    args = ["--embeddings", embeddings, "--n_clusters", "4"]
+    cli.run_pipeline("dedup", [*args, "--output", str(tmp_path / "local"),
+                               "--runner", "FnApiRunner"])
+    flink_cluster.wait_ready()
+    out = tmp_path / "flink"
+    proc = subprocess.run(
+        [sys.executable, "-m", "beam_curator", "dedup", *args, "--output", str(out),
+         "--dedup_vector_transport", "staged", *flink_cluster.pipeline_args(parallelism=2)],
+        capture_output=True, text=True, timeout=800, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def duplicates(run):
+        return sorted(pq.read_table(run / "dedup" / "duplicates").column("id").to_pylist())
+
+    found = duplicates(out)
+    assert len(found) > 100 and found == duplicates(tmp_path / "local")   # ~120 planted
+    assert not (out / "dedup" / "_staging").exists()
+
+
 def test_the_cluster_script_refuses_a_run_dir_it_did_not_make(tmp_path):
     """It replaces conf/ and lib/ of its run dir: a user's directory named by mistake is
     refused, untouched; a new one is marked as its own."""

@@ -298,3 +298,52 @@ def test_members_survive_beam_coding_with_every_column():
             assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b))
     with pytest.raises(ValueError, match="shape"):
         coder.encode(dataclasses.replace(full, rows=np.arange(4)))
+
+
+@pytest.mark.parametrize("transport", ["staged", "shuffle"])
+def test_a_worker_that_does_not_see_the_launchers_output_fails_at_once_naming_the_fix(
+        planted, tmp_path, transport):
+    """Dedup's scratch files (staged vectors, k-means samples) live under --output, so every
+    worker must see the launcher's --output. Built, the graph has written its marker; a
+    worker that does not find it (here: the marker is gone before the run, as on a host that
+    does not share the path) fails with a message naming the fix, and a stale staged file
+    left there by another run is never read."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_curator.transforms.dedup import DeduplicateEmbeddings
+    from beam_curator.transforms.semdedup.vectors import write_staged
+
+    _, _, _, embeddings = planted
+    out = tmp_path / "out"
+    p = beam.Pipeline(runner="FnApiRunner", options=PipelineOptions())
+    p | DeduplicateEmbeddings(embeddings, str(out), n_clusters=4, vector_transport=transport)
+    staging = out / "dedup" / "_staging"
+    (marker,) = [f for f in os.listdir(staging) if f.startswith("RUN-")]
+    os.remove(staging / marker)
+    stale = np.ones((40, 32), np.float32)   # another run's first copies: wrong vectors
+    for name in (f"{f:05d}-{rg:05d}" for f in range(3) for rg in range(2)):
+        write_staged(str(staging / f"chunk-{name}.f32"), stale)
+    with pytest.raises(Exception, match="does not see the --output the launcher wrote") as e:
+        p.run().wait_until_finish()
+    assert "mount such as NFS" in str(e.value) and marker in str(e.value)
+    assert not (out / "dedup" / "pairwise_results").exists()
+
+
+def test_staged_vectors_are_refused_only_where_they_cannot_be_read_at_random():
+    """staged needs a file system path (a shared mount on a cluster), not an object store;
+    auto stays shuffle off one machine (a cluster's mount is the user's to vouch for)."""
+    from beam_curator.errors import OptionError
+    from beam_curator.options import curator_options, resolve_vector_transport, validate_options
+
+    flink = ["--runner", "FlinkRunner", "--flink_master", "localhost:8081"]
+    for output in ("/mnt/shared/out", "file:///mnt/shared/out"):
+        options = curator_options([*flink, "--output", output,
+                                   "--dedup_vector_transport", "staged"])
+        validate_options(options)
+        assert resolve_vector_transport(options) == "staged"
+    assert resolve_vector_transport(curator_options([*flink, "--output", "/o"])) == "shuffle"
+    assert resolve_vector_transport(curator_options(
+        ["--runner", "FnApiRunner", "--output", "/o"])) == "staged"
+    with pytest.raises(OptionError, match="file system path.*shuffle"):
+        validate_options(curator_options(["--output", "gs://bucket/out",
+                                          "--dedup_vector_transport", "staged"]))

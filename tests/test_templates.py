@@ -261,7 +261,7 @@ def test_help_text_states_the_current_default():
 
 
 # Choices a template (always Dataflow) must not offer, with the reason.
-NOT_ON_DATAFLOW = {"dedup_vector_transport": {"staged"}}   # needs one machine's files
+NOT_ON_DATAFLOW = {"dedup_vector_transport": {"staged"}}   # needs a shared file system path
 
 
 def test_choices_of_the_options_are_exactly_what_the_regex_accepts():

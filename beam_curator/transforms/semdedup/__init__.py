@@ -41,7 +41,7 @@ from beam_curator.transforms.semdedup.outputs import (
 from beam_curator.transforms.semdedup.pairwise import Pairwise, ReferenceSet
 from beam_curator.transforms.semdedup.route import Route
 from beam_curator.transforms.semdedup.rows import CheckRows
-from beam_curator.transforms.semdedup.vectors import ShuffledVectors, vector_store
+from beam_curator.transforms.semdedup.vectors import ShuffledVectors, mark_staging, vector_store
 
 __all__ = ["SemanticDedup", "SemanticDedupOutputs", "DedupConfig"]
 
@@ -72,7 +72,8 @@ class SemanticDedup(beam.PTransform):
         self._reference_set = reference_set
 
     def expand(self, chunks):
-        config, store = self._config, vector_store(self._config)
+        config = mark_staging(self._config)   # the launcher's marker: see vectors.py
+        store = vector_store(config)
         rows = chunks | "CheckRows" >> CheckRows(config, store, self._check_ids)
         exact = rows.chunks | "ExactCopies" >> ExactCopies(config, self._has_hash)
         centroids = exact.chunks | "Centroids" >> Centroids(config, store)

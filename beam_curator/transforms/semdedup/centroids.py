@@ -50,11 +50,11 @@ class SampleForTrainingFn(beam.DoFn):
 _SAMPLE_READERS = 16
 
 
-def train_centroids(sample_files: List[str], config: DedupConfig,
+def train_centroids(sample_files: List[str], config: DedupConfig, store: VectorStore,
                     plan: DedupPlan) -> np.ndarray:
     """Sorted by id first, so every runner and chunking trains on the same matrix."""
     with concurrent.futures.ThreadPoolExecutor(_SAMPLE_READERS) as pool:
-        parts = list(pool.map(VectorStore.read_sample, sorted(sample_files)))
+        parts = list(pool.map(store.read_sample, sorted(sample_files)))
     ids = [i for part_ids, _ in parts for i in part_ids]
     if not ids:
         return np.zeros((0, 0), dtype=np.float32)
@@ -102,7 +102,7 @@ class Centroids(beam.PTransform):
                                                            beam.pvalue.AsSingleton(plan))
                          # one path per chunk; the rows (~64 per centroid) stay in files
                          | "GatherSample" >> beam.combiners.ToList()
-                         | "TrainKMeans" >> beam.Map(train_centroids, config,
+                         | "TrainKMeans" >> beam.Map(train_centroids, config, self._store,
                                                      beam.pvalue.AsSingleton(plan)))
         written = centroids | "WriteCentroids" >> beam.Map(
             _write_centroids, FileSystems.join(config.dedup_dir, "centroids.npy"))

@@ -48,6 +48,7 @@ class DedupConfig:
     embedding_column: str = "embedding"
     reference_eps: Optional[float] = None     # --reference's eps; None: eps
     reference_exact: bool = False             # every candidate against every reference row
+    staging_run: Optional[str] = None         # vectors.mark_staging's token; None: unchecked
 
     @property
     def reference_threshold_eps(self) -> float:
@@ -105,6 +106,12 @@ class DedupConfig:
     def staging_dir(self) -> str:
         """Scratch files (staged vectors, k-means sample files): deleted at the end."""
         return FileSystems.join(self.dedup_dir, "_staging")
+
+    @property
+    def staging_marker(self) -> str:
+        """The file the launcher writes into staging_dir and every worker looks for
+        (vectors.mark_staging)."""
+        return FileSystems.join(self.staging_dir, f"RUN-{self.staging_run}")
 
 
 @dataclasses.dataclass(frozen=True)

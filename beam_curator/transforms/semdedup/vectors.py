@@ -5,8 +5,9 @@ it for vectors (`load`, `read`) or tells it where they go next (`checked`, `plac
 `routed`), and never asks how they travel. Two stores, chosen once by
 --dedup_vector_transport:
 
-* `StagedVectors` (one machine, a local --output): the row check writes each chunk's valid
-  vectors as raw float32 under dedup/_staging/; the assign step rewrites them in cluster
+* `StagedVectors` (a local --output that every worker sees: one machine, or a mount shared
+  at the same path): the row check writes each chunk's valid vectors as raw float32 under
+  dedup/_staging/; the assign step rewrites them in cluster
   order and deletes the first copy; members cross the GroupByKey as (file, row) references
   and the pairwise step reads one run of rows per (chunk, bin).
 * `ShuffledVectors` (anywhere): vectors are decoded from the embeddings where needed and
@@ -14,12 +15,22 @@ it for vectors (`load`, `read`) or tells it where they go next (`checked`, `plac
 
 The k-means sample files live under the same staging directory for both, and the store that
 writes them reads and deletes them (`discard_all`, once every output is written).
+
+Both stores thus need workers that see the launcher's --output. That is checked, not
+assumed: the launcher writes a marker named by a fresh token (`mark_staging`, at graph
+construction) and each store looks for it before it first touches the staging directory in a
+process (`StagingNotSharedError` otherwise). So a worker on a host that does not share the
+output fails at the first step, naming the fix, and never reads a stale file of another run
+left on its own disk.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 import os
+import socket
+import time
+import uuid
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,11 +46,43 @@ from beam_curator.transforms.semdedup.sources import Chunk, Decoded
 Submit = Callable[..., None]
 
 
+class StagingNotSharedError(RuntimeError):
+    """A worker does not see the launcher's --output (its staging marker is not there)."""
+
+
+def mark_staging(config: DedupConfig) -> DedupConfig:
+    """The launcher's half of the shared-output check: writes a marker named by a fresh token
+    into the staging directory and returns the config that carries the token to the
+    workers. Called once per dedup graph, where it is built."""
+    marked = dataclasses.replace(config, staging_run=uuid.uuid4().hex)
+    note = f"written by the launcher on {socket.gethostname()} at {time.ctime()}\n".encode()
+    write_atomically(marked.staging_marker, lambda stream: stream.write(note))
+    return marked
+
+
 class VectorStore:
     """The interface, and what both stores share (sample files, reading members)."""
 
     def __init__(self, config: DedupConfig):
         self._config = config
+        self._marker_seen = False   # per process: a store is unpickled into each DoFn
+
+    def _check_shared(self) -> None:
+        """Before this process first touches the staging directory: the launcher's marker
+        is there (see the module docstring), else a StagingNotSharedError naming the fix."""
+        if self._marker_seen or self._config.staging_run is None:
+            return
+        marker = self._config.staging_marker
+        if not FileSystems.exists(marker):
+            raise StagingNotSharedError(
+                f"this worker ({socket.gethostname()}) does not see the --output the "
+                f"launcher wrote: {marker} is missing. Dedup keeps scratch files under "
+                f"{self._config.staging_dir} that every worker writes and reads, so every "
+                "worker must see --output at the same path as the launcher. Use an --output "
+                "all of them share (gs://, s3://, or a mount such as NFS at the same path on "
+                "every host), or run on one machine. (A marker deleted while the run went on "
+                "means another run took this --output: it is locked against that.)")
+        self._marker_seen = True
 
     # -- the row check: the first step that decodes a chunk --------------------------------
     def checked(self, chunk: Chunk, decoded: Decoded, submit: Submit) -> None:
@@ -67,6 +110,7 @@ class VectorStore:
         """The members' vectors, in their order."""
         if members.vectors is not None:
             return members.vectors
+        self._check_shared()
         out = np.empty((len(members), members.dim), dtype=np.float32)
         for p, path in enumerate(members.paths):
             where = np.flatnonzero(members.path_index == p)
@@ -84,6 +128,7 @@ class VectorStore:
     # -- the k-means sample ---------------------------------------------------------------
     def write_sample(self, chunk: Chunk, ids: Sequence[str], vectors: np.ndarray) -> str:
         """A chunk's training rows as one small file; returns its path (what travels)."""
+        self._check_shared()
         path = FileSystems.join(self._config.staging_dir, f"sample-{chunk.name}.npz")
         buffer = io.BytesIO()
         np.savez(buffer, ids=np.asarray(ids, dtype=str),
@@ -92,8 +137,8 @@ class VectorStore:
         write_atomically(path, lambda stream: stream.write(data))
         return path
 
-    @staticmethod
-    def read_sample(path: str) -> Tuple[List[str], np.ndarray]:
+    def read_sample(self, path: str) -> Tuple[List[str], np.ndarray]:
+        self._check_shared()
         with FileSystems.open(path) as handle:
             with np.load(io.BytesIO(handle.read())) as npz:
                 return npz["ids"].tolist(), npz["vectors"]
@@ -128,14 +173,21 @@ class StagedVectors(VectorStore):
         return FileSystems.join(self._config.staging_dir, f"chunk-{chunk.name}.by-cluster.f32")
 
     def checked(self, chunk: Chunk, decoded: Decoded, submit: Submit) -> None:
+        self._check_shared()   # here, at the first step: a worker that cannot see fails now
         if len(chunk.dropped) < len(decoded.ids):   # nothing to stage: later loads decode
             submit(write_staged, self._first_copy(chunk), decoded.without(chunk.dropped)[1])
 
     def load(self, chunk: Chunk) -> Tuple[List[str], np.ndarray]:
+        self._check_shared()
         staged = self._first_copy(chunk)
         if FileSystems.exists(staged):
             ids = [i for i, _ in chunk.ids(self._config, with_hash=False)]
-            return ids, read_staged_rows(staged, chunk.dim, None)
+            vectors = read_staged_rows(staged, chunk.dim, None)
+            if len(vectors) != len(ids):
+                raise OSError(f"{staged} holds {len(vectors)} rows where chunk {chunk.name} "
+                              f"has {len(ids)} valid ones (a staged file was truncated or "
+                              "replaced)")
+            return ids, vectors
         return super().load(chunk)
 
     def placed(self, chunk: Chunk, vectors: np.ndarray, clusters: np.ndarray,
@@ -143,6 +195,7 @@ class StagedVectors(VectorStore):
         """Stages the candidates sorted by cluster and drops the first copy: the pairwise
         step then reads the members of one (chunk, bin) as one run of rows, not one read per
         scattered row."""
+        self._check_shared()
         order = np.argsort(clusters, kind="stable")
         path = self._by_cluster(chunk)
         submit(_restage, path, vectors, order, self._first_copy(chunk))
