@@ -331,7 +331,8 @@ def test_a_worker_that_does_not_see_the_launchers_output_fails_at_once_naming_th
 
 def test_staged_vectors_are_refused_only_where_they_cannot_be_read_at_random():
     """staged needs a file system path (a shared mount on a cluster), not an object store;
-    auto stays shuffle off one machine (a cluster's mount is the user's to vouch for)."""
+    auto picks it for every file system --output (the workers must see it either way: the
+    marker check) and shuffle for an object store."""
     from beam_curator.errors import OptionError
     from beam_curator.options import curator_options, resolve_vector_transport, validate_options
 
@@ -341,9 +342,26 @@ def test_staged_vectors_are_refused_only_where_they_cannot_be_read_at_random():
                                    "--dedup_vector_transport", "staged"])
         validate_options(options)
         assert resolve_vector_transport(options) == "staged"
-    assert resolve_vector_transport(curator_options([*flink, "--output", "/o"])) == "shuffle"
-    assert resolve_vector_transport(curator_options(
-        ["--runner", "FnApiRunner", "--output", "/o"])) == "staged"
+    for runner in (flink, ["--runner", "FnApiRunner"]):
+        assert resolve_vector_transport(curator_options([*runner, "--output", "/o"])) \
+            == "staged"
+        assert resolve_vector_transport(curator_options(
+            [*runner, "--output", "gs://bucket/o"])) == "shuffle"
     with pytest.raises(OptionError, match="file system path.*shuffle"):
         validate_options(curator_options(["--output", "gs://bucket/out",
                                           "--dedup_vector_transport", "staged"]))
+
+
+def test_the_kmeans_sample_is_gathered_in_id_order_whatever_the_parts():
+    """The trainer's matrix: the sample files' rows sorted by id (stable), so every runner
+    and chunking trains on the same matrix, gathered without a second full copy."""
+    from beam_curator.transforms.semdedup.centroids import _in_id_order
+
+    rng = np.random.default_rng(2)
+    ids = [f"id{j:03d}" for j in rng.permutation(60)] + ["id007"]   # a repeat stays stable
+    vectors = rng.normal(size=(61, 5)).astype(np.float32)
+    cuts = [0, 7, 8, 30, 61]
+    parts = [(ids[a:b], vectors[a:b]) for a, b in zip(cuts, cuts[1:])]
+    got = _in_id_order(ids, parts)
+    assert np.array_equal(got, vectors[np.argsort(np.array(ids), kind="stable")])
+    assert parts == [None] * 4   # each part let go once copied

@@ -176,7 +176,9 @@ class Deduplicate(beam.PTransform):
       pairwise_block_size: most members of one cluster per pairwise work item and side.
       border_margin: also place a point in its second cluster when within this cosine
         distance of the nearest (raises recall); None = SemDeDup.
-      vector_transport: "shuffle" (anywhere) or "staged" (one machine, a local output_dir).
+      vector_transport: "shuffle" (anywhere) or "staged" (a local output_dir that every
+        worker sees at the same path: one machine or a shared mount; checked by a marker
+        the graph writes when it is built, see vectors.mark_staging).
       device: "auto", "cpu" or "cuda": where the dense math runs (same decisions).
       embeddings_written: optional PCollection of embeddings parquet paths (see above).
       reference: comma-separated globs / directories of embeddings to dedup AGAINST (read

@@ -58,13 +58,29 @@ def train_centroids(sample_files: List[str], config: DedupConfig, store: VectorS
     ids = [i for part_ids, _ in parts for i in part_ids]
     if not ids:
         return np.zeros((0, 0), dtype=np.float32)
-    vectors = np.concatenate([v for _, v in parts])[np.argsort(np.array(ids), kind="stable")]
-    del parts
+    vectors = _in_id_order(ids, parts)
     k = min(plan.n_clusters, len(ids))
     _LOG.info("k-means: %d clusters (%s) trained on %d embeddings", k, plan.n_clusters_from,
               len(ids))
     return km.train_kmeans(vectors, k, n_iter=config.kmeans_iterations,
                            seed=config.kmeans_seed, spherical=True, device=config.device)
+
+
+def _in_id_order(ids: List[str], parts: list) -> np.ndarray:
+    """The parts' vectors as one matrix, rows sorted by id (stable), emptying `parts` as it
+    goes: the sample plus one copy at the peak, where concatenating then sorting held three
+    (60 GB instead of 40 at 1B rows' 20 GB sample)."""
+    order = np.argsort(np.array(ids), kind="stable")
+    position = np.empty_like(order)
+    position[order] = np.arange(order.size)   # row of the concatenation -> its sorted row
+    vectors = np.empty((len(ids), parts[0][1].shape[1]), dtype=np.float32)
+    start = 0
+    for p in range(len(parts)):
+        part = parts[p][1]
+        parts[p] = None
+        vectors[position[start:start + len(part)]] = part
+        start += len(part)
+    return vectors
 
 
 def _write_centroids(centroids: np.ndarray, path: str) -> str:

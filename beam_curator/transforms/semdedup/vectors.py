@@ -80,8 +80,7 @@ class VectorStore:
                 f"{self._config.staging_dir} that every worker writes and reads, so every "
                 "worker must see --output at the same path as the launcher. Use an --output "
                 "all of them share (gs://, s3://, or a mount such as NFS at the same path on "
-                "every host), or run on one machine. (A marker deleted while the run went on "
-                "means another run took this --output: it is locked against that.)")
+                "every host), or run on one machine.")
         self._marker_seen = True
 
     # -- the row check: the first step that decodes a chunk --------------------------------
