@@ -27,6 +27,7 @@ scale x N:
                                    # starts a job server for every job
 
     python bench/flink_scale.py --transport shuffle ...   # vectors through Flink's shuffle
+    python bench/flink_scale.py --live-heap ...   # + each TaskManager's live heap (slower)
 
 Jobs go through the cluster's running job server (--job_endpoint) unless --job-server per-job.
 Vectors reach the pairwise step through dedup/_staging (--transport staged, the default: the
@@ -36,10 +37,12 @@ shuffle (--transport shuffle: what a cluster without a shared --output must use)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -155,6 +158,45 @@ class PeakRss:
         self._thread.join()
 
 
+class LiveHeap:
+    """With --live-heap: every 4 s, a full GC of each TaskManager (`jcmd GC.run`) and its heap
+    used right after (`GC.heap_info`): the peak of what is live, where RSS and Flink's
+    heap_used metric also count garbage not yet collected. The forced GCs slow the job."""
+
+    _USED = re.compile(r"total (\d+)K, used (\d+)K")
+
+    def __init__(self, run_dir: str):
+        self._run_dir = run_dir
+        self.peaks = {}   # TaskManager pid -> (live MB, committed MB) at the live peak
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self, pid: int):
+        subprocess.run(["jcmd", str(pid), "GC.run"], capture_output=True, timeout=60)
+        info = subprocess.run(["jcmd", str(pid), "GC.heap_info"], capture_output=True,
+                              text=True, timeout=60).stdout
+        found = self._USED.search(info)
+        if found:
+            got = (int(found.group(2)) // 1024, int(found.group(1)) // 1024)
+            self.peaks[pid] = max(self.peaks.get(pid, (0, 0)), got)
+
+    def _loop(self):
+        while not self._stop.wait(4.0):
+            for path in glob.glob(os.path.join(self._run_dir, "pids", "tm[0-9].pid")):
+                try:
+                    self._sample(int(open(path).read().strip()))
+                except (OSError, ValueError, subprocess.SubprocessError):
+                    pass   # a missed sample
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def _duplicates(out: str) -> list:
     import pyarrow.parquet as pq
 
@@ -237,7 +279,9 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
                      ["--runner", "FnApiRunner", *extra])
     flink_out = os.path.join(work, f"flink-{n}")
     starts_before = _worker_starts(cluster["run_dir"])
-    with PeakRss(cluster["run_dir"], master=cluster["master"]) as rss:
+    live = LiveHeap(cluster["run_dir"])
+    with PeakRss(cluster["run_dir"], master=cluster["master"]) as rss, \
+            (live if args.live_heap else contextlib.nullcontext()):
         flink_s = _dedup(data, flink_out, k,
                          cluster["args"] + [f"--parallelism={tasks}"] + extra
                          + list(args.flink_arg))
@@ -268,6 +312,8 @@ def measure(n: int, args, cluster: dict, work: str) -> dict:
             "largest_cluster": info.get("largest_cluster"),
             "pairwise_block_size": info.get("pairwise_block_size"),
             "clusters_split_into_blocks": info.get("clusters_split_into_blocks"),
+            "taskmanager_live_heap_peak_mb": (sorted(live.peaks.values()) if args.live_heap
+                                              else "not sampled (--live-heap)"),
             "taskmanager_memory_peak_mb": [
                 {key: round(v / 2**20) for key, v in peaks_of_tm.items()}
                 for _, peaks_of_tm in sorted(rss.tm_metrics.items())],
@@ -343,6 +389,9 @@ def main() -> None:
     ap.add_argument("--transport", choices=["staged", "shuffle"], default="staged",
                     help="--dedup_vector_transport of the Flink runs (FnApiRunner's: auto, "
                          "i.e. staged)")
+    ap.add_argument("--live-heap", action="store_true",
+                    help="also sample each TaskManager's live heap (a forced full GC every "
+                         "4 s: slows the Flink job; its time is then not comparable)")
     ap.add_argument("--flink-arg", action="append", default=[],
                     help="one more pipeline option for the Flink runs only (repeatable), "
                          "e.g. --flink-arg=--environment_cache_millis=0")
