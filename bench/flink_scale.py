@@ -49,12 +49,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from bench.sampling import BackgroundSampler  # noqa: E402 - importable once REPO is on the path
 
 
 def _free_port() -> int:
@@ -100,7 +101,7 @@ TM_METRICS = {"heap_used": "Status.JVM.Memory.Heap.Used",
               "non_heap_used": "Status.JVM.Memory.NonHeap.Used"}
 
 
-class PeakRss:
+class PeakRss(BackgroundSampler):
     """Samples VmHWM of the TaskManagers and of every SDK worker under the pools, and each
     TaskManager's Flink memory metrics (REST, every 1 s) when `master` is given."""
 
@@ -110,8 +111,7 @@ class PeakRss:
         self.tm_metrics = {}   # TaskManager id -> {TM_METRICS key: peak bytes}
         self.tm, self.workers = {}, {}
         self.peak_at = {}   # worker pid -> wall time (s) its high-water mark last rose
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        super().__init__()
 
     def _pids(self, pattern: str) -> list:
         pids = []
@@ -149,16 +149,8 @@ class PeakRss:
                         self.workers[worker] = hwm
                         self.peak_at[worker] = time.time()
 
-    def __enter__(self):
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-class LiveHeap:
+class LiveHeap(BackgroundSampler):
     """With --live-heap: every 4 s, a full GC of each TaskManager (`jcmd GC.run`) and its heap
     used right after (`GC.heap_info`): the peak of what is live, where RSS and Flink's
     heap_used metric also count garbage not yet collected. The forced GCs slow the job."""
@@ -168,8 +160,7 @@ class LiveHeap:
     def __init__(self, run_dir: str):
         self._run_dir = run_dir
         self.peaks = {}   # TaskManager pid -> (live MB, committed MB) at the live peak
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        super().__init__()
 
     def _sample(self, pid: int):
         subprocess.run(["jcmd", str(pid), "GC.run"], capture_output=True, timeout=60)
@@ -187,14 +178,6 @@ class LiveHeap:
                     self._sample(int(open(path).read().strip()))
                 except (OSError, ValueError, subprocess.SubprocessError):
                     pass   # a missed sample
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def _duplicates(out: str) -> list:

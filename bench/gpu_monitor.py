@@ -14,10 +14,11 @@ from __future__ import annotations
 import collections
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+from bench.sampling import BackgroundSampler
 
 
 def _cpu_times() -> Optional[Tuple[int, int]]:
@@ -64,18 +65,17 @@ def _gpu_reader():
     return read_smi
 
 
-class UtilisationSampler:
+class UtilisationSampler(BackgroundSampler):
     """Samples (seconds since start, GPU %, GPU MiB, CPU %) on a thread until stopped."""
 
     def __init__(self, interval_s: float = 0.25):
         self.interval_s = interval_s
         self.samples: List[Tuple[float, Optional[float], Optional[float], Optional[float]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="utilisation", daemon=True)
         self._gpu = _gpu_reader()
         self.gpu_readable = self._gpu is not None
+        super().__init__(name="utilisation")
 
-    def _run(self):
+    def _loop(self):
         start = time.perf_counter()
         last = _cpu_times()
         while not self._stop.wait(self.interval_s):
@@ -91,15 +91,6 @@ class UtilisationSampler:
                 except Exception:   # noqa: BLE001 - one failed read is a gap, not a failure
                     pass
             self.samples.append((time.perf_counter() - start, gpu, memory, cpu))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        return False
 
     def summary(self, threshold: float = 5.0) -> Dict:
         """The GPU's working window (first to last sample at >= threshold % utilisation) and
