@@ -587,7 +587,7 @@ def resolve_vector_transport(options: PipelineOptions) -> str:
     (dedup's k-means sample files are there, and the run's lock and cleanup are the
     launcher's: checked by vectors.mark_staging), so on a cluster staged asks no more of
     it, and it keeps the vectors out of the shuffle: a 1M dedup on the test Flink cluster
-    took 116 s staged against ~275 s shuffled (BENCHMARKS.md, issue 30)."""
+    took 181 s staged against 310 s shuffled, 40 tasks per vertex (BENCHMARKS.md, issue 30)."""
     opts = options.view_as(CuratorOptions)
     if opts.dedup_vector_transport != "auto":
         return opts.dedup_vector_transport
