@@ -18,8 +18,8 @@ writes them reads and deletes them (`discard_all`, once every output is written)
 
 Both stores thus need workers that see the launcher's --output. That is checked, not
 assumed: the launcher writes a marker named by a fresh token (`mark_staging`, at graph
-construction) and each store looks for it before it first touches the staging directory in a
-process (`StagingNotSharedError` otherwise). So a worker on a host that does not share the
+construction) and each worker's copy of the store looks for it before it first touches the
+staging directory (`StagingNotSharedError` otherwise). So a worker on a host that does not share the
 output fails at the first step, naming the fix, and never reads a stale file of another run
 left on its own disk.
 """
@@ -65,11 +65,11 @@ class VectorStore:
 
     def __init__(self, config: DedupConfig):
         self._config = config
-        self._marker_seen = False   # per process: a store is unpickled into each DoFn
+        self._marker_seen = False   # per copy: each DoFn instance unpickles its own store
 
     def _check_shared(self) -> None:
-        """Before this process first touches the staging directory: the launcher's marker
-        is there (see the module docstring), else a StagingNotSharedError naming the fix."""
+        """Before this copy of the store first touches the staging directory (one look per
+        DoFn instance, not per element): the launcher's marker is there (see the module docstring), else a StagingNotSharedError naming the fix."""
         if self._marker_seen or self._config.staging_run is None:
             return
         marker = self._config.staging_marker
