@@ -69,7 +69,8 @@ class VectorStore:
 
     def _check_shared(self) -> None:
         """Before this copy of the store first touches the staging directory (one look per
-        DoFn instance, not per element): the launcher's marker is there (see the module docstring), else a StagingNotSharedError naming the fix."""
+        DoFn instance, not per element): the launcher's marker is there (see the module
+        docstring), else a StagingNotSharedError naming the fix."""
         if self._marker_seen or self._config.staging_run is None:
             return
         marker = self._config.staging_marker
